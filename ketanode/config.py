@@ -1,0 +1,258 @@
+"""Typed settings: one TOML file, environment overrides, validated once at start.
+
+Every key is documented, with its default, in ``config.example.toml``.
+Environment variables override file values: ``KETANODE__SECTION__KEY=value``
+(for example ``KETANODE__NODE__PORT=11113``); a value that parses as JSON is
+taken as JSON (numbers, booleans, lists), anything else as a string.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "KETANODE__"
+CONFIG_ENV = "KETANODE_CONFIG"
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII but backslash
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message that names the source and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_ae(value: str) -> str:
+    value = value.strip()
+    if not _AE_RE.match(value):
+        raise ValueError("an AE title of 1 to 16 printable characters without backslash")
+    return value
+
+
+class AllowedCaller(_Section):
+    ae_title: str
+    address: str | None = None
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+
+class TLSSettings(_Section):
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TLSSettings:
+        if self.enabled:
+            for name in ("certificate", "private_key"):
+                value = getattr(self, name)
+                if value is None:
+                    raise ValueError(f"{name} is required when TLS is enabled")
+                if not Path(value).is_file():
+                    raise ValueError(f"{name} file {value} does not exist")
+            if self.require_client_certificate and self.ca_certificates is None:
+                raise ValueError("ca_certificates is required when require_client_certificate")
+        return self
+
+
+class NodeSettings(_Section):
+    ae_title: str = "KETANODE"
+    bind_address: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=0, le=65535)
+    require_allowed_caller: bool = True
+    allowed_callers: list[AllowedCaller] = Field(
+        default_factory=lambda: [
+            AllowedCaller(ae_title="STORESCU", address="127.0.0.1"),
+            AllowedCaller(ae_title="KETANODE_SCU", address="127.0.0.1"),
+        ]
+    )
+    max_associations: int = Field(default=16, ge=1)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    max_pdu_bytes: int = Field(default=262144, ge=0)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+
+class SpoolSettings(_Section):
+    path: Path = Path("ketanode-data/spool")
+    min_free_mb: float = Field(default=1024.0, ge=0)
+    keep_rejected: bool = True
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///ketanode-data/ketanode.db"
+    auto_upgrade: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("a sqlite:/// or postgresql:// URL")
+        return value
+
+
+_BOUNDARY_L = r"(?<![a-z0-9])"
+_BOUNDARY_R = r"(?![a-z0-9])"
+
+
+class SelectionRules(_Section):
+    modalities: list[str] = Field(default_factory=lambda: ["MR"])
+    sop_classes: list[str] = Field(
+        default_factory=lambda: [MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE]
+    )
+    min_slices: int = Field(default=100, ge=1)
+    accept_3d_acquisition: bool = True
+    max_voxel_mm: float = Field(default=1.5, gt=0)
+    excluded_image_types: list[str] = Field(
+        default_factory=lambda: ["DERIVED", "SECONDARY", "LOCALIZER", "MPR", "PROJECTION IMAGE",
+                                 "REFORMATTED", "DIFFUSION", "ADC", "TRACEW"]
+    )
+    include_pattern: str = (
+        r"mp-?rage|mp_rage|mp2rage|bravo|spgr|tfe|tfl|" + _BOUNDARY_L + r"t1"
+    )
+    exclude_pattern: str = (
+        _BOUNDARY_L
+        + r"(dwi|dti|diff|diffusion|adc|trace|flair|t2|pd|localizer|loc|scout|survey|3-plane|"
+        r"perfusion|bold|fmri|swi|post|gad|gd|\+c|c\+)"
+        + _BOUNDARY_R
+    )
+
+    @field_validator("include_pattern", "exclude_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"a valid regular expression ({exc})") from exc
+        return value
+
+
+class SeriesSettings(_Section):
+    grace_seconds: float = Field(default=1.0, ge=0)
+    quiet_seconds: float = Field(default=60.0, gt=0)
+    check_interval_seconds: float = Field(default=0.5, gt=0)
+    selection: SelectionRules = Field(default_factory=SelectionRules)
+
+
+class PipelineSettings(_Section):
+    workers: int = Field(default=1, ge=1, le=64)
+    work_dir: Path = Path("ketanode-data/work")
+    lease_seconds: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    file: Path | None = None
+    library_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+
+class Settings(_Section):
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    series: SeriesSettings = Field(default_factory=SeriesSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not parts:
+            continue
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name}: conflicts with another override")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
+        else:
+            parts.append(item)
+    return ".".join(parts)
+
+
+def _describe(exc: ValidationError, source: str, env_keys: set[str]) -> str:
+    lines = []
+    for err in exc.errors():
+        key = _key_path(tuple(err["loc"]))
+        where = source
+        env_name = ENV_PREFIX + "__".join(str(p).upper() for p in err["loc"] if isinstance(p, str))
+        if env_name in env_keys:
+            where = f"environment variable {env_name}"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = "expected " + msg[len("Value error, "):]
+        got = err.get("input")
+        got_text = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{where}: key '{key}': {msg}{got_text}")
+    return "configuration error:\n  " + "\n  ".join(lines)
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge and validate the settings once. Raises ConfigError with a readable message."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(CONFIG_ENV):
+        path = environ[CONFIG_ENV]
+    data: dict[str, Any] = {}
+    source = "embedded defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration error: {path}: file not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration error: {path}: not valid TOML: {exc}") from exc
+    env_keys = {k for k in environ if k.startswith(ENV_PREFIX)}
+    data = _merge(data, _env_overrides(environ))
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source, env_keys)) from exc

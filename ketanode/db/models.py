@@ -1,0 +1,245 @@
+"""SQLAlchemy 2 typed models: the node's state. Every state change is one transaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on SQLite (which stores naive text) and PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        value = value.astimezone(dt.UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dt.datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+UID = String(64)
+
+
+class AssociationOutcome(enum.StrEnum):
+    OPEN = "open"
+    RELEASED = "released"
+    ABORTED = "aborted"
+    REJECTED = "rejected"
+
+
+class SeriesState(enum.StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    IGNORED = "ignored"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+class Association(Base):
+    """One DICOM association (accepted or rejected): who called, from where, what it carried."""
+
+    __tablename__ = "association"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    node_name: Mapped[str] = mapped_column(String(128))
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    called_ae: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str] = mapped_column(String(64))
+    peer_port: Mapped[int] = mapped_column(Integer)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[dt.datetime | None]
+    outcome: Mapped[str] = mapped_column(String(16), default=AssociationOutcome.OPEN)
+    reason: Mapped[str | None] = mapped_column(Text)
+    n_stored: Mapped[int] = mapped_column(Integer, default=0)
+    n_duplicate: Mapped[int] = mapped_column(Integer, default=0)
+    n_failed: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (Index("ix_association_open", "outcome", "node_name"),)
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    # Patient identifiers live here (for admins who must find a case), never in logs.
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    """A series as received: its facts (from the first instance), counters and state."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    series_number: Mapped[int | None]
+    description: Mapped[str | None] = mapped_column(String(64))
+    protocol_name: Mapped[str | None] = mapped_column(String(64))
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    image_type: Mapped[str | None] = mapped_column(String(128))
+    mr_acquisition_type: Mapped[str | None] = mapped_column(String(2))
+    rows: Mapped[int | None]
+    columns: Mapped[int | None]
+    pixel_spacing_row: Mapped[float | None] = mapped_column(Float)
+    pixel_spacing_col: Mapped[float | None] = mapped_column(Float)
+    slice_thickness: Mapped[float | None] = mapped_column(Float)
+    spacing_between_slices: Mapped[float | None] = mapped_column(Float)
+    expected_instances: Mapped[int | None]
+    n_instances: Mapped[int] = mapped_column(Integer, default=0)
+    n_frames: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING, index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    selection: Mapped[dict[str, Any] | None]
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    first_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[dt.datetime | None]
+    completion_trigger: Mapped[str | None] = mapped_column(String(32))
+    last_association_id: Mapped[int | None] = mapped_column(ForeignKey("association.id"))
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+    jobs: Mapped[list[Job]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    """One stored SOP instance: where its file is and its checksum."""
+
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("association.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    instance_number: Mapped[int | None]
+    n_frames: Mapped[int] = mapped_column(Integer, default=1)
+    spool_path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class StoreFailure(Base):
+    """A C-STORE the node refused: the DIMSE status it answered and why."""
+
+    __tablename__ = "store_failure"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("association.id"), index=True)
+    status: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    quarantine_path: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    """Work on one series generation. The row is the source of truth; a queue carries only ids."""
+
+    __tablename__ = "job"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    series_generation: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    failed_step: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    series: Mapped[Series] = relationship(back_populates="jobs")
+    steps: Mapped[list[JobStep]] = relationship(
+        back_populates="job", order_by="JobStep.id", cascade="all, delete-orphan"
+    )
+
+    __table_args__ = (Index("ix_job_state", "state", "id"),)
+
+
+class JobStep(Base):
+    """One step of one attempt of a job: its wall time and what it produced."""
+
+    __tablename__ = "job_step"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(64))
+    ok: Mapped[bool] = mapped_column(Boolean)
+    seconds: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    detail: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+    job: Mapped[Job] = relationship(back_populates="steps")

@@ -1,0 +1,176 @@
+"""Association life cycle: the calling-AE allow-list, the association rows, TCP_NODELAY."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+from collections.abc import Callable
+
+from pynetdicom.events import Event
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ketanode.config import NodeSettings
+from ketanode.db.models import Association, AssociationOutcome, utcnow
+
+logger = logging.getLogger(__name__)
+
+# A-ASSOCIATE-RJ: rejected-permanent, by the DUL service user
+REJECT_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+DIAG_CALLING_AE_NOT_RECOGNISED = 0x03
+DIAG_CALLED_AE_NOT_RECOGNISED = 0x07
+
+
+def set_nodelay(event: Event) -> None:
+    """EVT_CONN_OPEN handler (both roles): turn Nagle off, pynetdicom leaves it on."""
+    try:
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        logger.debug("could not set TCP_NODELAY", exc_info=True)
+
+
+def _same_address(allowed: str, peer: str) -> bool:
+    try:
+        if "/" in allowed:
+            return ipaddress.ip_address(peer) in ipaddress.ip_network(allowed, strict=False)
+        return ipaddress.ip_address(allowed) == ipaddress.ip_address(peer)
+    except ValueError:
+        return allowed == peer
+
+
+def caller_allowed(settings: NodeSettings, calling_ae: str, peer: str) -> bool:
+    if not settings.require_allowed_caller:
+        return True
+    for caller in settings.allowed_callers:
+        if caller.ae_title == calling_ae and (
+            caller.address is None or _same_address(caller.address, peer)
+        ):
+            return True
+    return False
+
+
+class AssociationLog:
+    """Keeps one row per association and maps live pynetdicom associations to row ids."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        settings: NodeSettings,
+        node_name: str,
+        tls: bool,
+        on_ended: Callable[[int], None] | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.node_name = node_name
+        self.tls = tls
+        self.on_ended = on_ended
+        self._ids: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def row_id(self, assoc: object) -> int | None:
+        with self._lock:
+            return self._ids.get(id(assoc))
+
+    def open_count(self) -> int:
+        with self._lock:
+            return len(self._ids)
+
+    def _insert(self, event: Event, outcome: AssociationOutcome, reason: str | None) -> int:
+        rq = event.assoc.requestor
+        with self.sessions.begin() as session:
+            row = Association(
+                node_name=self.node_name,
+                calling_ae=(rq.ae_title or "").strip()[:16],
+                called_ae=(event.assoc.acceptor.ae_title or "").strip()[:16],
+                peer_address=str(rq.address)[:64],
+                peer_port=int(rq.port or 0),
+                tls=self.tls,
+                outcome=outcome,
+                reason=reason,
+                ended_at=utcnow() if outcome == AssociationOutcome.REJECTED else None,
+            )
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def handle_requested(self, event: Event) -> None:
+        """EVT_REQUESTED: reject unknown callers and a wrong called AE before negotiation."""
+        try:
+            primitive = event.assoc.requestor.primitive
+            calling = str(primitive.calling_ae_title or "").strip()
+            called = str(primitive.called_ae_title or "").strip()
+            peer = str(event.assoc.requestor.address)
+            event.assoc.requestor.ae_title = calling
+            reason = None
+            diagnostic = 0
+            if called != self.settings.ae_title:
+                reason = f"called AE title {called!r} is not this node's ({self.settings.ae_title!r})"
+                diagnostic = DIAG_CALLED_AE_NOT_RECOGNISED
+            elif not caller_allowed(self.settings, calling, peer):
+                reason = f"calling AE title {calling!r} from {peer} is not on the allow-list"
+                diagnostic = DIAG_CALLING_AE_NOT_RECOGNISED
+            if reason is None:
+                return
+            logger.warning("association rejected: %s", reason)
+            event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
+            self._insert(event, AssociationOutcome.REJECTED, reason)
+        except Exception:
+            logger.exception("association request check failed")
+
+    def handle_accepted(self, event: Event) -> None:
+        try:
+            row_id = self._insert(event, AssociationOutcome.OPEN, None)
+            with self._lock:
+                self._ids[id(event.assoc)] = row_id
+            logger.info("association %s accepted from %s (%s)", row_id,
+                        event.assoc.requestor.ae_title, event.assoc.requestor.address)
+        except Exception:
+            logger.exception("could not record an accepted association")
+
+    def _end(self, event: Event, outcome: AssociationOutcome) -> None:
+        with self._lock:
+            row_id = self._ids.pop(id(event.assoc), None)
+        if row_id is None:
+            return
+        try:
+            with self.sessions.begin() as session:
+                session.execute(
+                    update(Association)
+                    .where(Association.id == row_id, Association.ended_at.is_(None))
+                    .values(ended_at=utcnow(), outcome=outcome)
+                )
+            logger.info("association %s %s", row_id, outcome)
+        except Exception:
+            logger.exception("could not record the end of association %s", row_id)
+        if self.on_ended is not None:
+            try:
+                self.on_ended(row_id)
+            except Exception:
+                logger.exception("association end notification failed")
+
+    def handle_released(self, event: Event) -> None:
+        self._end(event, AssociationOutcome.RELEASED)
+
+    def handle_aborted(self, event: Event) -> None:
+        self._end(event, AssociationOutcome.ABORTED)
+
+    def handle_conn_closed(self, event: Event) -> None:
+        # A peer that drops the connection without A-RELEASE or A-ABORT.
+        self._end(event, AssociationOutcome.ABORTED)
+
+    def close_stale(self) -> int:
+        """At start: associations this node left open when it died are aborted."""
+        with self.sessions.begin() as session:
+            result = session.execute(
+                update(Association)
+                .where(Association.node_name == self.node_name, Association.ended_at.is_(None))
+                .values(ended_at=utcnow(), outcome=AssociationOutcome.ABORTED,
+                        reason="node stopped while the association was open")
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -1,0 +1,150 @@
+"""The durable spool: write to a temporary file, fsync, link into place, fsync the directory.
+
+Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, with
+``<spool>/.tmp`` for files being written and ``<spool>/rejected`` for datasets the node
+refused (kept for an admin to inspect).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class SpoolFull(Exception):
+    """The disk is full or below the configured free-space floor."""
+
+
+def is_valid_uid(uid: str | None) -> bool:
+    return bool(uid) and len(uid or "") <= 64 and bool(_UID_RE.match(uid or ""))
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    path: Path
+    size: int
+    sha256: str
+    created: bool  # False when a file for this SOP Instance UID was already there
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, root: Path, min_free_bytes: int) -> None:
+        self.root = root.resolve()
+        self.min_free_bytes = min_free_bytes
+        self.tmp = self.root / ".tmp"
+        self.rejected = self.root / "rejected"
+        for d in (self.root, self.tmp, self.rejected):
+            d.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming: int) -> None:
+        free = self.free_bytes()
+        if free - incoming < self.min_free_bytes:
+            raise SpoolFull(
+                f"spool free space {free // 2**20} MiB minus this object would fall below the "
+                f"floor of {self.min_free_bytes // 2**20} MiB"
+            )
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        for uid in (study_uid, series_uid, sop_uid):
+            if not is_valid_uid(uid):
+                raise ValueError(f"not a valid UID: {uid!r}")
+        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        created = not directory.exists()
+        directory.mkdir(parents=True, exist_ok=True)
+        if created:
+            _fsync_dir(directory.parent)
+            _fsync_dir(directory.parent.parent)
+        self._known_dirs.add(directory)
+
+    def _write_tmp(self, data: bytes) -> Path:
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFull(f"disk full while writing to the spool ({exc.strerror})") from exc
+            raise
+        return tmp
+
+    def store(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
+        """Make ``data`` durable at its final path; never overwrites a file already there."""
+        final = self.path_for(study_uid, series_uid, sop_uid)
+        digest = hashlib.sha256(data).hexdigest()
+        if final.exists():
+            return SpooledFile(final, final.stat().st_size, digest, created=False)
+        self._ensure_dir(final.parent)
+        tmp = self._write_tmp(data)
+        try:
+            os.link(tmp, final)
+            created = True
+        except FileExistsError:
+            created = False
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(final.parent)
+        return SpooledFile(final, len(data), digest, created=created)
+
+    def replace(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
+        """Overwrite an orphan file (left by a crash before its row was committed)."""
+        final = self.path_for(study_uid, series_uid, sop_uid)
+        self._ensure_dir(final.parent)
+        tmp = self._write_tmp(data)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return SpooledFile(final, len(data), hashlib.sha256(data).hexdigest(), created=True)
+
+    def quarantine(self, data: bytes, status: int) -> Path | None:
+        """Keep a refused dataset for inspection; best effort (never raises)."""
+        try:
+            if self.free_bytes() - len(data) < self.min_free_bytes:
+                return None
+            path = self.rejected / f"{status:04X}-{uuid.uuid4().hex}.dcm"
+            path.write_bytes(data)
+            return path
+        except OSError:
+            logger.warning("could not keep a refused dataset in %s", self.rejected, exc_info=True)
+            return None
+
+    def clean_tmp(self) -> int:
+        """Remove partial files a dead process left behind. Returns how many."""
+        removed = 0
+        for part in self.tmp.glob("*.part"):
+            part.unlink(missing_ok=True)
+            removed += 1
+        return removed

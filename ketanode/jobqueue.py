@@ -1,0 +1,150 @@
+"""The job queue in the database: enqueue, claim with a lease, renew, finish, recover.
+
+The job row is the source of truth. A claim is a conditional UPDATE (state still
+'queued'), which is safe on SQLite and PostgreSQL and with several worker processes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import uuid
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ketanode.db.models import Job, JobState, Series, SeriesState, utcnow
+
+logger = logging.getLogger(__name__)
+
+
+def new_owner() -> str:
+    """A lease owner id: host, pid and a random part (a restarted pid is a new owner)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_is_dead(owner: str | None) -> bool:
+    if not owner:
+        return True
+    try:
+        host, pid_text, _ = owner.rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False  # another machine: only its lease expiry tells
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def enqueue(session: Session, series: Series, max_attempts: int) -> Job:
+    job = Job(series_id=series.id, series_generation=series.generation, state=JobState.QUEUED,
+              attempt=0, max_attempts=max_attempts)
+    session.add(job)
+    session.flush()
+    return job
+
+
+def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> int | None:
+    """Take the oldest queued job; returns its id or None."""
+    for _ in range(5):
+        with sessions.begin() as session:
+            job_id = session.scalar(
+                select(Job.id).where(Job.state == JobState.QUEUED).order_by(Job.id).limit(1)
+            )
+            if job_id is None:
+                return None
+            now = utcnow()
+            taken = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.QUEUED)
+                .values(state=JobState.RUNNING, lease_owner=owner,
+                        lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                        attempt=Job.attempt + 1, started_at=now, error=None, failed_step=None)
+            ).rowcount  # type: ignore[attr-defined]
+            if taken:
+                job = session.get(Job, job_id)
+                assert job is not None
+                session.execute(
+                    update(Series)
+                    .where(Series.id == job.series_id, Series.generation == job.series_generation,
+                           Series.state == SeriesState.QUEUED)
+                    .values(state=SeriesState.PROCESSING)
+                )
+                return job_id
+    return None
+
+
+def renew(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> int:
+    """Extend the leases of every job this owner is running."""
+    with sessions.begin() as session:
+        return int(session.execute(
+            update(Job)
+            .where(Job.lease_owner == owner, Job.state == JobState.RUNNING)
+            .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+        ).rowcount)  # type: ignore[attr-defined]
+
+
+def finish(
+    sessions: sessionmaker[Session], job_id: int, owner: str, ok: bool,
+    failed_step: str | None = None, error: str | None = None,
+) -> bool:
+    """Record the end of a job; False when the lease was lost (another worker took it)."""
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.lease_owner != owner or job.state != JobState.RUNNING:
+            logger.warning("job %s: lease lost before it finished; result not recorded", job_id)
+            return False
+        job.state = JobState.DONE if ok else JobState.FAILED
+        job.finished_at = utcnow()
+        job.failed_step = failed_step
+        job.error = error
+        job.lease_expires_at = None
+        series = session.get(Series, job.series_id)
+        if series is not None and series.generation == job.series_generation \
+                and series.state in (SeriesState.QUEUED, SeriesState.PROCESSING):
+            series.state = SeriesState.DONE if ok else SeriesState.FAILED
+            if not ok:
+                series.reason = f"{failed_step}: {error}"
+        return True
+
+
+def recover(sessions: sessionmaker[Session]) -> int:
+    """Re-queue running jobs whose owner died or whose lease expired; fail those out of tries."""
+    now = utcnow()
+    recovered = 0
+    with sessions.begin() as session:
+        running = session.scalars(select(Job).where(Job.state == JobState.RUNNING)).all()
+        for job in running:
+            expired = job.lease_expires_at is not None and job.lease_expires_at < now
+            if not (expired or _owner_is_dead(job.lease_owner)):
+                continue
+            series = session.get(Series, job.series_id)
+            current = series is not None and series.generation == job.series_generation
+            if job.attempt >= job.max_attempts:
+                job.state = JobState.FAILED
+                job.error = f"worker died during attempt {job.attempt} of {job.max_attempts}"
+                job.failed_step = "recovery"
+                job.finished_at = now
+                if current and series is not None:
+                    series.state = SeriesState.FAILED
+                    series.reason = f"recovery: {job.error}"
+            else:
+                job.state = JobState.QUEUED
+                job.error = f"re-queued after attempt {job.attempt}: worker died or lease expired"
+                if current and series is not None:
+                    series.state = SeriesState.QUEUED
+            job.lease_owner = None
+            job.lease_expires_at = None
+            recovered += 1
+            logger.warning("job %s recovered (%s)", job.id, job.state)
+    return recovered

@@ -1,0 +1,97 @@
+"""The node: settings, database, spool, listener, timers and workers, wired together."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ketanode.config import Settings
+from ketanode.db.migrate import current_revision, head_revision, upgrade
+from ketanode.db.session import make_engine, make_session_factory
+from ketanode.dicom.associations import AssociationLog
+from ketanode.dicom.listener import Listener
+from ketanode.dicom.spool import Spool
+from ketanode.dicom.store import StoreService
+from ketanode.jobqueue import new_owner, recover, renew
+from ketanode.scheduler import Timers
+from ketanode.tracking import CompletionTracker
+from ketanode.worker import WorkerPool
+
+logger = logging.getLogger(__name__)
+
+
+class SchemaOutOfDate(Exception):
+    pass
+
+
+def prepare_database(settings: Settings) -> Engine:
+    engine = make_engine(settings.database.url)
+    if settings.database.auto_upgrade:
+        upgrade(engine)
+    elif current_revision(engine) != head_revision(engine):
+        raise SchemaOutOfDate("the database schema is not current: run `ketanode db upgrade`")
+    return engine
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = prepare_database(settings)
+        self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
+        self.owner = new_owner()
+        self.node_name = f"{socket.gethostname()}/{settings.node.ae_title}"
+        self.spool = Spool(settings.spool.path, int(settings.spool.min_free_mb * 2**20))
+        self.timers = Timers()
+        self.workers = WorkerPool(self.sessions, settings, self.owner)
+        self.tracker = CompletionTracker(self.sessions, settings, on_queued=self.workers.wake)
+        self.associations = AssociationLog(self.sessions, settings.node, self.node_name,
+                                           tls=settings.node.tls.enabled,
+                                           on_ended=self._association_ended)
+        self.store = StoreService(self.sessions, self.spool, self.associations.row_id,
+                                  on_series_stored=self._series_stored)
+        self.listener = Listener(settings.node, self.store, self.associations)
+        self.address: tuple[str, int] | None = None
+        self.stopped = threading.Event()
+
+    def _association_ended(self, _row_id: int) -> None:
+        self.timers.soon("completion-after-release", self.settings.series.grace_seconds + 0.05,
+                         self.tracker.sweep)
+
+    def _series_stored(self, _series_id: int, expected_reached: bool) -> None:
+        if expected_reached:
+            self.timers.soon("completion-expected-count", 0.0, self.tracker.sweep)
+
+    def recover(self) -> None:
+        """Work a dead process left half done: partial files, open associations, jobs."""
+        parts = self.spool.clean_tmp()
+        stale = self.associations.close_stale()
+        jobs = recover(self.sessions)
+        if parts or stale or jobs:
+            logger.warning("recovery: %d partial files removed, %d associations closed, "
+                           "%d jobs re-queued or failed", parts, stale, jobs)
+
+    def start(self) -> tuple[str, int]:
+        self.recover()
+        cfg = self.settings
+        self.timers.every("completion-sweep", cfg.series.check_interval_seconds, self.tracker.sweep)
+        self.timers.every("lease-renewal", cfg.pipeline.lease_seconds / 3,
+                          lambda: renew(self.sessions, self.owner, cfg.pipeline.lease_seconds))
+        self.timers.every("recovery-sweep", 30.0, lambda: recover(self.sessions))
+        self.timers.start()
+        self.workers.start()
+        self.workers.wake()
+        self.address = self.listener.start()
+        return self.address
+
+    def stop(self) -> None:
+        logger.info("stopping: listener, timers, workers")
+        self.listener.stop()
+        self.timers.stop()
+        self.workers.stop()
+        self.engine.dispose()
+        self.stopped.set()
+        logger.info("stopped")

@@ -1,0 +1,103 @@
+"""One job, step by step: each step is a small function, timed and recorded as a JobStep row.
+
+Steps take the JobContext and return a JSON-able dict that is stored with the step and
+handed to later steps through ``ctx.outputs``. Later issues add steps to STEPS.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ketanode.config import Settings
+from ketanode.db.models import Instance, Job, JobStep, Series, utcnow
+from ketanode.dicom.sop import PROCESSED_SOP_CLASSES
+from ketanode.imaging.convert import convert_series
+from ketanode.jobqueue import finish
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class JobContext:
+    job_id: int
+    attempt: int
+    series_id: int
+    work_dir: Path
+    files: list[Path]
+    settings: Settings
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+Step = Callable[[JobContext], dict[str, Any]]
+
+
+def step_convert(ctx: JobContext) -> dict[str, Any]:
+    volume = convert_series(ctx.files, ctx.work_dir / "t1.nii.gz")
+    return volume.as_dict()
+
+
+STEPS: list[tuple[str, Step]] = [("convert", step_convert)]
+
+
+def _context(sessions: sessionmaker[Session], settings: Settings, job_id: int) -> JobContext:
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} does not exist")
+        series = session.get(Series, job.series_id)
+        assert series is not None
+        paths = session.scalars(
+            select(Instance.spool_path)
+            .where(Instance.series_id == series.id,
+                   Instance.sop_class_uid.in_(PROCESSED_SOP_CLASSES))
+            .order_by(Instance.instance_number, Instance.id)
+        ).all()
+        work_dir = settings.pipeline.work_dir.resolve() / f"series-{series.id}" / f"job-{job.id}"
+        return JobContext(job_id=job.id, attempt=job.attempt, series_id=series.id,
+                          work_dir=work_dir, files=[Path(p) for p in paths], settings=settings)
+
+
+def _record_step(sessions: sessionmaker[Session], ctx: JobContext, name: str, ok: bool,
+                 seconds: float, detail: dict[str, Any] | None, error: str | None) -> None:
+    with sessions.begin() as session:
+        session.add(JobStep(job_id=ctx.job_id, attempt=ctx.attempt, name=name, ok=ok,
+                            seconds=round(seconds, 4), started_at=utcnow(), detail=detail,
+                            error=error))
+
+
+def run_job(sessions: sessionmaker[Session], settings: Settings, job_id: int, owner: str,
+            steps: list[tuple[str, Step]] | None = None) -> bool:
+    """Run every step of a claimed job; returns True when all succeeded. Never raises."""
+    try:
+        ctx = _context(sessions, settings, job_id)
+    except Exception as exc:
+        logger.exception("job %s: cannot prepare", job_id)
+        finish(sessions, job_id, owner, ok=False, failed_step="prepare", error=str(exc))
+        return False
+    logger.info("job %s (series row %s, attempt %s): %d files", job_id, ctx.series_id,
+                ctx.attempt, len(ctx.files))
+    for name, fn in steps or STEPS:
+        started = time.perf_counter()
+        try:
+            detail = fn(ctx)
+        except Exception as exc:
+            seconds = time.perf_counter() - started
+            error = f"{type(exc).__name__}: {exc}"
+            logger.warning("job %s: step %s failed after %.2f s: %s", job_id, name, seconds,
+                           type(exc).__name__)
+            _record_step(sessions, ctx, name, False, seconds, None, error[:4000])
+            finish(sessions, job_id, owner, ok=False, failed_step=name, error=error[:4000])
+            return False
+        seconds = time.perf_counter() - started
+        ctx.outputs[name] = detail
+        _record_step(sessions, ctx, name, True, seconds, detail, None)
+        logger.info("job %s: step %s done in %.2f s", job_id, name, seconds)
+    return finish(sessions, job_id, owner, ok=True)
