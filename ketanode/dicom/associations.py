@@ -9,11 +9,11 @@ import threading
 from collections.abc import Callable
 
 from pynetdicom.events import Event
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.config import NodeSettings
-from ketanode.db.models import Association, AssociationOutcome, utcnow
+from ketanode.db.models import Association, AssociationOutcome, Instance, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,17 @@ def caller_allowed(settings: NodeSettings, calling_ae: str, peer: str) -> bool:
         ):
             return True
     return False
+
+
+def _stored_count(row_id: int) -> object:
+    """Instances stored are counted from their rows at the end, not updated per C-STORE."""
+    return (select(func.count()).select_from(Instance)
+            .where(Instance.association_id == row_id).scalar_subquery())
+
+
+def _stored_count_correlated() -> object:
+    return (select(func.count()).select_from(Instance)
+            .where(Instance.association_id == Association.id).scalar_subquery())
 
 
 class AssociationLog:
@@ -143,7 +154,7 @@ class AssociationLog:
                 session.execute(
                     update(Association)
                     .where(Association.id == row_id, Association.ended_at.is_(None))
-                    .values(ended_at=utcnow(), outcome=outcome)
+                    .values(ended_at=utcnow(), outcome=outcome, n_stored=_stored_count(row_id))
                 )
             logger.info("association %s %s", row_id, outcome)
         except Exception:
@@ -171,6 +182,7 @@ class AssociationLog:
                 update(Association)
                 .where(Association.node_name == self.node_name, Association.ended_at.is_(None))
                 .values(ended_at=utcnow(), outcome=AssociationOutcome.ABORTED,
+                        n_stored=_stored_count_correlated(),
                         reason="node stopped while the association was open")
             )
             return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -120,11 +120,24 @@ def handle_store(event: Event, service: StoreService) -> int:
     return outcome.status
 
 
+# Only these elements are decoded on the hot path (the whole file is still walked, so a
+# truncated or malformed dataset is still refused); the spool keeps every byte.
+_NEEDED = (
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+    "SeriesInstanceUID", "Modality", "Rows", "Columns", "BitsAllocated", "SamplesPerPixel",
+    "NumberOfFrames", "PixelData", "FloatPixelData", "DoubleFloatPixelData", "InstanceNumber",
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyDate",
+    "StudyDescription", "SeriesNumber", "SeriesDescription", "ProtocolName", "Manufacturer",
+    "ImageType", "MRAcquisitionType", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
+    "ImagesInAcquisition", "SharedFunctionalGroupsSequence",
+)
+
+
 def _parse(raw: bytes) -> Dataset:
     try:
-        ds = dcmread(io.BytesIO(raw), force=False)
-        for elem in ds:  # convert every top-level element now, not lazily later
-            _ = elem.value
+        ds = dcmread(io.BytesIO(raw), force=False, specific_tags=list(_NEEDED))
+        for keyword in _NEEDED:  # the elements the node reads must decode now
+            _ = ds.get(keyword)
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, IndexError,
             NotImplementedError, OverflowError, AttributeError) as exc:
         raise Refused(CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})",
@@ -152,7 +165,7 @@ def _check(ds: Dataset, sop_class: str | None, sop_uid: str | None) -> None:
 
 def _check_image(ds: Dataset) -> None:
     absent = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) in (None, "")]
-    if "PixelData" not in ds:
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         absent.append("PixelData")
     if absent:
         raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -162,7 +175,7 @@ def _check_image(ds: Dataset) -> None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         expected = int(ds.Rows) * int(ds.Columns) * samples * frames * int(ds.BitsAllocated) // 8
-        got = len(ds.PixelData)
+        got = len(ds.get("PixelData") or b"")
         if got < expected:
             raise Refused(PIXEL_DATA_INCONSISTENT,
                           f"pixel data has {got} bytes, the header implies {expected}")
@@ -187,31 +200,38 @@ def _store_locked(service: StoreService, raw: bytes, ds: Dataset, assoc_id: int 
     uid = str(ds.SOPInstanceUID)
     study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
     try:
-        with service.sessions.begin() as session:
-            known = session.scalar(select(Instance.series_id).where(Instance.sop_instance_uid == uid))
-            if known is not None:
-                _count(session, assoc_id, duplicate=True)
-                logger.info("duplicate SOP instance %s ignored (series row %s)", uid, known)
-                return StoreOutcome(SUCCESS, duplicate=True)
-    except OperationalError as exc:
-        raise Refused(OUT_OF_RESOURCES, "database unavailable", str(exc.orig)) from exc
-
-    try:
+        # Never overwrites: a file already there is either a duplicate or a crash orphan.
         spooled = service.spool.store(raw, study_uid, series_uid, uid)
-        if not spooled.created:  # an orphan from a crash before its row was committed
-            spooled = service.spool.replace(raw, study_uid, series_uid, uid)
     except SpoolFull as exc:
         raise Refused(OUT_OF_RESOURCES, str(exc)) from exc
     except OSError as exc:
         raise Refused(OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}") from exc
 
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    instances, series_t = Instance.__table__, Series.__table__
     try:
+        # The hot path in SQLAlchemy Core: one short transaction, a few cached statements.
         with service.sessions.begin() as session:
-            series = _series_for(session, ds)
+            known = session.execute(
+                select(instances.c.series_id).where(instances.c.sop_instance_uid == uid)
+            ).scalar()
+            if known is not None:
+                _count(session, assoc_id, duplicate=True)
+                logger.info("duplicate SOP instance %s: kept the first copy (series row %s)",
+                            uid, known)
+                return StoreOutcome(SUCCESS, duplicate=True)
+            if not spooled.created:  # an orphan from a crash before its row was committed
+                spooled = service.spool.replace(raw, study_uid, series_uid, uid)
+            row = session.execute(
+                select(series_t.c.id, series_t.c.state).where(series_t.c.series_uid == series_uid)
+            ).first()
+            if row is None or row.state != SeriesState.RECEIVING:
+                series_id = _series_for(session, ds).id
+            else:
+                series_id = row.id
             now = utcnow()
-            session.add(Instance(
-                series_id=series.id,
+            session.execute(instances.insert().values(
+                series_id=series_id,
                 association_id=assoc_id,
                 sop_instance_uid=uid,
                 sop_class_uid=str(ds.SOPClassUID),
@@ -223,14 +243,15 @@ def _store_locked(service: StoreService, raw: bytes, ds: Dataset, assoc_id: int 
                 sha256=spooled.sha256,
                 received_at=now,
             ))
-            series.n_instances += 1
-            series.n_frames += frames
-            series.last_received_at = now
-            series.last_association_id = assoc_id
-            _count(session, assoc_id)
-            session.flush()
-            series_id = series.id
-            reached = bool(series.expected_instances and series.n_instances >= series.expected_instances)
+            counts = session.execute(
+                update(series_t).where(series_t.c.id == series_id).values(
+                    n_instances=series_t.c.n_instances + 1,
+                    n_frames=series_t.c.n_frames + frames,
+                    last_received_at=now,
+                    last_association_id=assoc_id,
+                ).returning(series_t.c.n_instances, series_t.c.expected_instances)
+            ).one()
+            reached = bool(counts.expected_instances and counts.n_instances >= counts.expected_instances)
     except IntegrityError:
         logger.info("duplicate SOP instance %s stored concurrently; kept the first", uid)
         with service.sessions.begin() as session:
@@ -238,6 +259,8 @@ def _store_locked(service: StoreService, raw: bytes, ds: Dataset, assoc_id: int 
         return StoreOutcome(SUCCESS, duplicate=True)
     except OperationalError as exc:
         raise Refused(OUT_OF_RESOURCES, "database unavailable", str(exc.orig)) from exc
+    except SpoolFull as exc:
+        raise Refused(OUT_OF_RESOURCES, str(exc)) from exc
     logger.debug("stored SOP instance %s in series row %s", uid, series_id)
     return StoreOutcome(SUCCESS, series_id=series_id, expected_reached=reached)
 

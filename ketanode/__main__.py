@@ -1,0 +1,3 @@
+from ketanode.cli import run
+
+run()

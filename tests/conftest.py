@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import NodeProcess, postgres_database
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The same test on SQLite and on PostgreSQL (a fresh database each time)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ketanode.db'}"
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'ketanode.db'}"
+
+
+@pytest.fixture
+def node_process(tmp_path: Path) -> Iterator[list[NodeProcess]]:
+    """Collects NodeProcess objects a test starts and stops them all at teardown."""
+    started: list[NodeProcess] = []
+    yield started
+    for node in started:
+        try:
+            node.kill()
+        except Exception:
+            pass
