@@ -114,6 +114,8 @@ class AssociationLog:
         """EVT_REQUESTED: reject unknown callers and a wrong called AE before negotiation."""
         try:
             primitive = event.assoc.requestor.primitive
+            if primitive is None:
+                return
             calling = str(primitive.calling_ae_title or "").strip()
             called = str(primitive.called_ae_title or "").strip()
             peer = str(event.assoc.requestor.address)

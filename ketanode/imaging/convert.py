@@ -38,6 +38,7 @@ class Volume:
 
 def describe(path: Path, n_files: int = 0) -> Volume:
     img = nib.load(str(path))
+    assert isinstance(img, nib.Nifti1Image)
     return Volume(
         path=str(path),
         shape=[int(s) for s in img.shape],

@@ -1,0 +1,305 @@
+"""Ingest benchmark: how many instances per second each receiver takes from DCMTK storescu.
+
+    python bench/ingest.py [--repeats 3] [--instances 192] [--no-postgres]
+
+A generated MR series (256x256 slices, 16 bit, about 129 KB per file) is sent by DCMTK
+``storescu`` over one association, and split in four parts sent by four ``storescu``
+processes at once (four associations), to:
+
+* ``ketanode``     the node as ``ketanode serve`` (default settings but ports and paths;
+                   SQLite, WAL, synchronous=FULL; durable: fsync + link + row before 0x0000)
+* ``ketanode-pg``  the same with PostgreSQL (when the server at 127.0.0.1:5432 answers)
+* ``orthanc``      Debian Orthanc with a generated config
+* ``storescp``     DCMTK storescp (writes the files, no fsync, no index: the floor)
+
+Every peer run starts the peer on fresh storage, times from the first storescu start to
+the last storescu exit, and then checks that the peer really holds every instance
+(ketanode: rows and spool files; Orthanc: /statistics; storescp: files). A run that does
+not verify fails the benchmark. Each measurement is repeated; the median is reported.
+
+Output: one JSON line per peer x mode, then one summary line with the ratios
+ketanode/Orthanc. Progress goes to stderr. Every process started here is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from ketanode.imaging.phantom import simple_head  # noqa: E402
+from ketanode.imaging.series_writer import SeriesSpec, write_series  # noqa: E402
+from tests.peers import Orthanc, StoreSCP  # noqa: E402
+from tests.support import (  # noqa: E402
+    ECHOSCU,
+    STORESCU,
+    NodeProcess,
+    dcmtk_env,
+    postgres_database,
+    wait_for,
+)
+
+CALLING_AE = "STORESCU"
+
+
+def log(msg: str) -> None:
+    print(f"[ingest] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Peers: each is a context manager that yields (port, called AE, count function)
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    port: int
+    called_ae: str
+    count: Callable[[], int]
+    details: Callable[[], dict[str, Any]] = field(default=lambda: {})
+
+
+def _count_files(root: Path, pattern: str) -> int:
+    return sum(1 for p in root.rglob(pattern) if p.is_file())
+
+
+@contextmanager
+def ketanode_peer(workdir: Path, db_url: str | None) -> Iterator[Target]:
+    url = db_url or f"sqlite:///{workdir / 'ketanode.db'}"
+    # Default settings except the ports and the paths (NodeProcess turns on DEBUG logs for
+    # tests; the benchmark keeps the default INFO).
+    node = NodeProcess(workdir, url, overrides={"logging": {"level": "INFO"}})
+    node.start()
+    try:
+        def rows() -> int:
+            if db_url is None:
+                with sqlite3.connect(workdir / "ketanode.db") as conn:
+                    return int(conn.execute("SELECT count(*) FROM instance").fetchone()[0])
+            import psycopg
+            with psycopg.connect(db_url) as conn:
+                row = conn.execute("SELECT count(*) FROM instance").fetchone()
+                return int(row[0]) if row else 0
+
+        def count() -> int:
+            # Both must hold: a committed row per instance and its file in the spool.
+            files = sum(1 for p in node.spool.rglob("*.dcm")
+                        if p.is_file() and p.parent.name != "rejected"
+                        and ".tmp" not in p.parts)
+            return min(rows(), files)
+
+        def details() -> dict[str, Any]:
+            refused = node.log_text().count("C-STORE refused")
+            return {"refused": refused} if refused else {}
+
+        yield Target(node.port, node.ae_title, count, details)
+    finally:
+        node.stop()
+
+
+@contextmanager
+def orthanc_peer(workdir: Path) -> Iterator[Target]:
+    orthanc = Orthanc(workdir, extra_modalities={
+        "storescu": {"AET": CALLING_AE, "Host": "127.0.0.1", "Port": 1}})
+    orthanc.start()
+    try:
+        yield Target(orthanc.dicom_port, orthanc.aet, orthanc.count_instances)
+    finally:
+        orthanc.stop()
+
+
+@contextmanager
+def storescp_peer(workdir: Path) -> Iterator[Target]:
+    scp = StoreSCP(workdir / "out")
+    scp.start()
+    try:
+        yield Target(scp.port, scp.aet, lambda: _count_files(scp.workdir, "MR.*"))
+    finally:
+        scp.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# Sending
+# ---------------------------------------------------------------------------------------
+
+def echo(target: Target) -> None:
+    """One C-ECHO first, so that the timed run does not include the peer's start-up."""
+    proc = subprocess.run([ECHOSCU, "-aet", CALLING_AE, "-aec", target.called_ae,
+                           "127.0.0.1", str(target.port)],
+                          env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"echoscu failed: {proc.stderr[-1000:]}")
+
+
+def send(target: Target, parts: list[list[Path]]) -> float:
+    """Start one storescu per part at once; return the seconds until the last one exits."""
+    procs = []
+    logs = []
+    start = time.perf_counter()
+    for files in parts:
+        err = tempfile.TemporaryFile()
+        logs.append(err)
+        procs.append(subprocess.Popen(
+            [STORESCU, "-aet", CALLING_AE, "-aec", target.called_ae,
+             "127.0.0.1", str(target.port), *[str(f) for f in files]],
+            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=err))
+    failed = []
+    for proc, err in zip(procs, logs, strict=True):
+        try:
+            rc = proc.wait(600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = -9
+        if rc != 0:
+            err.seek(0)
+            failed.append(f"storescu exited {rc}: {err.read().decode(errors='replace')[-800:]}")
+    seconds = time.perf_counter() - start
+    for err in logs:
+        err.close()
+    for p in procs:  # nothing may outlive a run
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    if failed:
+        raise RuntimeError("; ".join(failed))
+    return seconds
+
+
+def split(files: list[Path], n: int) -> list[list[Path]]:
+    size = -(-len(files) // n)
+    return [files[i:i + size] for i in range(0, len(files), size)]
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+def make_series(out: Path, n: int) -> list[Path]:
+    volume = simple_head((n, 256, 256)) * 2.0
+    spec = SeriesSpec(patient_name="BENCH^INGEST", patient_id="BENCH-0001",
+                      accession_number="BENCH1", vendor="siemens", orientation="sagittal")
+    return write_series(volume, (1.0, 1.0, 1.0), out, spec)
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg
+
+        from tests.support import PG_ADMIN_URL
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+def run_one(peer: str, mode_parts: int, files: list[Path], root: Path) -> float:
+    workdir = Path(tempfile.mkdtemp(prefix=f"{peer}-{mode_parts}-", dir=root))
+    try:
+        with ExitStack() as stack:
+            if peer == "ketanode":
+                target = stack.enter_context(ketanode_peer(workdir, None))
+            elif peer == "ketanode-pg":
+                url = stack.enter_context(postgres_database())
+                target = stack.enter_context(ketanode_peer(workdir, url))
+            elif peer == "orthanc":
+                target = stack.enter_context(orthanc_peer(workdir))
+            elif peer == "storescp":
+                target = stack.enter_context(storescp_peer(workdir))
+            else:
+                raise ValueError(peer)
+            echo(target)
+            seconds = send(target, split(files, mode_parts))
+            # Verify: the peer must hold every instance (Orthanc indexes asynchronously to
+            # nothing here: it answers after storing, but give it a moment anyway).
+            try:
+                wait_for(lambda: target.count() >= len(files), timeout=10, interval=0.1,
+                         what=f"{peer} to hold {len(files)} instances")
+            except AssertionError:
+                raise RuntimeError(f"{peer} ({mode_parts} associations) holds "
+                                   f"{target.count()} of {len(files)} instances "
+                                   f"{target.details()}") from None
+            held = target.count()
+            if held != len(files):
+                raise RuntimeError(f"{peer} holds {held} instances, sent {len(files)}")
+            return seconds
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--instances", type=int, default=192)
+    ap.add_argument("--peers", default="ketanode,ketanode-pg,orthanc,storescp",
+                    help="comma-separated subset of ketanode,ketanode-pg,orthanc,storescp")
+    ap.add_argument("--modes", default="1,4", help="associations per run, comma-separated")
+    ap.add_argument("--no-postgres", action="store_true")
+    args = ap.parse_args(argv)
+
+    peers = [p for p in args.peers.split(",") if p]
+    if "ketanode-pg" in peers and (args.no_postgres or not postgres_available()):
+        log("PostgreSQL not used (--no-postgres or no server at 127.0.0.1:5432)")
+        peers.remove("ketanode-pg")
+    modes = [int(m) for m in args.modes.split(",")]
+
+    root = Path(tempfile.mkdtemp(prefix="ketanode-bench-ingest-"))
+    try:
+        files = make_series(root / "series", args.instances)
+        sizes = [f.stat().st_size for f in files]
+        log(f"series: {len(files)} files, {sum(sizes) / len(files) / 1024:.1f} KiB each")
+        results: dict[tuple[str, int], list[float]] = {(p, m): [] for p in peers for m in modes}
+        # Interleave: repeat r runs every peer and mode once, so a slow spell of the
+        # machine spreads over all peers instead of hitting one.
+        for r in range(args.repeats):
+            for mode in modes:
+                for peer in peers:
+                    seconds = run_one(peer, mode, files, root)
+                    results[(peer, mode)].append(seconds)
+                    log(f"repeat {r + 1}: {peer:12s} {mode} assoc  {seconds:6.2f} s  "
+                        f"{len(files) / seconds:6.1f} inst/s")
+        common = {"bench": "ingest", "instances": len(files),
+                  "bytes_per_instance": round(sum(sizes) / len(sizes)),
+                  "repeats": args.repeats, "host_cpus": os.cpu_count(),
+                  "python": platform.python_version()}
+        medians: dict[tuple[str, int], float] = {}
+        for (peer, mode), secs in results.items():
+            med = statistics.median(secs)
+            medians[(peer, mode)] = len(files) / med
+            line = {**common, "peer": peer, "mode": "single" if mode == 1 else "parallel",
+                    "associations": mode, "seconds": round(med, 3),
+                    "inst_per_s": round(len(files) / med, 1),
+                    "inst_per_s_min": round(len(files) / max(secs), 1),
+                    "inst_per_s_max": round(len(files) / min(secs), 1),
+                    "seconds_all": [round(s, 3) for s in secs], "verified": True}
+            print(json.dumps(line), flush=True)
+        summary: dict[str, Any] = {"bench": "ingest", "summary": True}
+        for mode in modes:
+            for node in ("ketanode", "ketanode-pg"):
+                if (node, mode) in medians and ("orthanc", mode) in medians:
+                    key = f"ratio_{node.replace('-', '_')}_orthanc_{mode}assoc"
+                    summary[key] = round(medians[(node, mode)] / medians[("orthanc", mode)], 2)
+        summary.update({f"{p}_{m}assoc_inst_per_s": round(v, 1) for (p, m), v in medians.items()})
+        print(json.dumps(summary), flush=True)
+        return 0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install what ketanode and its tests need on Debian 12 (run as root): the real DICOM
+# peers the tests use (DCMTK, Orthanc, dicom3tools) and the Python package with its
+# test extras. Idempotent; quick when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBS=(dcmtk orthanc dicom3tools openssl)
+missing=()
+for pkg in "${DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Orthanc's Debian package starts a system service; the tests run their own instances.
+  (service orthanc stop || true) >/dev/null 2>&1
+fi
+
+PYTHON=${PYTHON:-python3}
+echo "setup: installing ketanode and its test extras with $($PYTHON --version)"
+$PYTHON -m pip install -q --disable-pip-version-check -e '.[test]'
