@@ -22,8 +22,11 @@ from ketanode.db.migrate import current_revision, head_revision, upgrade
 from ketanode.db.session import make_engine, make_session_factory
 from ketanode.logs import setup_logging
 
-app = typer.Typer(help=f"ketanode: scores structural 3D T1 MRI. {RESEARCH_USE_ONLY}.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help=f"ketanode: scores structural 3D T1 MRI. {RESEARCH_USE_ONLY}.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 db_app = typer.Typer(help="Database schema (Alembic).", no_args_is_help=True)
 series_app = typer.Typer(help="Series received by the node.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Processing jobs.", no_args_is_help=True)
@@ -47,8 +50,14 @@ def _settings(ctx: typer.Context) -> Settings:
 @app.callback()
 def main(
     ctx: typer.Context,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file "
-                      "(default: $KETANODE_CONFIG, else embedded defaults).")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML settings file (default: $KETANODE_CONFIG, else embedded defaults).",
+        ),
+    ] = None,
 ) -> None:
     try:
         ctx.obj = load_settings(config)
@@ -140,19 +149,27 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @series_app.command("list")
-def series_list(ctx: typer.Context, state: str | None = None, limit: int = 50,
-                as_json: JsonOpt = False) -> None:
+def series_list(
+    ctx: typer.Context, state: str | None = None, limit: int = 50, as_json: JsonOpt = False
+) -> None:
     """Recent series with their state and reason."""
     with _sessions(_settings(ctx))() as session:
         rows = queries.list_series(session, state, limit)
-    _print(rows, ["id", "modality", "description", "n_instances", "state", "completion_trigger",
-                  "reason"], as_json, "series")
+    _print(
+        rows,
+        ["id", "modality", "description", "n_instances", "state", "completion_trigger", "reason"],
+        as_json,
+        "series",
+    )
 
 
 @series_app.command("show")
-def series_show(ctx: typer.Context, key: str, as_json: JsonOpt = False,
-                patient: Annotated[bool, typer.Option(help="Include patient identifiers.")] = False
-                ) -> None:
+def series_show(
+    ctx: typer.Context,
+    key: str,
+    as_json: JsonOpt = False,
+    patient: Annotated[bool, typer.Option(help="Include patient identifiers.")] = False,
+) -> None:
     """One series (row id or Series Instance UID): facts, selection checks, jobs and steps."""
     with _sessions(_settings(ctx))() as session:
         found = queries.find_series(session, key)
@@ -167,15 +184,30 @@ def series_show(ctx: typer.Context, key: str, as_json: JsonOpt = False,
 
 
 @jobs_app.command("list")
-def jobs_list(ctx: typer.Context, state: str | None = None, limit: int = 50,
-              as_json: JsonOpt = False) -> None:
+def jobs_list(
+    ctx: typer.Context, state: str | None = None, limit: int = 50, as_json: JsonOpt = False
+) -> None:
     """Recent jobs, their state, attempts and failure reasons."""
     with _sessions(_settings(ctx))() as session:
         rows = queries.list_jobs(session, state, limit)
     for row in rows:
         row["steps_s"] = ", ".join(f"{s['name']} {s['seconds']:.2f}" for s in row["steps"])
-    _print(rows, ["id", "series_id", "state", "attempt", "created_at", "finished_at", "steps_s",
-                  "failed_step", "error"], as_json, "jobs")
+    _print(
+        rows,
+        [
+            "id",
+            "series_id",
+            "state",
+            "attempt",
+            "created_at",
+            "finished_at",
+            "steps_s",
+            "failed_step",
+            "error",
+        ],
+        as_json,
+        "jobs",
+    )
 
 
 @app.command()
@@ -183,8 +215,12 @@ def failures(ctx: typer.Context, limit: int = 50, as_json: JsonOpt = False) -> N
     """C-STOREs the node refused: status, reason, where the dataset was kept."""
     with _sessions(_settings(ctx))() as session:
         rows = queries.list_failures(session, limit)
-    _print(rows, ["id", "association_id", "status", "reason", "received_at", "quarantine_path"],
-           as_json, "refused C-STOREs")
+    _print(
+        rows,
+        ["id", "association_id", "status", "reason", "received_at", "quarantine_path"],
+        as_json,
+        "refused C-STOREs",
+    )
 
 
 @app.command()
@@ -192,13 +228,30 @@ def associations(ctx: typer.Context, limit: int = 50, as_json: JsonOpt = False) 
     """Recent associations: caller, address, outcome, counts."""
     with _sessions(_settings(ctx))() as session:
         rows = queries.list_associations(session, limit)
-    _print(rows, ["id", "calling_ae", "peer", "tls", "outcome", "stored", "duplicates", "failed",
-                  "started_at", "reason"], as_json, "associations")
+    _print(
+        rows,
+        [
+            "id",
+            "calling_ae",
+            "peer",
+            "tls",
+            "outcome",
+            "stored",
+            "duplicates",
+            "failed",
+            "started_at",
+            "reason",
+        ],
+        as_json,
+        "associations",
+    )
 
 
 @app.command()
 def echo(
-    host: str, port: int, aet: str,
+    host: str,
+    port: int,
+    aet: str,
     calling_ae: Annotated[str, typer.Option(help="Our calling AE title.")] = "KETANODE_SCU",
     as_json: JsonOpt = False,
 ) -> None:
@@ -218,15 +271,18 @@ def echo(
     if as_json:
         print(json.dumps({"ok": ok, "message": message, "ms": ms, "peer": f"{aet}@{host}:{port}"}))
     else:
-        console.print(f"C-ECHO {aet}@{host}:{port}: {'ok' if ok else 'FAILED'} ({message}, {ms} ms)")
+        console.print(
+            f"C-ECHO {aet}@{host}:{port}: {'ok' if ok else 'FAILED'} ({message}, {ms} ms)"
+        )
     if not ok:
         raise typer.Exit(1)
 
 
 @app.command()
 def demo(
-    data_dir: Annotated[Path, typer.Option(help="Where the demo node keeps its data.")] =
-    Path("ketanode-demo"),
+    data_dir: Annotated[Path, typer.Option(help="Where the demo node keeps its data.")] = Path(
+        "ketanode-demo"
+    ),
     as_json: JsonOpt = False,
 ) -> None:
     """Start a node on embedded defaults, send it a generated study, show what it did."""
@@ -235,23 +291,36 @@ def demo(
     setup_logging(_settings_for_demo())
     result = run_demo(data_dir.resolve())
     if as_json:
-        print(json.dumps({"data_dir": str(result.data_dir), "sent": result.sent,
-                          "series": result.series}, indent=2, default=str))
+        print(
+            json.dumps(
+                {"data_dir": str(result.data_dir), "sent": result.sent, "series": result.series},
+                indent=2,
+                default=str,
+            )
+        )
     else:
         console.print(f"[bold]ketanode demo[/bold] ({RESEARCH_USE_ONLY})")
         console.print(f"sent over DICOM to port {result.port}: {result.sent}")
-        _print([s for s in result.series], ["id", "description", "n_instances", "state",
-                                            "completion_trigger", "reason"], False, "series")
+        _print(
+            [s for s in result.series],
+            ["id", "description", "n_instances", "state", "completion_trigger", "reason"],
+            False,
+            "series",
+        )
         for s in result.series:
             for job in s["jobs"]:
                 for step in job["steps"]:
                     detail = step["detail"] or {}
-                    console.print(f"job {job['id']} step {step['name']}: {step['seconds']:.2f} s "
-                                  f"-> {detail.get('path', '')} {detail.get('shape', '')} "
-                                  f"{detail.get('zooms_mm', '')} {detail.get('axcodes', '')}")
-        console.print(f"database: {result.data_dir / 'ketanode.db'}; look with "
-                      f"`KETANODE__DATABASE__URL=sqlite:///{result.data_dir / 'ketanode.db'} "
-                      "ketanode series list`")
+                    console.print(
+                        f"job {job['id']} step {step['name']}: {step['seconds']:.2f} s "
+                        f"-> {detail.get('path', '')} {detail.get('shape', '')} "
+                        f"{detail.get('zooms_mm', '')} {detail.get('axcodes', '')}"
+                    )
+        console.print(
+            f"database: {result.data_dir / 'ketanode.db'}; look with "
+            f"`KETANODE__DATABASE__URL=sqlite:///{result.data_dir / 'ketanode.db'} "
+            "ketanode series list`"
+        )
     states = {s["state"] for s in result.series}
     if not ({"done", "ignored"} <= states):
         raise typer.Exit(1)

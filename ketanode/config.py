@@ -121,17 +121,23 @@ class SelectionRules(_Section):
     accept_3d_acquisition: bool = True
     max_voxel_mm: float = Field(default=1.5, gt=0)
     excluded_image_types: list[str] = Field(
-        default_factory=lambda: ["DERIVED", "SECONDARY", "LOCALIZER", "MPR", "PROJECTION IMAGE",
-                                 "REFORMATTED", "DIFFUSION", "ADC", "TRACEW"]
+        default_factory=lambda: [
+            "DERIVED",
+            "SECONDARY",
+            "LOCALIZER",
+            "MPR",
+            "PROJECTION IMAGE",
+            "REFORMATTED",
+            "DIFFUSION",
+            "ADC",
+            "TRACEW",
+        ]
     )
-    include_pattern: str = (
-        r"mp-?rage|mp_rage|mp2rage|bravo|spgr|tfe|tfl|" + _BOUNDARY_L + r"t1"
-    )
+    include_pattern: str = r"mp-?rage|mp_rage|mp2rage|bravo|spgr|tfe|tfl|" + _BOUNDARY_L + r"t1"
     exclude_pattern: str = (
         _BOUNDARY_L
         + r"(dwi|dti|diff|diffusion|adc|trace|flair|t2|pd|localizer|loc|scout|survey|3-plane|"
-        r"perfusion|bold|fmri|swi|post|gad|gd|\+c|c\+)"
-        + _BOUNDARY_R
+        r"perfusion|bold|fmri|swi|post|gad|gd|\+c|c\+)" + _BOUNDARY_R
     )
 
     @field_validator("include_pattern", "exclude_pattern")
@@ -178,7 +184,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
         if not parts:
             continue
         try:
@@ -226,14 +232,20 @@ def _describe(exc: ValidationError, source: str, env_keys: set[str]) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif msg.startswith("Value error, "):
-            msg = "expected " + msg[len("Value error, "):]
+            msg = "expected " + msg[len("Value error, ") :]
         got = err.get("input")
-        got_text = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        got_text = (
+            ""
+            if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
+            else f" (got {got!r})"
+        )
         lines.append(f"{where}: key '{key}': {msg}{got_text}")
     return "configuration error:\n  " + "\n  ".join(lines)
 
 
-def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
     """Read, merge and validate the settings once. Raises ConfigError with a readable message."""
     environ = os.environ if environ is None else environ
     if path is None and environ.get(CONFIG_ENV):

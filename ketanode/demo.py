@@ -47,13 +47,25 @@ def run_demo(data_dir: Path, timeout: float = 180.0) -> DemoResult:
     try:
         study = SeriesSpec().study_uid
         with tempfile.TemporaryDirectory() as tmp:
-            t1 = write_series(simple_head((144, 160, 160), seed=1), (1.2, 1.2, 1.2),
-                              Path(tmp) / "t1", SeriesSpec(study_uid=study, series_number=3))
+            t1 = write_series(
+                simple_head((144, 160, 160), seed=1),
+                (1.2, 1.2, 1.2),
+                Path(tmp) / "t1",
+                SeriesSpec(study_uid=study, series_number=3),
+            )
             localizer = write_series(
-                simple_head((3, 160, 160), seed=2), (8.0, 1.6, 1.6), Path(tmp) / "loc",
-                SeriesSpec(study_uid=study, series_number=1, series_description="localizer",
-                           protocol_name="localizer", mr_acquisition_type="2D",
-                           image_type=("ORIGINAL", "PRIMARY", "LOCALIZER", "NONE")))
+                simple_head((3, 160, 160), seed=2),
+                (8.0, 1.6, 1.6),
+                Path(tmp) / "loc",
+                SeriesSpec(
+                    study_uid=study,
+                    series_number=1,
+                    series_description="localizer",
+                    protocol_name="localizer",
+                    mr_acquisition_type="2D",
+                    image_type=("ORIGINAL", "PRIMARY", "LOCALIZER", "NONE"),
+                ),
+            )
             report = send_files("127.0.0.1", port, node.settings.node.ae_title, localizer + t1)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -63,7 +75,11 @@ def run_demo(data_dir: Path, timeout: float = 180.0) -> DemoResult:
                     break
             time.sleep(0.25)
         with node.sessions() as session:
-            series = [queries.series_detail(session, s) for s in session.query(Series).order_by(Series.id)]
-        return DemoResult(data_dir, port, {"sent": report.sent, "statuses": report.statuses}, series)
+            series = [
+                queries.series_detail(session, s) for s in session.query(Series).order_by(Series.id)
+            ]
+        return DemoResult(
+            data_dir, port, {"sent": report.sent, "statuses": report.statuses}, series
+        )
     finally:
         node.stop()

@@ -47,8 +47,13 @@ def _owner_is_dead(owner: str | None) -> bool:
 
 
 def enqueue(session: Session, series: Series, max_attempts: int) -> Job:
-    job = Job(series_id=series.id, series_generation=series.generation, state=JobState.QUEUED,
-              attempt=0, max_attempts=max_attempts)
+    job = Job(
+        series_id=series.id,
+        series_generation=series.generation,
+        state=JobState.QUEUED,
+        attempt=0,
+        max_attempts=max_attempts,
+    )
     session.add(job)
     session.flush()
     return job
@@ -67,17 +72,26 @@ def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> 
             taken = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == JobState.QUEUED)
-                .values(state=JobState.RUNNING, lease_owner=owner,
-                        lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                        attempt=Job.attempt + 1, started_at=now, error=None, failed_step=None)
+                .values(
+                    state=JobState.RUNNING,
+                    lease_owner=owner,
+                    lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                    attempt=Job.attempt + 1,
+                    started_at=now,
+                    error=None,
+                    failed_step=None,
+                )
             ).rowcount  # type: ignore[attr-defined]
             if taken:
                 job = session.get(Job, job_id)
                 assert job is not None
                 session.execute(
                     update(Series)
-                    .where(Series.id == job.series_id, Series.generation == job.series_generation,
-                           Series.state == SeriesState.QUEUED)
+                    .where(
+                        Series.id == job.series_id,
+                        Series.generation == job.series_generation,
+                        Series.state == SeriesState.QUEUED,
+                    )
                     .values(state=SeriesState.PROCESSING)
                 )
                 return job_id
@@ -87,16 +101,22 @@ def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> 
 def renew(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> int:
     """Extend the leases of every job this owner is running."""
     with sessions.begin() as session:
-        return int(session.execute(
-            update(Job)
-            .where(Job.lease_owner == owner, Job.state == JobState.RUNNING)
-            .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
-        ).rowcount)  # type: ignore[attr-defined]
+        return int(
+            session.execute(
+                update(Job)
+                .where(Job.lease_owner == owner, Job.state == JobState.RUNNING)
+                .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+            ).rowcount
+        )  # type: ignore[attr-defined]
 
 
 def finish(
-    sessions: sessionmaker[Session], job_id: int, owner: str, ok: bool,
-    failed_step: str | None = None, error: str | None = None,
+    sessions: sessionmaker[Session],
+    job_id: int,
+    owner: str,
+    ok: bool,
+    failed_step: str | None = None,
+    error: str | None = None,
 ) -> bool:
     """Record the end of a job; False when the lease was lost (another worker took it)."""
     with sessions.begin() as session:
@@ -110,8 +130,11 @@ def finish(
         job.error = error
         job.lease_expires_at = None
         series = session.get(Series, job.series_id)
-        if series is not None and series.generation == job.series_generation \
-                and series.state in (SeriesState.QUEUED, SeriesState.PROCESSING):
+        if (
+            series is not None
+            and series.generation == job.series_generation
+            and series.state in (SeriesState.QUEUED, SeriesState.PROCESSING)
+        ):
             series.state = SeriesState.DONE if ok else SeriesState.FAILED
             if not ok:
                 series.reason = f"{failed_step}: {error}"

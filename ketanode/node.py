@@ -48,18 +48,29 @@ class Node:
         self.timers = Timers()
         self.workers = WorkerPool(self.sessions, settings, self.owner)
         self.tracker = CompletionTracker(self.sessions, settings, on_queued=self.workers.wake)
-        self.associations = AssociationLog(self.sessions, settings.node, self.node_name,
-                                           tls=settings.node.tls.enabled,
-                                           on_ended=self._association_ended)
-        self.store = StoreService(self.sessions, self.spool, self.associations.row_id,
-                                  on_series_stored=self._series_stored)
+        self.associations = AssociationLog(
+            self.sessions,
+            settings.node,
+            self.node_name,
+            tls=settings.node.tls.enabled,
+            on_ended=self._association_ended,
+        )
+        self.store = StoreService(
+            self.sessions,
+            self.spool,
+            self.associations.row_id,
+            on_series_stored=self._series_stored,
+        )
         self.listener = Listener(settings.node, self.store, self.associations)
         self.address: tuple[str, int] | None = None
         self.stopped = threading.Event()
 
     def _association_ended(self, _row_id: int) -> None:
-        self.timers.soon("completion-after-release", self.settings.series.grace_seconds + 0.05,
-                         self.tracker.sweep)
+        self.timers.soon(
+            "completion-after-release",
+            self.settings.series.grace_seconds + 0.05,
+            self.tracker.sweep,
+        )
 
     def _series_stored(self, _series_id: int, expected_reached: bool) -> None:
         if expected_reached:
@@ -71,15 +82,23 @@ class Node:
         stale = self.associations.close_stale()
         jobs = recover(self.sessions)
         if parts or stale or jobs:
-            logger.warning("recovery: %d partial files removed, %d associations closed, "
-                           "%d jobs re-queued or failed", parts, stale, jobs)
+            logger.warning(
+                "recovery: %d partial files removed, %d associations closed, "
+                "%d jobs re-queued or failed",
+                parts,
+                stale,
+                jobs,
+            )
 
     def start(self) -> tuple[str, int]:
         self.recover()
         cfg = self.settings
         self.timers.every("completion-sweep", cfg.series.check_interval_seconds, self.tracker.sweep)
-        self.timers.every("lease-renewal", cfg.pipeline.lease_seconds / 3,
-                          lambda: renew(self.sessions, self.owner, cfg.pipeline.lease_seconds))
+        self.timers.every(
+            "lease-renewal",
+            cfg.pipeline.lease_seconds / 3,
+            lambda: renew(self.sessions, self.owner, cfg.pipeline.lease_seconds),
+        )
         self.timers.every("recovery-sweep", 30.0, lambda: recover(self.sessions))
         self.timers.start()
         self.workers.start()

@@ -56,25 +56,53 @@ def _context(sessions: sessionmaker[Session], settings: Settings, job_id: int) -
         assert series is not None
         paths = session.scalars(
             select(Instance.spool_path)
-            .where(Instance.series_id == series.id,
-                   Instance.sop_class_uid.in_(PROCESSED_SOP_CLASSES))
+            .where(
+                Instance.series_id == series.id, Instance.sop_class_uid.in_(PROCESSED_SOP_CLASSES)
+            )
             .order_by(Instance.instance_number, Instance.id)
         ).all()
         work_dir = settings.pipeline.work_dir.resolve() / f"series-{series.id}" / f"job-{job.id}"
-        return JobContext(job_id=job.id, attempt=job.attempt, series_id=series.id,
-                          work_dir=work_dir, files=[Path(p) for p in paths], settings=settings)
+        return JobContext(
+            job_id=job.id,
+            attempt=job.attempt,
+            series_id=series.id,
+            work_dir=work_dir,
+            files=[Path(p) for p in paths],
+            settings=settings,
+        )
 
 
-def _record_step(sessions: sessionmaker[Session], ctx: JobContext, name: str, ok: bool,
-                 seconds: float, detail: dict[str, Any] | None, error: str | None) -> None:
+def _record_step(
+    sessions: sessionmaker[Session],
+    ctx: JobContext,
+    name: str,
+    ok: bool,
+    seconds: float,
+    detail: dict[str, Any] | None,
+    error: str | None,
+) -> None:
     with sessions.begin() as session:
-        session.add(JobStep(job_id=ctx.job_id, attempt=ctx.attempt, name=name, ok=ok,
-                            seconds=round(seconds, 4), started_at=utcnow(), detail=detail,
-                            error=error))
+        session.add(
+            JobStep(
+                job_id=ctx.job_id,
+                attempt=ctx.attempt,
+                name=name,
+                ok=ok,
+                seconds=round(seconds, 4),
+                started_at=utcnow(),
+                detail=detail,
+                error=error,
+            )
+        )
 
 
-def run_job(sessions: sessionmaker[Session], settings: Settings, job_id: int, owner: str,
-            steps: list[tuple[str, Step]] | None = None) -> bool:
+def run_job(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    job_id: int,
+    owner: str,
+    steps: list[tuple[str, Step]] | None = None,
+) -> bool:
     """Run every step of a claimed job; returns True when all succeeded. Never raises."""
     try:
         ctx = _context(sessions, settings, job_id)
@@ -82,8 +110,13 @@ def run_job(sessions: sessionmaker[Session], settings: Settings, job_id: int, ow
         logger.exception("job %s: cannot prepare", job_id)
         finish(sessions, job_id, owner, ok=False, failed_step="prepare", error=str(exc))
         return False
-    logger.info("job %s (series row %s, attempt %s): %d files", job_id, ctx.series_id,
-                ctx.attempt, len(ctx.files))
+    logger.info(
+        "job %s (series row %s, attempt %s): %d files",
+        job_id,
+        ctx.series_id,
+        ctx.attempt,
+        len(ctx.files),
+    )
     for name, fn in steps or STEPS:
         started = time.perf_counter()
         try:
@@ -91,8 +124,9 @@ def run_job(sessions: sessionmaker[Session], settings: Settings, job_id: int, ow
         except Exception as exc:
             seconds = time.perf_counter() - started
             error = f"{type(exc).__name__}: {exc}"
-            logger.warning("job %s: step %s failed after %.2f s: %s", job_id, name, seconds,
-                           type(exc).__name__)
+            logger.warning(
+                "job %s: step %s failed after %.2f s: %s", job_id, name, seconds, type(exc).__name__
+            )
             _record_step(sessions, ctx, name, False, seconds, None, error[:4000])
             finish(sessions, job_id, owner, ok=False, failed_step=name, error=error[:4000])
             return False

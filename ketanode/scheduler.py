@@ -33,14 +33,21 @@ class Timers:
         )
 
     def every(self, name: str, seconds: float, fn: Callable[[], Any]) -> None:
-        self.scheduler.add_job(_guarded(name, fn), "interval", seconds=seconds, id=name,
-                               name=name, replace_existing=True)
+        self.scheduler.add_job(
+            _guarded(name, fn),
+            "interval",
+            seconds=seconds,
+            id=name,
+            name=name,
+            replace_existing=True,
+        )
 
     def soon(self, name: str, delay_seconds: float, fn: Callable[[], Any]) -> None:
         """Run ``fn`` once after a delay (a prompt check on top of the periodic one)."""
         run_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay_seconds)
-        self.scheduler.add_job(_guarded(name, fn), "date", run_date=run_at, name=name,
-                               misfire_grace_time=60)
+        self.scheduler.add_job(
+            _guarded(name, fn), "date", run_date=run_at, name=name, misfire_grace_time=60
+        )
 
     def start(self) -> None:
         self.scheduler.start()

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.config import Settings
-from ketanode.db.models import Association, Series, SeriesState, utcnow
+from ketanode.db.models import Association, AssociationOutcome, Series, SeriesState, utcnow
 from ketanode.dicom.selection import SeriesView, decide
 from ketanode.jobqueue import enqueue
 
@@ -28,12 +28,20 @@ ASSOCIATION_RELEASED = "association_released"
 QUIET_PERIOD = "quiet_period"
 
 
-def completion_trigger(series: Series, assoc: Association | None, now: dt.datetime,
-                       grace: float, quiet: float) -> str | None:
+def completion_trigger(
+    series: Series, assoc: Association | None, now: dt.datetime, grace: float, quiet: float
+) -> str | None:
     if series.expected_instances and series.n_instances >= series.expected_instances:
         return EXPECTED_COUNT
     idle = (now - series.last_received_at).total_seconds()
-    if assoc is not None and assoc.ended_at is not None:
+    # Only a release says the sender finished. An aborted association (peer abort, dropped
+    # connection, or this node dying mid-series) usually means a retry is coming: waiting
+    # for the quiet period then avoids processing (and splitting) a half series.
+    if (
+        assoc is not None
+        and assoc.ended_at is not None
+        and assoc.outcome == AssociationOutcome.RELEASED
+    ):
         since_end = (now - max(assoc.ended_at, series.last_received_at)).total_seconds()
         if since_end >= grace:
             return ASSOCIATION_RELEASED
@@ -44,19 +52,28 @@ def completion_trigger(series: Series, assoc: Association | None, now: dt.dateti
 
 def view_of(series: Series) -> SeriesView:
     return SeriesView(
-        modality=series.modality, sop_class_uid=series.sop_class_uid,
-        description=series.description, protocol_name=series.protocol_name,
-        image_type=series.image_type, mr_acquisition_type=series.mr_acquisition_type,
-        pixel_spacing_row=series.pixel_spacing_row, pixel_spacing_col=series.pixel_spacing_col,
+        modality=series.modality,
+        sop_class_uid=series.sop_class_uid,
+        description=series.description,
+        protocol_name=series.protocol_name,
+        image_type=series.image_type,
+        mr_acquisition_type=series.mr_acquisition_type,
+        pixel_spacing_row=series.pixel_spacing_row,
+        pixel_spacing_col=series.pixel_spacing_col,
         slice_thickness=series.slice_thickness,
         spacing_between_slices=series.spacing_between_slices,
-        n_instances=series.n_instances, n_frames=series.n_frames,
+        n_instances=series.n_instances,
+        n_frames=series.n_frames,
     )
 
 
 class CompletionTracker:
-    def __init__(self, sessions: sessionmaker[Session], settings: Settings,
-                 on_queued: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        settings: Settings,
+        on_queued: Callable[[], None] | None = None,
+    ) -> None:
         self.sessions = sessions
         self.settings = settings
         self.on_queued = on_queued
@@ -92,8 +109,11 @@ class CompletionTracker:
             )
             if series is None or series.state != SeriesState.RECEIVING:
                 return None
-            assoc = (session.get(Association, series.last_association_id)
-                     if series.last_association_id else None)
+            assoc = (
+                session.get(Association, series.last_association_id)
+                if series.last_association_id
+                else None
+            )
             now = utcnow()
             trigger = completion_trigger(series, assoc, now, cfg.grace_seconds, cfg.quiet_seconds)
             if trigger is None:
@@ -106,10 +126,20 @@ class CompletionTracker:
             if decision.selected:
                 series.state = SeriesState.QUEUED
                 job = enqueue(session, series, self.settings.pipeline.max_attempts)
-                logger.info("series row %s complete (%s, %d instances): queued as job %s",
-                            series.id, trigger, series.n_instances, job.id)
+                logger.info(
+                    "series row %s complete (%s, %d instances): queued as job %s",
+                    series.id,
+                    trigger,
+                    series.n_instances,
+                    job.id,
+                )
             else:
                 series.state = SeriesState.IGNORED
-                logger.info("series row %s complete (%s, %d instances): ignored: %s",
-                            series.id, trigger, series.n_instances, decision.reason)
+                logger.info(
+                    "series row %s complete (%s, %d instances): ignored: %s",
+                    series.id,
+                    trigger,
+                    series.n_instances,
+                    decision.reason,
+                )
             return series.state

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,5 @@ def node_process(tmp_path: Path) -> Iterator[list[NodeProcess]]:
     started: list[NodeProcess] = []
     yield started
     for node in started:
-        try:
+        with contextlib.suppress(Exception):
             node.kill()
-        except Exception:
-            pass

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,9 @@ class Orthanc:
     proc: subprocess.Popen[bytes] | None = None
 
     def config(self) -> dict[str, Any]:
-        modalities = {"ketanode": {"AET": self.node_ae, "Host": "127.0.0.1", "Port": self.node_port}}
+        modalities = {
+            "ketanode": {"AET": self.node_ae, "Host": "127.0.0.1", "Port": self.node_port}
+        }
         modalities.update(self.extra_modalities)
         return {
             "Name": "ketanode-test-pacs",
@@ -57,8 +57,9 @@ class Orthanc:
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(self.config(), indent=2))
         log = (self.workdir / "orthanc.log").open("ab")
-        self.proc = subprocess.Popen([ORTHANC, str(cfg)], env=dcmtk_env(), stdout=log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [ORTHANC, str(cfg)], env=dcmtk_env(), stdout=log, stderr=subprocess.STDOUT
+        )
         wait_for(self._up, timeout, what="Orthanc to answer GET /system")
         return self
 
@@ -77,9 +78,12 @@ class Orthanc:
             return json.loads(r.read())
 
     def post(self, path: str, body: Any) -> Any:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}",
-                                     data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
@@ -112,9 +116,12 @@ class StoreSCP:
     def start(self) -> StoreSCP:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = (self.workdir / "storescp.log").open("ab")
-        self.proc = subprocess.Popen([STORESCP, "-aet", self.aet, "-od", str(self.workdir),
-                                      str(self.port)],
-                                     env=dcmtk_env(), stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [STORESCP, "-aet", self.aet, "-od", str(self.workdir), str(self.port)],
+            env=dcmtk_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         import socket
 
         def listening() -> bool:
@@ -135,5 +142,3 @@ class StoreSCP:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc = None
-
-

@@ -40,11 +40,26 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
-def storescu(port: int, files: list[Path] | list[str], called_ae: str = "KETANODE",
-             calling_ae: str = "STORESCU", extra: list[str] | None = None,
-             check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    cmd = [STORESCU, "-aet", calling_ae, "-aec", called_ae, *(extra or []),
-           "127.0.0.1", str(port), *[str(f) for f in files]]
+def storescu(
+    port: int,
+    files: list[Path] | list[str],
+    called_ae: str = "KETANODE",
+    calling_ae: str = "STORESCU",
+    extra: list[str] | None = None,
+    check: bool = True,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        STORESCU,
+        "-aet",
+        calling_ae,
+        "-aec",
+        called_ae,
+        *(extra or []),
+        "127.0.0.1",
+        str(port),
+        *[str(f) for f in files],
+    ]
     proc = subprocess.run(cmd, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"storescu failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -64,8 +79,12 @@ def postgres_database() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 60.0,
+    interval: float = 0.1,
+    what: str = "condition",
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -145,7 +164,9 @@ class NodeProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ketanode", "--config", str(self.config), "serve"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
         )
         wait_for(self._listening, timeout, what="the node to listen")
         return self
@@ -153,7 +174,9 @@ class NodeProcess:
     def _listening(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            raise AssertionError(
+                f"node exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}"
+            )
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                 return True
@@ -165,8 +188,12 @@ class NodeProcess:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         assert self.config is not None
-        proc = subprocess.run([sys.executable, "-m", "ketanode", "--config", str(self.config), *args],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ketanode", "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"ketanode {' '.join(args)} failed: {proc.stderr[-2000:]}")
         return proc

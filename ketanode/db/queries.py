@@ -16,7 +16,9 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def counts_by(session: Session, column: Any) -> dict[str, int]:
-    return {str(k): int(v) for k, v in session.execute(select(column, func.count()).group_by(column))}
+    return {
+        str(k): int(v) for k, v in session.execute(select(column, func.count()).group_by(column))
+    }
 
 
 def status(session: Session) -> dict[str, Any]:
@@ -26,13 +28,21 @@ def status(session: Session) -> dict[str, Any]:
         "jobs_by_state": counts_by(session, Job.state),
         "instances": int(session.scalar(select(func.count()).select_from(Instance)) or 0),
         "associations_24h": {
-            str(k): int(v) for k, v in session.execute(
+            str(k): int(v)
+            for k, v in session.execute(
                 select(Association.outcome, func.count())
-                .where(Association.started_at >= since).group_by(Association.outcome))
+                .where(Association.started_at >= since)
+                .group_by(Association.outcome)
+            )
         },
-        "store_failures_24h": int(session.scalar(
-            select(func.count()).select_from(StoreFailure).where(StoreFailure.received_at >= since)
-        ) or 0),
+        "store_failures_24h": int(
+            session.scalar(
+                select(func.count())
+                .select_from(StoreFailure)
+                .where(StoreFailure.received_at >= since)
+            )
+            or 0
+        ),
         "last_instance_at": _iso(session.scalar(select(func.max(Instance.received_at)))),
     }
 
@@ -56,7 +66,9 @@ def series_row(series: Series) -> dict[str, Any]:
     }
 
 
-def list_series(session: Session, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+def list_series(
+    session: Session, state: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
     query = select(Series).order_by(Series.id.desc()).limit(limit)
     if state:
         query = query.where(Series.state == state)
@@ -88,27 +100,42 @@ def job_row(job: Job) -> dict[str, Any]:
 
 
 def step_row(step: JobStep) -> dict[str, Any]:
-    return {"name": step.name, "attempt": step.attempt, "ok": step.ok, "seconds": step.seconds,
-            "detail": step.detail, "error": step.error}
+    return {
+        "name": step.name,
+        "attempt": step.attempt,
+        "ok": step.ok,
+        "seconds": step.seconds,
+        "detail": step.detail,
+        "error": step.error,
+    }
 
 
 def series_detail(session: Session, series: Series, with_patient: bool = False) -> dict[str, Any]:
     out = series_row(series)
-    out.update({
-        "sop_class_uid": series.sop_class_uid,
-        "protocol_name": series.protocol_name,
-        "manufacturer": series.manufacturer,
-        "image_type": series.image_type,
-        "mr_acquisition_type": series.mr_acquisition_type,
-        "voxel_mm": [series.pixel_spacing_row, series.pixel_spacing_col,
-                     series.spacing_between_slices or series.slice_thickness],
-        "selection": series.selection,
-        "jobs": [job_row(j) for j in sorted(series.jobs, key=lambda j: j.id)],
-    })
+    out.update(
+        {
+            "sop_class_uid": series.sop_class_uid,
+            "protocol_name": series.protocol_name,
+            "manufacturer": series.manufacturer,
+            "image_type": series.image_type,
+            "mr_acquisition_type": series.mr_acquisition_type,
+            "voxel_mm": [
+                series.pixel_spacing_row,
+                series.pixel_spacing_col,
+                series.spacing_between_slices or series.slice_thickness,
+            ],
+            "selection": series.selection,
+            "jobs": [job_row(j) for j in sorted(series.jobs, key=lambda j: j.id)],
+        }
+    )
     if with_patient:
         st = series.study
-        out["patient"] = {"name": st.patient_name, "id": st.patient_id,
-                          "birth_date": st.patient_birth_date, "accession": st.accession_number}
+        out["patient"] = {
+            "name": st.patient_name,
+            "id": st.patient_id,
+            "birth_date": st.patient_birth_date,
+            "accession": st.accession_number,
+        }
     return out
 
 
@@ -121,19 +148,39 @@ def list_jobs(session: Session, state: str | None = None, limit: int = 50) -> li
 
 def list_failures(session: Session, limit: int = 50) -> list[dict[str, Any]]:
     query = select(StoreFailure).order_by(StoreFailure.id.desc()).limit(limit)
-    return [{"id": f.id, "association_id": f.association_id, "status": f"0x{f.status:04X}",
-             "reason": f.reason, "sop_instance_uid": f.sop_instance_uid,
-             "quarantine_path": f.quarantine_path, "received_at": _iso(f.received_at)}
-            for f in session.scalars(query)]
+    return [
+        {
+            "id": f.id,
+            "association_id": f.association_id,
+            "status": f"0x{f.status:04X}",
+            "reason": f.reason,
+            "sop_instance_uid": f.sop_instance_uid,
+            "quarantine_path": f.quarantine_path,
+            "received_at": _iso(f.received_at),
+        }
+        for f in session.scalars(query)
+    ]
 
 
 def list_associations(session: Session, limit: int = 50) -> list[dict[str, Any]]:
     query = select(Association).order_by(Association.id.desc()).limit(limit)
-    return [{"id": a.id, "calling_ae": a.calling_ae, "called_ae": a.called_ae,
-             "peer": f"{a.peer_address}:{a.peer_port}", "tls": a.tls, "outcome": a.outcome,
-             "reason": a.reason, "stored": a.n_stored, "duplicates": a.n_duplicate,
-             "failed": a.n_failed, "started_at": _iso(a.started_at), "ended_at": _iso(a.ended_at)}
-            for a in session.scalars(query)]
+    return [
+        {
+            "id": a.id,
+            "calling_ae": a.calling_ae,
+            "called_ae": a.called_ae,
+            "peer": f"{a.peer_address}:{a.peer_port}",
+            "tls": a.tls,
+            "outcome": a.outcome,
+            "reason": a.reason,
+            "stored": a.n_stored,
+            "duplicates": a.n_duplicate,
+            "failed": a.n_failed,
+            "started_at": _iso(a.started_at),
+            "ended_at": _iso(a.ended_at),
+        }
+        for a in session.scalars(query)
+    ]
 
 
 def study_count(session: Session) -> int:

@@ -56,13 +56,21 @@ def caller_allowed(settings: NodeSettings, calling_ae: str, peer: str) -> bool:
 
 def _stored_count(row_id: int) -> object:
     """Instances stored are counted from their rows at the end, not updated per C-STORE."""
-    return (select(func.count()).select_from(Instance)
-            .where(Instance.association_id == row_id).scalar_subquery())
+    return (
+        select(func.count())
+        .select_from(Instance)
+        .where(Instance.association_id == row_id)
+        .scalar_subquery()
+    )
 
 
 def _stored_count_correlated() -> object:
-    return (select(func.count()).select_from(Instance)
-            .where(Instance.association_id == Association.id).scalar_subquery())
+    return (
+        select(func.count())
+        .select_from(Instance)
+        .where(Instance.association_id == Association.id)
+        .scalar_subquery()
+    )
 
 
 class AssociationLog:
@@ -94,11 +102,13 @@ class AssociationLog:
 
     def _insert(self, event: Event, outcome: AssociationOutcome, reason: str | None) -> int:
         rq = event.assoc.requestor
+        # The AE title the peer called (not ours): a wrong one is why a row was rejected.
+        called = getattr(rq.primitive, "called_ae_title", None) or event.assoc.acceptor.ae_title
         with self.sessions.begin() as session:
             row = Association(
                 node_name=self.node_name,
                 calling_ae=(rq.ae_title or "").strip()[:16],
-                called_ae=(event.assoc.acceptor.ae_title or "").strip()[:16],
+                called_ae=str(called or "").strip()[:16],
                 peer_address=str(rq.address)[:64],
                 peer_port=int(rq.port or 0),
                 tls=self.tls,
@@ -123,7 +133,9 @@ class AssociationLog:
             reason = None
             diagnostic = 0
             if called != self.settings.ae_title:
-                reason = f"called AE title {called!r} is not this node's ({self.settings.ae_title!r})"
+                reason = (
+                    f"called AE title {called!r} is not this node's ({self.settings.ae_title!r})"
+                )
                 diagnostic = DIAG_CALLED_AE_NOT_RECOGNISED
             elif not caller_allowed(self.settings, calling, peer):
                 reason = f"calling AE title {calling!r} from {peer} is not on the allow-list"
@@ -132,7 +144,13 @@ class AssociationLog:
                 return
             logger.warning("association rejected: %s", reason)
             event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
-            self._insert(event, AssociationOutcome.REJECTED, reason)
+            try:
+                self._insert(event, AssociationOutcome.REJECTED, reason)
+            finally:
+                # As pynetdicom does after its own rejections: wait until the DUL has sent
+                # the A-ASSOCIATE-RJ, or the server closes the socket first and the peer
+                # sees an abort instead of the rejection and its reason.
+                event.assoc.kill()
         except Exception:
             logger.exception("association request check failed")
 
@@ -141,8 +159,12 @@ class AssociationLog:
             row_id = self._insert(event, AssociationOutcome.OPEN, None)
             with self._lock:
                 self._ids[id(event.assoc)] = row_id
-            logger.info("association %s accepted from %s (%s)", row_id,
-                        event.assoc.requestor.ae_title, event.assoc.requestor.address)
+            logger.info(
+                "association %s accepted from %s (%s)",
+                row_id,
+                event.assoc.requestor.ae_title,
+                event.assoc.requestor.address,
+            )
         except Exception:
             logger.exception("could not record an accepted association")
 
@@ -183,8 +205,11 @@ class AssociationLog:
             result = session.execute(
                 update(Association)
                 .where(Association.node_name == self.node_name, Association.ended_at.is_(None))
-                .values(ended_at=utcnow(), outcome=AssociationOutcome.ABORTED,
-                        n_stored=_stored_count_correlated(),
-                        reason="node stopped while the association was open")
+                .values(
+                    ended_at=utcnow(),
+                    outcome=AssociationOutcome.ABORTED,
+                    n_stored=_stored_count_correlated(),
+                    reason="node stopped while the association was open",
+                )
             )
             return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -19,10 +19,7 @@ def _first(ds: Dataset, *path: str) -> Any:
         value = node.get(name)
         if value is None:
             return None
-        if name.endswith("Sequence"):
-            node = value[0] if len(value) else None
-        else:
-            node = value
+        node = (value[0] if len(value) else None) if name.endswith("Sequence") else value
     return node
 
 

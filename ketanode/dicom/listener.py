@@ -83,8 +83,13 @@ class Listener:
         )
         assert self.server is not None
         host, port = self.server.server_address[:2]
-        logger.info("listening as %s on %s:%s%s", self.settings.ae_title, host, port,
-                    " (TLS)" if ctx else "")
+        logger.info(
+            "listening as %s on %s:%s%s",
+            self.settings.ae_title,
+            host,
+            port,
+            " (TLS)" if ctx else "",
+        )
         return str(host), int(port)
 
     def stop(self) -> None:

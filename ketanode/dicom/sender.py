@@ -48,13 +48,23 @@ def _ae(calling_ae: str) -> AE:
 _HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay)]
 
 
-def echo(host: str, port: int, called_ae: str, calling_ae: str = DEFAULT_CALLING_AE,
-         tls: ssl.SSLContext | None = None) -> int:
+def echo(
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str = DEFAULT_CALLING_AE,
+    tls: ssl.SSLContext | None = None,
+) -> int:
     """C-ECHO; returns the DIMSE status. Raises AssociationFailed when not accepted."""
     ae = _ae(calling_ae)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=_HANDLERS,
-                         tls_args=(tls, host) if tls else None)
+    assoc = ae.associate(
+        host,
+        port,
+        ae_title=called_ae,
+        evt_handlers=_HANDLERS,
+        tls_args=(tls, host) if tls else None,
+    )
     if not assoc.is_established:
         raise AssociationFailed(_why(assoc))
     try:
@@ -72,8 +82,14 @@ def _why(assoc: Any) -> str:
     return "no association (peer unreachable or not answering)"
 
 
-def send_files(host: str, port: int, called_ae: str, files: Iterable[Path],
-               calling_ae: str = DEFAULT_CALLING_AE, tls: ssl.SSLContext | None = None) -> SendReport:
+def send_files(
+    host: str,
+    port: int,
+    called_ae: str,
+    files: Iterable[Path],
+    calling_ae: str = DEFAULT_CALLING_AE,
+    tls: ssl.SSLContext | None = None,
+) -> SendReport:
     """C-STORE every file on one association, proposing each file's own transfer syntax."""
     files = list(files)
     contexts: dict[tuple[str, str], None] = {}
@@ -82,8 +98,13 @@ def send_files(host: str, port: int, called_ae: str, files: Iterable[Path],
         contexts[(str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID))] = None
     ae = _ae(calling_ae)
     ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in contexts]
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=_HANDLERS,
-                         tls_args=(tls, host) if tls else None)
+    assoc = ae.associate(
+        host,
+        port,
+        ae_title=called_ae,
+        evt_handlers=_HANDLERS,
+        tls_args=(tls, host) if tls else None,
+    )
     if not assoc.is_established:
         raise AssociationFailed(_why(assoc))
     report = SendReport()

@@ -13,15 +13,18 @@ from numpy.typing import NDArray
 FAT, BONE, CSF, GM, WM = 900.0, 80.0, 150.0, 500.0, 750.0
 
 
-def simple_head(shape: tuple[int, int, int] = (128, 128, 128), seed: int = 0,
-                noise: float = 20.0) -> NDArray[np.float32]:
+def simple_head(
+    shape: tuple[int, int, int] = (128, 128, 128), seed: int = 0, noise: float = 20.0
+) -> NDArray[np.float32]:
     """A head volume ``[slice, row, col]``: scalp, skull, CSF, grey and white matter."""
     rng = np.random.default_rng(seed)
     axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
     z, y, x = np.meshgrid(*axes, indexing="ij")
 
     def ellipsoid(scale: float) -> NDArray[np.bool_]:
-        return (x / (0.80 * scale)) ** 2 + (y / (0.92 * scale)) ** 2 + (z / (0.85 * scale)) ** 2 <= 1
+        return (x / (0.80 * scale)) ** 2 + (y / (0.92 * scale)) ** 2 + (
+            z / (0.85 * scale)
+        ) ** 2 <= 1
 
     vol = np.zeros(shape, dtype=np.float32)
     vol[ellipsoid(1.00)] = FAT

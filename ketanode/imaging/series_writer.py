@@ -93,7 +93,9 @@ def _base(spec: SeriesSpec, sop_class: str, sop_uid: str) -> Dataset:
     ds.SeriesInstanceUID = UID(spec.series_uid)
     ds.StudyID = "1"
     ds.SeriesNumber = spec.series_number
-    ds.FrameOfReferenceUID = UID(spec.study_uid + ".1") if len(spec.study_uid) < 62 else generate_uid()
+    ds.FrameOfReferenceUID = (
+        UID(spec.study_uid + ".1") if len(spec.study_uid) < 62 else generate_uid()
+    )
     ds.PositionReferenceIndicator = ""
     ds.ImageType = list(spec.image_type)
     ds.MRAcquisitionType = spec.mr_acquisition_type
@@ -116,22 +118,30 @@ def _base(spec: SeriesSpec, sop_class: str, sop_uid: str) -> Dataset:
     return ds
 
 
-def _geometry(shape: tuple[int, int, int], voxel_mm: tuple[float, float, float],
-              spec: SeriesSpec) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+def _geometry(
+    shape: tuple[int, int, int], voxel_mm: tuple[float, float, float], spec: SeriesSpec
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     row_dir, col_dir = (np.array(v) for v in ORIENTATIONS[spec.orientation])
     normal = np.cross(row_dir, col_dir)
     n_slices, n_rows, n_cols = shape
     slice_mm, row_mm, col_mm = voxel_mm
     if spec.origin_mm is None:
-        origin = -(row_dir * col_mm * (n_cols - 1) / 2 + col_dir * row_mm * (n_rows - 1) / 2
-                   + normal * slice_mm * (n_slices - 1) / 2)
+        origin = -(
+            row_dir * col_mm * (n_cols - 1) / 2
+            + col_dir * row_mm * (n_rows - 1) / 2
+            + normal * slice_mm * (n_slices - 1) / 2
+        )
     else:
         origin = np.array(spec.origin_mm, dtype=float)
     return origin, row_dir, col_dir, normal
 
 
-def write_series(volume: NDArray[np.generic], voxel_mm: tuple[float, float, float], out_dir: Path,
-                 spec: SeriesSpec | None = None) -> list[Path]:
+def write_series(
+    volume: NDArray[np.generic],
+    voxel_mm: tuple[float, float, float],
+    out_dir: Path,
+    spec: SeriesSpec | None = None,
+) -> list[Path]:
     """Write ``volume[slice, row, col]`` with voxel size (slice, row, column) in mm."""
     spec = spec or SeriesSpec()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,9 +174,16 @@ def write_series(volume: NDArray[np.generic], voxel_mm: tuple[float, float, floa
     return paths
 
 
-def _write_enhanced(data: NDArray[np.uint16], voxel_mm: tuple[float, float, float], out_dir: Path,
-                    spec: SeriesSpec, origin: NDArray[np.float64], row_dir: NDArray[np.float64],
-                    col_dir: NDArray[np.float64], normal: NDArray[np.float64]) -> Path:
+def _write_enhanced(
+    data: NDArray[np.uint16],
+    voxel_mm: tuple[float, float, float],
+    out_dir: Path,
+    spec: SeriesSpec,
+    origin: NDArray[np.float64],
+    row_dir: NDArray[np.float64],
+    col_dir: NDArray[np.float64],
+    normal: NDArray[np.float64],
+) -> Path:
     slice_mm, row_mm, col_mm = voxel_mm
     sop_uid = str(generate_uid())
     ds = _base(spec, ENHANCED_MR_IMAGE_STORAGE, sop_uid)
@@ -189,8 +206,15 @@ def _write_enhanced(data: NDArray[np.uint16], voxel_mm: tuple[float, float, floa
     ds.ResonantNucleus = "1H"
     ds.ImagingFrequency = 123.2
     ds.DimensionOrganizationType = "3D"
-    for name in ("ScanningSequence", "SequenceVariant", "ScanOptions", "RepetitionTime",
-                 "EchoTime", "InversionTime", "FlipAngle"):
+    for name in (
+        "ScanningSequence",
+        "SequenceVariant",
+        "ScanOptions",
+        "RepetitionTime",
+        "EchoTime",
+        "InversionTime",
+        "FlipAngle",
+    ):
         if name in ds:
             delattr(ds, name)
     dim_uid = generate_uid()
@@ -250,8 +274,12 @@ def _save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
     ts = UID(transfer_syntax)
     if ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
         ds.file_meta.TransferSyntaxUID = ts
-        ds.save_as(path, enforce_file_format=True,
-                   implicit_vr=ts == ImplicitVRLittleEndian, little_endian=True)
+        ds.save_as(
+            path,
+            enforce_file_format=True,
+            implicit_vr=ts == ImplicitVRLittleEndian,
+            little_endian=True,
+        )
         return
     ds.compress(ts)
     ds.save_as(path, enforce_file_format=True)

@@ -68,17 +68,20 @@ def cli_json(node: NodeProcess, *args: str) -> Any:
     return json.loads(proc.stdout)
 
 
-def wait_series_final(node: NodeProcess, n_series: int = 1, timeout: float = 60.0
-                      ) -> list[dict[str, Any]]:
-    """Poll ``series list --json`` until ``n_series`` series reached a final state."""
+def wait_series_final(
+    node: NodeProcess, db: Db, n_series: int = 1, timeout: float = 60.0
+) -> list[dict[str, Any]]:
+    """Wait (polling the database, which is cheap) until ``n_series`` series reached a final
+    state, then return what ``series list --json`` says about them."""
 
-    def settled() -> list[dict[str, Any]] | None:
-        rows = cli_json(node, "series", "list")
-        if len(rows) >= n_series and all(r["state"] in FINAL_SERIES_STATES for r in rows):
-            return list(rows)
-        return None
+    def settled() -> bool:
+        if not db.has_tables():
+            return False
+        states = [r["state"] for r in db.rows("SELECT state FROM series")]
+        return len(states) >= n_series and all(s in FINAL_SERIES_STATES for s in states)
 
-    return list(wait_for(settled, timeout, interval=0.3, what=f"{n_series} series to settle"))
+    wait_for(settled, timeout, interval=0.2, what=f"{n_series} series to settle")
+    return list(cli_json(node, "series", "list"))
 
 
 def ge_files() -> list[Path]:
@@ -97,8 +100,9 @@ def copy_ge(dest: Path) -> list[Path]:
     return out
 
 
-def generated_series(dest: Path, n_slices: int, size: int = 128,
-                     spec: SeriesSpec | None = None, seed: int = 0) -> list[Path]:
+def generated_series(
+    dest: Path, n_slices: int, size: int = 128, spec: SeriesSpec | None = None, seed: int = 0
+) -> list[Path]:
     """A sagittal 3D T1-like series (1 mm isotropic) that the default rules select."""
     volume = simple_head((n_slices, size, size), seed=seed) * 1.5
     return write_series(volume, (1.0, 1.0, 1.0), dest, spec or SeriesSpec())
@@ -120,8 +124,11 @@ def sop_uid(path: Path | str) -> str:
 
 def spool_files(node: NodeProcess) -> list[Path]:
     """Instance files in the spool (not partial files, not quarantined refusals)."""
-    return sorted(p for p in node.spool.rglob("*.dcm")
-                  if p.is_file() and ".tmp" not in p.parts and "rejected" not in p.parts)
+    return sorted(
+        p
+        for p in node.spool.rglob("*.dcm")
+        if p.is_file() and ".tmp" not in p.parts and "rejected" not in p.parts
+    )
 
 
 def part_files(node: NodeProcess) -> list[Path]:
@@ -172,14 +179,27 @@ class StoreSCUProcess:
             self.proc.wait(10)
 
 
-def start_storescu(port: int, files: list[Path], transcript: Path,
-                   extra: list[str] | None = None) -> StoreSCUProcess:
+def start_storescu(
+    port: int, files: list[Path], transcript: Path, extra: list[str] | None = None
+) -> StoreSCUProcess:
     out = transcript.open("wb")
     try:
         proc = subprocess.Popen(
-            [STORESCU, "-v", "-aet", "STORESCU", "-aec", "KETANODE", *(extra or []),
-             "127.0.0.1", str(port), *[str(f) for f in files]],
-            env=dcmtk_env(), stdout=out, stderr=subprocess.STDOUT,
+            [
+                STORESCU,
+                "-v",
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "KETANODE",
+                *(extra or []),
+                "127.0.0.1",
+                str(port),
+                *[str(f) for f in files],
+            ],
+            env=dcmtk_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     finally:
         out.close()

@@ -52,9 +52,14 @@ def test_example_equals_embedded_defaults() -> None:
 def test_environment_overrides_file(tmp_path: Path) -> None:
     cfg = tmp_path / "k.toml"
     cfg.write_text('[node]\nport = 4242\nae_title = "FROMFILE"\n')
-    s = load_settings(cfg, environ={"KETANODE__NODE__PORT": "5151",
-                                    "KETANODE__SERIES__SELECTION__MIN_SLICES": "120",
-                                    "KETANODE__NODE__ALLOWED_CALLERS": '[{"ae_title": "MRI1"}]'})
+    s = load_settings(
+        cfg,
+        environ={
+            "KETANODE__NODE__PORT": "5151",
+            "KETANODE__SERIES__SELECTION__MIN_SLICES": "120",
+            "KETANODE__NODE__ALLOWED_CALLERS": '[{"ae_title": "MRI1"}]',
+        },
+    )
     assert s.node.port == 5151
     assert s.node.ae_title == "FROMFILE"
     assert s.series.selection.min_slices == 120
@@ -65,14 +70,20 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     ("body", "key", "expected"),
     [
         ("[node]\nport = 70000\n", "node.port", "less than or equal to 65535"),
-        ("[node]\nae_title = \"A\\\\B\"\n", "node.ae_title", "AE title"),
-        ("[node]\nae_titel = \"X\"\n", "node.ae_titel", "unknown key"),
-        ("[series]\ngrace_seconds = \"soon\"\n", "series.grace_seconds", "valid number"),
-        ("[series.selection]\ninclude_pattern = \"((\"\n", "series.selection.include_pattern",
-         "regular expression"),
-        ("[database]\nurl = \"mysql://x\"\n", "database.url", "sqlite"),
-        ("[[node.allowed_callers]]\naddress = \"10.0.0.1\"\n", "node.allowed_callers[0].ae_title",
-         "required"),
+        ('[node]\nae_title = "A\\\\B"\n', "node.ae_title", "AE title"),
+        ('[node]\nae_titel = "X"\n', "node.ae_titel", "unknown key"),
+        ('[series]\ngrace_seconds = "soon"\n', "series.grace_seconds", "valid number"),
+        (
+            '[series.selection]\ninclude_pattern = "(("\n',
+            "series.selection.include_pattern",
+            "regular expression",
+        ),
+        ('[database]\nurl = "mysql://x"\n', "database.url", "sqlite"),
+        (
+            '[[node.allowed_callers]]\naddress = "10.0.0.1"\n',
+            "node.allowed_callers[0].ae_title",
+            "required",
+        ),
         ("[node.tls]\nenabled = true\n", "node.tls", "certificate is required"),
     ],
 )
@@ -109,8 +120,12 @@ def test_cli_refuses_to_start_half_configured(tmp_path: Path) -> None:
 
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[pipeline]\nworkers = 0\n")
-    proc = subprocess.run([sys.executable, "-m", "ketanode", "--config", str(cfg), "serve"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ketanode", "--config", str(cfg), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "pipeline.workers" in proc.stderr and str(cfg) in proc.stderr.replace("\n", "")
     assert not (tmp_path / "ketanode-data").exists()

@@ -33,8 +33,14 @@ def _queued_series(sessions: sessionmaker[Session], n: int = 1, max_attempts: in
         session.add(study)
         session.flush()
         for i in range(n):
-            series = Series(study_id=study.id, series_uid=f"1.2.3.{i}", state=SeriesState.QUEUED,
-                            n_instances=1, n_frames=1, generation=1)
+            series = Series(
+                study_id=study.id,
+                series_uid=f"1.2.3.{i}",
+                state=SeriesState.QUEUED,
+                n_instances=1,
+                n_frames=1,
+                generation=1,
+            )
             session.add(series)
             session.flush()
             ids.append(enqueue(session, series, max_attempts).id)
@@ -89,7 +95,8 @@ def test_lost_lease_is_not_recorded(sessions: sessionmaker[Session]) -> None:
 
 
 def test_expired_lease_is_requeued_then_failed_after_max_attempts(
-        sessions: sessionmaker[Session]) -> None:
+    sessions: sessionmaker[Session],
+) -> None:
     (job_id,) = _queued_series(sessions, max_attempts=2)
     for attempt in (1, 2):
         owner = f"elsewhere:{attempt}:x"  # another machine: only the lease tells
@@ -97,8 +104,7 @@ def test_expired_lease_is_requeued_then_failed_after_max_attempts(
         assert renew(sessions, owner, 60) == 1
         assert recover(sessions) == 0  # lease still valid
         with sessions.begin() as session:
-            session.execute(update(Job).values(
-                lease_expires_at=utcnow() - dt.timedelta(seconds=1)))
+            session.execute(update(Job).values(lease_expires_at=utcnow() - dt.timedelta(seconds=1)))
         assert recover(sessions) == 1
     with sessions() as session:
         job = session.get(Job, job_id)
@@ -110,8 +116,12 @@ def test_expired_lease_is_requeued_then_failed_after_max_attempts(
 
 def test_job_of_a_dead_local_process_is_requeued_at_once(sessions: sessionmaker[Session]) -> None:
     (job_id,) = _queued_series(sessions)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     import socket
 
     owner = f"{socket.gethostname()}:{int(dead.stdout)}:deadbeef"

@@ -16,11 +16,19 @@ def test_upgrade_downgrade_and_models_in_sync(db_url: str) -> None:
     upgrade(engine)
     assert current_revision(engine) == head_revision(engine) is not None
     tables = set(inspect(engine).get_table_names())
-    assert {"association", "study", "series", "instance", "store_failure", "job",
-            "job_step"} <= tables
+    assert {
+        "association",
+        "study",
+        "series",
+        "instance",
+        "store_failure",
+        "job",
+        "job_step",
+    } <= tables
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
-                                Base.metadata)
+        diff = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+        )
     assert diff == [], f"models and migrations differ: {diff}"
     # upgrade is idempotent, and the schema can be taken down and up again
     upgrade(engine)

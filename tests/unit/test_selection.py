@@ -12,10 +12,18 @@ from ketanode.dicom.selection import SeriesView, decide
 RULES = SelectionRules()
 
 T1 = SeriesView(
-    modality="MR", sop_class_uid=MR_IMAGE_STORAGE, description="3D Ax T1 MP-RAGE_R22",
-    protocol_name="Brain Advanced Sequences", image_type="ORIGINAL\\PRIMARY\\OTHER",
-    mr_acquisition_type="3D", pixel_spacing_row=0.9375, pixel_spacing_col=0.9375,
-    slice_thickness=1.2, spacing_between_slices=1.2, n_instances=130, n_frames=130,
+    modality="MR",
+    sop_class_uid=MR_IMAGE_STORAGE,
+    description="3D Ax T1 MP-RAGE_R22",
+    protocol_name="Brain Advanced Sequences",
+    image_type="ORIGINAL\\PRIMARY\\OTHER",
+    mr_acquisition_type="3D",
+    pixel_spacing_row=0.9375,
+    pixel_spacing_col=0.9375,
+    slice_thickness=1.2,
+    spacing_between_slices=1.2,
+    n_instances=130,
+    n_frames=130,
 )
 
 
@@ -26,8 +34,17 @@ def test_ge_mprage_is_selected() -> None:
     assert all(c["ok"] for c in decision.checks)
 
 
-@pytest.mark.parametrize("description", ["t1_mprage_sag_p2_iso", "Sag 3D BRAVO", "T1W_3D_TFE",
-                                         "MPRAGE", "FSPGR BRAVO", "t1_mp2rage_UNI"])
+@pytest.mark.parametrize(
+    "description",
+    [
+        "t1_mprage_sag_p2_iso",
+        "Sag 3D BRAVO",
+        "T1W_3D_TFE",
+        "MPRAGE",
+        "FSPGR BRAVO",
+        "t1_mp2rage_UNI",
+    ],
+)
 def test_t1_names_are_recognised(description: str) -> None:
     assert decide(replace(T1, description=description, protocol_name=None), RULES).selected
 
@@ -65,8 +82,13 @@ def test_many_2d_slices_count_as_a_volume_but_few_do_not() -> None:
 
 
 def test_enhanced_mr_counts_frames() -> None:
-    enhanced = replace(T1, sop_class_uid=ENHANCED_MR_IMAGE_STORAGE, n_instances=1, n_frames=176,
-                       mr_acquisition_type=None)
+    enhanced = replace(
+        T1,
+        sop_class_uid=ENHANCED_MR_IMAGE_STORAGE,
+        n_instances=1,
+        n_frames=176,
+        mr_acquisition_type=None,
+    )
     assert decide(enhanced, RULES).selected
 
 
