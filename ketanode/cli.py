@@ -18,7 +18,6 @@ from rich.table import Table
 from ketanode import RESEARCH_USE_ONLY, __version__
 from ketanode.config import ConfigError, Settings, load_settings
 from ketanode.db import queries
-from ketanode.db.migrate import current_revision, head_revision, upgrade
 from ketanode.db.session import make_engine, make_session_factory
 from ketanode.logs import setup_logging
 
@@ -115,6 +114,8 @@ def serve(ctx: typer.Context) -> None:
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context, revision: str = "head") -> None:
     """Apply the Alembic migrations."""
+    from ketanode.db.migrate import current_revision, upgrade
+
     engine = make_engine(_settings(ctx).database.url)
     upgrade(engine, revision)
     print(f"database at revision {current_revision(engine)}")
@@ -123,6 +124,8 @@ def db_upgrade(ctx: typer.Context, revision: str = "head") -> None:
 @db_app.command("current")
 def db_current(ctx: typer.Context) -> None:
     """Show the schema revision and the newest one this version knows."""
+    from ketanode.db.migrate import current_revision, head_revision
+
     engine = make_engine(_settings(ctx).database.url)
     print(f"current {current_revision(engine)}, head {head_revision(engine)}")
 

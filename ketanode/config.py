@@ -162,6 +162,7 @@ class PipelineSettings(_Section):
     work_dir: Path = Path("ketanode-data/work")
     lease_seconds: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    job_timeout_seconds: float = Field(default=1800.0, gt=0)
 
 
 class LoggingSettings(_Section):

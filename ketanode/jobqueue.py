@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.db.models import Job, JobState, Series, SeriesState, utcnow
+from ketanode.db.session import rowcount
 
 logger = logging.getLogger(__name__)
 
@@ -69,19 +70,21 @@ def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> 
             if job_id is None:
                 return None
             now = utcnow()
-            taken = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.QUEUED)
-                .values(
-                    state=JobState.RUNNING,
-                    lease_owner=owner,
-                    lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                    attempt=Job.attempt + 1,
-                    started_at=now,
-                    error=None,
-                    failed_step=None,
+            taken = rowcount(
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == JobState.QUEUED)
+                    .values(
+                        state=JobState.RUNNING,
+                        lease_owner=owner,
+                        lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                        attempt=Job.attempt + 1,
+                        started_at=now,
+                        error=None,
+                        failed_step=None,
+                    )
                 )
-            ).rowcount  # type: ignore[attr-defined]
+            )
             if taken:
                 job = session.get(Job, job_id)
                 assert job is not None
@@ -101,13 +104,13 @@ def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> 
 def renew(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> int:
     """Extend the leases of every job this owner is running."""
     with sessions.begin() as session:
-        return int(
+        return rowcount(
             session.execute(
                 update(Job)
                 .where(Job.lease_owner == owner, Job.state == JobState.RUNNING)
                 .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
-            ).rowcount
-        )  # type: ignore[attr-defined]
+            )
+        )
 
 
 def finish(
@@ -138,6 +141,27 @@ def finish(
             series.state = SeriesState.DONE if ok else SeriesState.FAILED
             if not ok:
                 series.reason = f"{failed_step}: {error}"
+        return True
+
+
+def release(sessions: sessionmaker[Session], job_id: int, owner: str, reason: str) -> bool:
+    """Give a running job back to the queue (the node is stopping); the try is not counted."""
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.lease_owner != owner or job.state != JobState.RUNNING:
+            return False
+        job.state = JobState.QUEUED
+        job.attempt = max(0, job.attempt - 1)
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.error = reason
+        series = session.get(Series, job.series_id)
+        if (
+            series is not None
+            and series.generation == job.series_generation
+            and series.state == SeriesState.PROCESSING
+        ):
+            series.state = SeriesState.QUEUED
         return True
 
 

@@ -6,8 +6,6 @@ import logging
 import sys
 import warnings
 
-import pydicom.config
-
 from ketanode.config import LoggingSettings
 
 LIBRARIES = ("pynetdicom", "pydicom", "dicom2nifti", "apscheduler", "alembic", "sqlalchemy")
@@ -15,6 +13,8 @@ LIBRARIES = ("pynetdicom", "pydicom", "dicom2nifti", "apscheduler", "alembic", "
 
 def quiet_dicom_libraries() -> None:
     """pydicom's validation warnings can quote element values (names, IDs): switch them off."""
+    import pydicom.config  # imported here: the admin CLI does not need pydicom
+
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
     warnings.filterwarnings("ignore", module=r"dicom2nifti(\..*)?")

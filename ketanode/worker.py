@@ -1,17 +1,66 @@
-"""The in-process worker pool: threads that claim jobs from the database and run them."""
+"""The worker pool: threads that claim jobs from the database, each job run in a child process.
+
+The child process (forked from a forkserver that has the pipeline imported) isolates the
+node from the imaging libraries: a segmentation fault, a leak or a hang in one job cannot
+take the listener down. The child dies with its parent (PR_SET_PDEATHSIG), and a job whose
+child ended abnormally or ran past ``pipeline.job_timeout_seconds`` is failed with that reason.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing as mp
+import signal
 import threading
+from multiprocessing.process import BaseProcess
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.config import Settings
-from ketanode.jobqueue import claim
-from ketanode.pipeline import run_job
+from ketanode.jobqueue import claim, finish, release
 
 logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_CONTEXT = mp.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(["ketanode.pipeline"])
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the recovery sweep still re-queues
+        pass
+
+
+def _child(settings: Settings, job_id: int, owner: str) -> None:
+    """Entry point of a job's process: its own engine, logging, and the steps."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the node, which stops us
+    from ketanode.db.session import make_engine, make_session_factory
+    from ketanode.logs import setup_logging
+    from ketanode.pipeline import run_job
+
+    setup_logging(settings.logging)
+    engine = make_engine(settings.database.url)
+    try:
+        ok = run_job(make_session_factory(engine), settings, job_id, owner)
+    finally:
+        engine.dispose()
+    raise SystemExit(0 if ok else 3)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 class WorkerPool:
@@ -22,8 +71,13 @@ class WorkerPool:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.busy = 0
+        self._children: dict[int, BaseProcess] = {}
         self._lock = threading.Lock()
+
+    @property
+    def busy(self) -> int:
+        with self._lock:
+            return len(self._children)
 
     def start(self) -> None:
         for n in range(self.settings.pipeline.workers):
@@ -35,8 +89,14 @@ class WorkerPool:
         self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop claiming; interrupt running jobs and put them back in the queue."""
         self._stop.set()
         self._wake.set()
+        with self._lock:
+            children = dict(self._children)
+        for child in children.values():
+            if child.is_alive():
+                child.terminate()
         for thread in self._threads:
             thread.join(timeout)
         self._threads.clear()
@@ -52,10 +112,40 @@ class WorkerPool:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
-            with self._lock:
-                self.busy += 1
             try:
-                run_job(self.sessions, self.settings, job_id, self.owner)
-            finally:
-                with self._lock:
-                    self.busy -= 1
+                self._run(job_id)
+            except Exception:
+                logger.exception("job %s: the worker failed to run it", job_id)
+
+    def _run(self, job_id: int) -> None:
+        child = _CONTEXT.Process(
+            target=_child,
+            args=(self.settings, job_id, self.owner),
+            name=f"ketanode-job-{job_id}",
+            daemon=True,
+        )
+        with self._lock:
+            self._children[job_id] = child
+        try:
+            child.start()
+            child.join(self.settings.pipeline.job_timeout_seconds)
+            timed_out = child.is_alive()
+            if timed_out:
+                child.kill()
+                child.join(10)
+        finally:
+            with self._lock:
+                self._children.pop(job_id, None)
+        if child.exitcode in (0, 3):  # the child recorded the outcome itself
+            return
+        if self._stop.is_set():
+            release(self.sessions, job_id, self.owner, "interrupted: the node was stopping")
+            logger.info("job %s interrupted by the node stopping; re-queued", job_id)
+            return
+        reason = (
+            f"timed out after {self.settings.pipeline.job_timeout_seconds:.0f} s"
+            if timed_out
+            else f"pipeline process ended abnormally ({describe_exit(child.exitcode)})"
+        )
+        logger.error("job %s: %s", job_id, reason)
+        finish(self.sessions, job_id, self.owner, ok=False, failed_step="worker", error=reason)

@@ -54,3 +54,8 @@ def make_engine(url: str) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def rowcount(result: object) -> int:
+    """Rows matched by an UPDATE (the typed Result does not declare it)."""
+    return int(getattr(result, "rowcount", 0) or 0)

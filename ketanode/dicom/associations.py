@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.config import NodeSettings
 from ketanode.db.models import Association, AssociationOutcome, Instance, utcnow
+from ketanode.db.session import rowcount
 
 logger = logging.getLogger(__name__)
 
@@ -212,4 +213,4 @@ class AssociationLog:
                     reason="node stopped while the association was open",
                 )
             )
-            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+            return rowcount(result)
