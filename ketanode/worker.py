@@ -11,8 +11,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
+import time
 from multiprocessing.process import BaseProcess
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,9 +37,29 @@ def _die_with_parent() -> None:
         pass
 
 
-def _child(settings: Settings, job_id: int, owner: str) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _watch_node(node_pid: int) -> None:
+    """The child's parent is the forkserver, not the node: watch the node itself."""
+
+    def watch() -> None:
+        while _alive(node_pid):
+            time.sleep(0.1)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="ketanode-watch-node", daemon=True).start()
+
+
+def _child(settings: Settings, job_id: int, owner: str, node_pid: int) -> None:
     """Entry point of a job's process: its own engine, logging, and the steps."""
     _die_with_parent()
+    _watch_node(node_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the node, which stops us
     from ketanode.db.session import make_engine, make_session_factory
     from ketanode.logs import setup_logging
@@ -120,7 +142,7 @@ class WorkerPool:
     def _run(self, job_id: int) -> None:
         child = _CONTEXT.Process(
             target=_child,
-            args=(self.settings, job_id, self.owner),
+            args=(self.settings, job_id, self.owner, os.getpid()),
             name=f"ketanode-job-{job_id}",
             daemon=True,
         )

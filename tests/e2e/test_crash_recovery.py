@@ -173,6 +173,7 @@ def test_sigkill_during_conversion_is_recovered(
     wait_for(running, 30, interval=0.05, what="the job to run")
     time.sleep(0.5)  # inside the conversion (it takes seconds on this series)
     node.kill()
+    time.sleep(1.5)  # the job's process must die with the node, not finish its step
 
     job = db_reader.rows("SELECT id, state, attempt, lease_owner FROM job")
     assert len(job) == 1, job
