@@ -201,11 +201,11 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -264,7 +264,7 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration error: {path}: not valid TOML: {exc}") from exc
     env_keys = {k for k in environ if k.startswith(ENV_PREFIX)}
-    data = _merge(data, _env_overrides(environ))
+    data = merge(data, _env_overrides(environ))
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

@@ -8,7 +8,6 @@ the ``db_url`` fixture (tests/conftest.py), so every test that uses ``node`` or
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ketanode.config import Settings
+from ketanode.config import Settings, merge
 from ketanode.db.models import (
     Association,
     Instance,
@@ -29,20 +28,11 @@ from ketanode.db.models import (
 )
 from ketanode.node import Node
 from tests.integration.dicomtools import TEST_AE
+from tests.support import wait_for
 
 #: Series states after selection chose the series for processing.
 SELECTED_STATES = ("queued", "processing", "done")
 FINAL_STATES = ("ignored", "done", "failed")
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def build_settings(workdir: Path, db_url: str, overrides: dict[str, Any] | None = None) -> Settings:
@@ -63,7 +53,7 @@ def build_settings(workdir: Path, db_url: str, overrides: dict[str, Any] | None 
         "series": {"grace_seconds": 1.0, "check_interval_seconds": 0.25},
         "pipeline": {"work_dir": str(workdir / "work"), "workers": 1},
     }
-    return Settings.model_validate(_merge(base, overrides or {}))
+    return Settings.model_validate(merge(base, overrides or {}))
 
 
 @dataclass
@@ -125,14 +115,7 @@ class RunningNode:
 
     def wait(self, predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition"
              ) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            time.sleep(0.1)
+        return wait_for(predicate, timeout, 0.1, what)
 
     def wait_state(self, series_uid: str, states: tuple[str, ...], timeout: float = 30.0) -> Series:
         def reached() -> Series | None:
