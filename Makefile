@@ -7,7 +7,7 @@ setup:
 	./scripts/setup.sh
 
 demo: setup
-	ketanode demo
+	$(PYTHON) -m ketanode demo
 
 test: setup
 	$(PYTHON) -m pytest -q
