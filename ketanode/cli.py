@@ -282,6 +282,35 @@ def echo(
 
 
 @app.command()
+def measure(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="A T1 NIfTI file or a DICOM series folder.")],
+    out_dir: Annotated[
+        Path | None, typer.Option(help="Where to write the images (default: a temporary folder).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure regional volumes and run QC on one T1 image (exit 1 when QC fails)."""
+    import tempfile
+
+    from ketanode.imaging.analysis import analyse_path
+
+    with tempfile.TemporaryDirectory(prefix="ketanode-measure-") as tmp:
+        result = analyse_path(path, out_dir or Path(tmp), _settings(ctx).pipeline)
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        feats = result.get("features") or {"names": [], "vector": []}
+        pairs = zip(feats["names"], feats["vector"], strict=True)
+        title = f"features {feats.get('spec', {}).get('name', '')}"
+        _print([{"feature": n, "mL": v} for n, v in pairs], ["feature", "mL"], False, title)
+        _print(result["qc"]["checks"], ["name", "value", "warn", "fail", "outcome"], False, "QC")
+        console.print(f"QC: {result['qc']['outcome']}  seconds: {result['seconds']}")
+    if result["qc"]["outcome"] == "fail":
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     data_dir: Annotated[Path, typer.Option(help="Where the demo node keeps its data.")] = Path(
         "ketanode-demo"

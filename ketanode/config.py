@@ -157,12 +157,44 @@ class SeriesSettings(_Section):
     selection: SelectionRules = Field(default_factory=SelectionRules)
 
 
+class QCSettings(_Section):
+    """Quality-control thresholds: each check warns past ``*_warn`` and fails past ``*_fail``
+    (a minimum, a maximum, or a [low, high] range)."""
+
+    min_brain_in_fov_warn: float = Field(default=0.98, ge=0, le=1)
+    min_brain_in_fov_fail: float = Field(default=0.90, ge=0, le=1)
+    max_voxel_mm_warn: float = Field(default=1.3, gt=0)
+    max_voxel_mm_fail: float = Field(default=3.5, gt=0)
+    min_extent_mm_warn: float = Field(default=160.0, ge=0)
+    min_extent_mm_fail: float = Field(default=120.0, ge=0)
+    min_snr_warn: float = Field(default=8.0, ge=0)
+    min_snr_fail: float = Field(default=4.0, ge=0)
+    min_gm_wm_contrast_warn: float = Field(default=0.12, ge=0)
+    min_gm_wm_contrast_fail: float = Field(default=0.05, ge=0)
+    min_registration_corr_warn: float = Field(default=0.85, ge=-1, le=1)
+    min_registration_corr_fail: float = Field(default=0.70, ge=-1, le=1)
+    gm_fraction_warn: tuple[float, float] = (0.35, 0.58)
+    gm_fraction_fail: tuple[float, float] = (0.25, 0.68)
+    wm_fraction_warn: tuple[float, float] = (0.25, 0.45)
+    wm_fraction_fail: tuple[float, float] = (0.15, 0.55)
+    tiv_ml_warn: tuple[float, float] = (1100.0, 1950.0)
+    tiv_ml_fail: tuple[float, float] = (800.0, 2400.0)
+
+
 class PipelineSettings(_Section):
     workers: int = Field(default=1, ge=1, le=64)
     work_dir: Path = Path("ketanode-data/work")
     lease_seconds: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     job_timeout_seconds: float = Field(default=1800.0, gt=0)
+    # Off until the measurement work (issue 3) is validated end to end in the node; the
+    # `ketanode measure` command and bench/pipeline.py use the steps regardless.
+    measure: bool = False
+    registration: Literal["affine", "syn"] = "affine"
+    registration_resolution_mm: float = Field(default=2.0, ge=1.0, le=6.0)
+    syn_iterations: list[int] = Field(default_factory=lambda: [40, 20, 10])
+    prior_weight: float = Field(default=0.25, ge=0, le=1)
+    qc: QCSettings = Field(default_factory=QCSettings)
 
 
 class LoggingSettings(_Section):

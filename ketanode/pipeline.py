@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ketanode.config import Settings
 from ketanode.db.models import Instance, Job, JobStep, Series, utcnow
 from ketanode.dicom.sop import PROCESSED_SOP_CLASSES
+from ketanode.imaging import analysis
 from ketanode.imaging.convert import convert_series
 from ketanode.jobqueue import finish
 
@@ -44,7 +45,48 @@ def step_convert(ctx: JobContext) -> dict[str, Any]:
     return volume.as_dict()
 
 
-STEPS: list[tuple[str, Step]] = [("convert", step_convert)]
+def _measure_dir(ctx: JobContext) -> Path:
+    return ctx.work_dir / "measure"
+
+
+def step_qc_input(ctx: JobContext) -> dict[str, Any]:
+    return analysis.step_qc_input(ctx.outputs["convert"]["path"], ctx.settings.pipeline.qc)
+
+
+def step_preprocess(ctx: JobContext) -> dict[str, Any]:
+    return analysis.step_preprocess(
+        ctx.outputs["convert"]["path"], _measure_dir(ctx), ctx.settings.pipeline
+    )
+
+
+def step_segment(ctx: JobContext) -> dict[str, Any]:
+    pre = ctx.outputs["preprocess"]
+    return analysis.step_segment(pre, _measure_dir(ctx), ctx.settings.pipeline)
+
+
+def step_measure(ctx: JobContext) -> dict[str, Any]:
+    return analysis.step_measure(ctx.outputs["preprocess"], ctx.outputs["segment"])
+
+
+def step_qc(ctx: JobContext) -> dict[str, Any]:
+    """All QC checks; a failed check fails the job with the checks as its reason."""
+    return analysis.step_qc(
+        ctx.outputs["convert"]["path"],
+        ctx.outputs["preprocess"],
+        ctx.outputs["segment"],
+        ctx.outputs["measure"],
+        ctx.settings.pipeline.qc,
+    )
+
+
+STEPS: list[tuple[str, Step]] = [
+    ("convert", step_convert),
+    ("qc_input", step_qc_input),
+    ("preprocess", step_preprocess),
+    ("segment", step_segment),
+    ("measure", step_measure),
+    ("qc", step_qc),
+]
 
 
 def _context(sessions: sessionmaker[Session], settings: Settings, job_id: int) -> JobContext:
@@ -96,6 +138,11 @@ def _record_step(
         )
 
 
+def steps_for(settings: Settings) -> list[tuple[str, Step]]:
+    """The node's steps: conversion, then measurement when ``pipeline.measure`` is on."""
+    return STEPS if settings.pipeline.measure else STEPS[:1]
+
+
 def run_job(
     sessions: sessionmaker[Session],
     settings: Settings,
@@ -117,7 +164,7 @@ def run_job(
         ctx.attempt,
         len(ctx.files),
     )
-    for name, fn in steps or STEPS:
+    for name, fn in steps or steps_for(settings):
         started = time.perf_counter()
         try:
             detail = fn(ctx)

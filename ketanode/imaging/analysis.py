@@ -1,0 +1,125 @@
+"""The measurement steps end to end, on one NIfTI file (used by the pipeline and the CLI).
+
+Each ``step_*`` takes explicit inputs and returns a small JSON-able dict (paths, numbers);
+:func:`analyse` chains them for ``ketanode measure`` and for researchers::
+
+    from ketanode.imaging.analysis import analyse
+    result = analyse("t1.nii.gz", "out/")   # {"features": ..., "qc": ..., "seconds": ...}
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from ketanode.config import PipelineSettings, QCSettings
+from ketanode.imaging import qc as qcmod
+from ketanode.imaging.features import default_spec
+from ketanode.imaging.measure import Measurement, measure
+from ketanode.imaging.preprocess import Registration, preprocess
+from ketanode.imaging.segment import Segmentation, segment
+
+
+def step_qc_input(t1_path: str | Path, qc: QCSettings) -> dict[str, Any]:
+    """Header checks (voxel size, coverage); raises QCFailed before any heavy work."""
+    checks = qcmod.geometry_checks(t1_path, qc)
+    qcmod.raise_on_fail(checks)
+    return {"outcome": qcmod.outcome(checks), "checks": qcmod.table(checks)}
+
+
+def step_preprocess(t1_path: str | Path, out_dir: Path, p: PipelineSettings) -> dict[str, Any]:
+    pre = preprocess(
+        t1_path, out_dir, p.registration, p.registration_resolution_mm, tuple(p.syn_iterations)
+    )
+    return pre.as_dict()
+
+
+def step_segment(pre: dict[str, Any], out_dir: Path, p: PipelineSettings) -> dict[str, Any]:
+    reg = Registration.from_dict(pre["registration"])
+    return segment(pre["n4_path"], pre["mask_path"], reg, out_dir, p.prior_weight).as_dict()
+
+
+def step_measure(pre: dict[str, Any], seg: dict[str, Any]) -> dict[str, Any]:
+    reg = Registration.from_dict(pre["registration"])
+    m = measure(Segmentation(**seg), reg)
+    spec = default_spec()
+    return {
+        "spec": spec.as_dict(),
+        "names": list(spec.features),
+        "vector": spec.vector(m),
+        "measurement": m.as_dict(),
+    }
+
+
+def step_qc(
+    t1_path: str | Path,
+    pre: dict[str, Any],
+    seg: dict[str, Any],
+    meas: dict[str, Any],
+    qc: QCSettings,
+    raise_on_fail: bool = True,
+) -> dict[str, Any]:
+    """All checks (header, image, measurement); raises QCFailed when one fails."""
+    reg = Registration.from_dict(pre["registration"])
+    checks = (
+        qcmod.geometry_checks(t1_path, qc)
+        + qcmod.image_checks(pre["n4_path"], reg, Segmentation(**seg), qc)
+        + qcmod.measurement_checks(Measurement.from_dict(meas["measurement"]), qc)
+    )
+    if raise_on_fail:
+        qcmod.raise_on_fail(checks)
+    return {"outcome": qcmod.outcome(checks), "checks": qcmod.table(checks)}
+
+
+def analyse(
+    t1_path: str | Path, out_dir: str | Path, settings: PipelineSettings | None = None
+) -> dict[str, Any]:
+    """Run every step on a NIfTI file; never raises on QC failure (the result says so)."""
+    p = settings or PipelineSettings()
+    out = Path(out_dir)
+    seconds: dict[str, float] = {}
+    result: dict[str, Any] = {"input": str(t1_path), "seconds": seconds}
+
+    def timed(name: str, fn: Any, *args: Any) -> dict[str, Any]:
+        t = time.perf_counter()
+        try:
+            return dict(fn(*args))
+        finally:
+            seconds[name] = round(time.perf_counter() - t, 3)
+
+    try:
+        timed("qc_input", step_qc_input, t1_path, p.qc)
+    except qcmod.QCFailed as exc:
+        checks = qcmod.geometry_checks(t1_path, p.qc)
+        return result | {
+            "qc": {"outcome": "fail", "checks": qcmod.table(checks)},
+            "error": str(exc),
+        }
+    pre = timed("preprocess", step_preprocess, t1_path, out, p)
+    seg = timed("segment", step_segment, pre, out, p)
+    meas = timed("measure", step_measure, pre, seg)
+    qc = timed("qc", step_qc, t1_path, pre, seg, meas, p.qc, False)
+    result |= {"features": meas, "qc": qc, "preprocess_seconds": pre["seconds"]}
+    if qc["outcome"] == "fail":
+        result["error"] = str(qcmod.QCFailed([qcmod.Check(**_check(c)) for c in qc["checks"]]))
+    return result
+
+
+def _check(d: dict[str, Any]) -> dict[str, Any]:
+    d = dict(d)
+    d["value"] = float("nan") if d["value"] is None else d["value"]
+    return d
+
+
+def analyse_path(
+    path: str | Path, out_dir: str | Path, settings: PipelineSettings | None = None
+) -> dict[str, Any]:
+    """:func:`analyse` on a NIfTI file or a folder holding one DICOM series."""
+    src, out = Path(path), Path(out_dir)
+    if src.is_dir():
+        from ketanode.imaging.convert import convert_series
+
+        files = sorted(f for f in src.rglob("*") if f.is_file() and not f.name.startswith("."))
+        src = Path(convert_series(files, out / "t1.nii.gz").path)
+    return analyse(src, out, settings)

@@ -1,0 +1,207 @@
+"""Quality control a radiographer would recognise.
+
+Each check has a value, the thresholds it was judged by (from ``[pipeline.qc]``) and an
+outcome: pass, warn or fail. A failed check stops the job (:class:`QCFailed`, whose message
+lists the failed checks) instead of producing a number nobody should trust.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import ants
+import numpy as np
+
+from ketanode.config import QCSettings
+from ketanode.imaging.measure import Measurement
+from ketanode.imaging.preprocess import Registration, read, template_at, template_priors
+from ketanode.imaging.segment import Segmentation
+
+Outcome = Literal["pass", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: float
+    warn: Any
+    fail: Any
+    outcome: Outcome
+    unit: str
+    description: str
+
+    def reason(self) -> str:
+        value = f"{_fmt(self.value)}{self.unit}"
+        return f"{self.name} = {value} ({self.description}; fail {_limit(self.fail)})"
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["value"] = None if not math.isfinite(self.value) else round(self.value, 4)
+        return d
+
+
+class QCFailed(RuntimeError):
+    def __init__(self, checks: Sequence[Check]) -> None:
+        self.checks = [c for c in checks if c.outcome == "fail"]
+        super().__init__("QC failed: " + "; ".join(c.reason() for c in self.checks))
+
+
+def _fmt(v: float) -> str:
+    return "nan" if not math.isfinite(v) else f"{v:.4g}"
+
+
+def _limit(x: Any) -> str:
+    if isinstance(x, tuple):
+        return f"outside [{x[0]:g}, {x[1]:g}]"
+    return f"past {x:g}"
+
+
+def check_min(name: str, value: float, warn: float, fail: float, unit: str, desc: str) -> Check:
+    out: Outcome = (
+        "fail" if not math.isfinite(value) or value < fail else "warn" if value < warn else "pass"
+    )
+    return Check(name, float(value), warn, fail, out, unit, desc)
+
+
+def check_max(name: str, value: float, warn: float, fail: float, unit: str, desc: str) -> Check:
+    out: Outcome = (
+        "fail" if not math.isfinite(value) or value > fail else "warn" if value > warn else "pass"
+    )
+    return Check(name, float(value), warn, fail, out, unit, desc)
+
+
+def check_range(
+    name: str,
+    value: float,
+    warn: tuple[float, float],
+    fail: tuple[float, float],
+    unit: str,
+    desc: str,
+) -> Check:
+    def outside(r: tuple[float, float]) -> bool:
+        return not (r[0] <= value <= r[1])
+
+    out: Outcome = (
+        "fail" if not math.isfinite(value) or outside(fail) else "warn" if outside(warn) else "pass"
+    )
+    return Check(name, float(value), tuple(warn), tuple(fail), out, unit, desc)
+
+
+# --- the checks ----------------------------------------------------------------------------
+
+
+def geometry_checks(t1_path: str | Path, qc: QCSettings) -> list[Check]:
+    """Voxel size and field-of-view extent, from the header alone (cheap: run first)."""
+    img = read(t1_path)
+    spacing = np.asarray(img.spacing, dtype=float)
+    extent = spacing * np.asarray(img.shape, dtype=float)
+    return [
+        check_max(
+            "voxel_size",
+            float(spacing.max()),
+            qc.max_voxel_mm_warn,
+            qc.max_voxel_mm_fail,
+            " mm",
+            "largest voxel dimension",
+        ),
+        check_min(
+            "coverage",
+            float(extent.min()),
+            qc.min_extent_mm_warn,
+            qc.min_extent_mm_fail,
+            " mm",
+            "smallest field-of-view extent",
+        ),
+    ]
+
+
+def image_checks(
+    n4_path: str | Path, reg: Registration, seg: Segmentation, qc: QCSettings
+) -> list[Check]:
+    """Brain in field of view, SNR, grey/white contrast and registration quality."""
+    native = read(n4_path)
+    fixed = template_at(reg.resolution_mm)
+    icv = ants.resample_image_to_target(template_priors()[0], fixed).numpy() > 0.5
+    # field of view: a native "ones" image pushed into template space
+    ones = native.new_image_like(np.ones(native.shape, dtype=np.float32))
+    fov = ants.apply_transforms(fixed, ones, reg.to_template, interpolator="nearestNeighbor")
+    in_fov = float((fov.numpy() > 0.5)[icv].mean())
+    # registration: correlation with the template inside its brain (and inside the FOV)
+    warped = ants.apply_transforms(fixed, native, reg.to_template).numpy()
+    inside = icv & (fov.numpy() > 0.5)
+    corr = float("nan")
+    if inside.sum() > 100 and warped[inside].std() > 0:
+        corr = float(np.corrcoef(warped[inside], fixed.numpy()[inside])[0, 1])
+    # tissue SNR and contrast from the segmentation
+    arr = native.numpy()
+    gm = read(seg.gm_path).numpy() > 0.9
+    wm = read(seg.wm_path).numpy() > 0.9
+    snr = contrast = float("nan")
+    if wm.sum() > 50 and gm.sum() > 50:
+        wm_mean, wm_sd, gm_mean = float(arr[wm].mean()), float(arr[wm].std()), float(arr[gm].mean())
+        snr = wm_mean / wm_sd if wm_sd > 0 else float("inf")
+        contrast = (wm_mean - gm_mean) / wm_mean if wm_mean > 0 else float("nan")
+    return [
+        check_min(
+            "brain_in_fov",
+            in_fov,
+            qc.min_brain_in_fov_warn,
+            qc.min_brain_in_fov_fail,
+            "",
+            "fraction of the template brain inside the field of view",
+        ),
+        check_min(
+            "registration",
+            corr,
+            qc.min_registration_corr_warn,
+            qc.min_registration_corr_fail,
+            "",
+            "correlation with the MNI152 template after registration",
+        ),
+        check_min(
+            "snr",
+            snr,
+            qc.min_snr_warn,
+            qc.min_snr_fail,
+            "",
+            "white-matter mean / s.d.",
+        ),
+        check_min(
+            "gm_wm_contrast",
+            contrast,
+            qc.min_gm_wm_contrast_warn,
+            qc.min_gm_wm_contrast_fail,
+            "",
+            "(WM - GM) / WM mean intensity",
+        ),
+    ]
+
+
+def measurement_checks(m: Measurement, qc: QCSettings) -> list[Check]:
+    """Plausible tissue fractions and TIV."""
+    tiv = m.tiv_ml
+    gm_f = m.gm_ml / tiv if tiv > 0 else float("nan")
+    wm_f = m.wm_ml / tiv if tiv > 0 else float("nan")
+    return [
+        check_range("gm_fraction", gm_f, qc.gm_fraction_warn, qc.gm_fraction_fail, "", "GM / TIV"),
+        check_range("wm_fraction", wm_f, qc.wm_fraction_warn, qc.wm_fraction_fail, "", "WM / TIV"),
+        check_range("tiv", tiv, qc.tiv_ml_warn, qc.tiv_ml_fail, " mL", "total intracranial volume"),
+    ]
+
+
+def outcome(checks: Sequence[Check]) -> Outcome:
+    outs = {c.outcome for c in checks}
+    return "fail" if "fail" in outs else "warn" if "warn" in outs else "pass"
+
+
+def table(checks: Sequence[Check]) -> list[dict[str, Any]]:
+    return [c.as_dict() for c in checks]
+
+
+def raise_on_fail(checks: Sequence[Check]) -> None:
+    if outcome(checks) == "fail":
+        raise QCFailed(checks)
