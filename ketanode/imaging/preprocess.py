@@ -16,6 +16,7 @@ template (affine, or affine + SyN when ``mode == "syn"``), starting from stage 1
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -26,6 +27,8 @@ import ants
 import numpy as np
 
 from ketanode.imaging.templates import TEMPLATE_GM, TEMPLATE_T1, TEMPLATE_WM
+
+logger = logging.getLogger(__name__)
 
 RegistrationMode = Literal["affine", "syn"]
 
@@ -171,12 +174,72 @@ def register(
         "random_seed": seed,
     }
     aff = coarse | {"aff_iterations": (50, 50, 20), "aff_random_sampling_rate": 0.1}
-    # stage 1: the whole head to the brain template, from a centre-of-mass start
+    attempt = _two_stage(fixed, moving, native, resolution_mm, mode, syn_iterations, coarse, aff)
+    if attempt[0] < RETRY_BELOW_CORR:
+        # A poor start (large rotation, much neck) can trap the centre-of-mass start in a
+        # local optimum: try again from a searched initialisation and keep the better one.
+        init = ants.affine_initializer(
+            fixed,
+            moving,
+            search_factor=20,
+            radian_fraction=0.15,
+            use_principal_axis=False,
+            local_search_iterations=10,
+        )
+        retry = _two_stage(
+            fixed,
+            moving,
+            native,
+            resolution_mm,
+            mode,
+            syn_iterations,
+            coarse | {"initial_transform": init},
+            aff,
+        )
+        logger.info(
+            "registration retried from a searched start: corr %.3f -> %.3f", attempt[0], retry[0]
+        )
+        if retry[0] > attempt[0]:
+            attempt = retry
+    s2 = attempt[1]
+    fwd = _keep(s2["fwdtransforms"], out_dir, "to_template")
+    inv = _keep(s2["invtransforms"], out_dir, "to_native")
+    invert = [p.endswith(".mat") for p in inv]
+    reg = Registration(mode, float(resolution_mm), fwd, inv, invert)
+    mask = pull_to_native(template_priors()[0], native, reg.to_native, reg.invert_to_native)
+    mask = ants.threshold_image(mask, 0.5, 2.0)
+    return reg, mask
+
+
+RETRY_BELOW_CORR = 0.8
+
+
+def _brain_corr(fixed: ants.ANTsImage, moving: ants.ANTsImage, fwd: list[str]) -> float:
+    """Correlation with the template inside its brain after registration."""
+    icv = ants.resample_image_to_target(template_priors()[0], fixed).numpy() > 0.5
+    warped = ants.apply_transforms(fixed, moving, fwd).numpy()
+    if warped[icv].std() == 0:
+        return -1.0
+    return float(np.corrcoef(warped[icv], fixed.numpy()[icv])[0, 1])
+
+
+def _two_stage(
+    fixed: ants.ANTsImage,
+    moving: ants.ANTsImage,
+    native: ants.ANTsImage,
+    resolution_mm: float,
+    mode: RegistrationMode,
+    syn_iterations: tuple[int, ...],
+    coarse: dict[str, Any],
+    aff: dict[str, Any],
+) -> tuple[float, dict[str, Any]]:
+    # stage 1: the whole head to the brain template (centre-of-mass start unless given)
     s1 = ants.registration(fixed, moving, type_of_transform="Affine", **coarse)
     mask1 = pull_to_native(template_priors()[0], native, s1["invtransforms"], [True])
     mask1 = ants.iMath(ants.threshold_image(mask1, 0.5, 2.0), "MD", 4)
     # stage 2: the masked brain, starting from stage 1
     brain = resample(native * mask1, resolution_mm)
+    aff = {k: v for k, v in aff.items() if k != "initial_transform"}
     if mode == "syn":
         s2 = ants.registration(
             fixed,
@@ -190,13 +253,7 @@ def register(
         s2 = ants.registration(
             fixed, brain, type_of_transform="Affine", initial_transform=s1["fwdtransforms"], **aff
         )
-    fwd = _keep(s2["fwdtransforms"], out_dir, "to_template")
-    inv = _keep(s2["invtransforms"], out_dir, "to_native")
-    invert = [p.endswith(".mat") for p in inv]
-    reg = Registration(mode, float(resolution_mm), fwd, inv, invert)
-    mask = pull_to_native(template_priors()[0], native, reg.to_native, reg.invert_to_native)
-    mask = ants.threshold_image(mask, 0.5, 2.0)
-    return reg, mask
+    return _brain_corr(fixed, moving, s2["fwdtransforms"]), dict(s2)
 
 
 def _keep(paths: list[str], out_dir: Path, stem: str) -> list[str]:
