@@ -58,6 +58,16 @@ def echo(
     """C-ECHO; returns the DIMSE status. Raises AssociationFailed when not accepted."""
     ae = _ae(calling_ae)
     ae.add_requested_context(Verification)
+    assoc = _associate(ae, host, port, called_ae, tls)
+    try:
+        rsp = assoc.send_c_echo()
+        return int(rsp.Status) if "Status" in rsp else -1
+    finally:
+        assoc.release()
+
+
+def _associate(ae: AE, host: str, port: int, called_ae: str, tls: ssl.SSLContext | None) -> Any:
+    """An established association (TCP_NODELAY set), or AssociationFailed with the reason."""
     assoc = ae.associate(
         host,
         port,
@@ -67,11 +77,7 @@ def echo(
     )
     if not assoc.is_established:
         raise AssociationFailed(_why(assoc))
-    try:
-        rsp = assoc.send_c_echo()
-        return int(rsp.Status) if "Status" in rsp else -1
-    finally:
-        assoc.release()
+    return assoc
 
 
 def _why(assoc: Any) -> str:
@@ -98,15 +104,7 @@ def send_files(
         contexts[(str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID))] = None
     ae = _ae(calling_ae)
     ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in contexts]
-    assoc = ae.associate(
-        host,
-        port,
-        ae_title=called_ae,
-        evt_handlers=_HANDLERS,
-        tls_args=(tls, host) if tls else None,
-    )
-    if not assoc.is_established:
-        raise AssociationFailed(_why(assoc))
+    assoc = _associate(ae, host, port, called_ae, tls)
     report = SendReport()
     try:
         for f in files:
