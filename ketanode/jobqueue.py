@@ -132,16 +132,18 @@ def finish(
         job.failed_step = failed_step
         job.error = error
         job.lease_expires_at = None
-        series = session.get(Series, job.series_id)
-        if (
-            series is not None
-            and series.generation == job.series_generation
-            and series.state in (SeriesState.QUEUED, SeriesState.PROCESSING)
-        ):
+        series = _current_series(session, job)
+        if series is not None and series.state in (SeriesState.QUEUED, SeriesState.PROCESSING):
             series.state = SeriesState.DONE if ok else SeriesState.FAILED
             if not ok:
                 series.reason = f"{failed_step}: {error}"
         return True
+
+
+def _current_series(session: Session, job: Job) -> Series | None:
+    """The job's series, if the job still belongs to its current generation."""
+    series = session.get(Series, job.series_id)
+    return series if series is not None and series.generation == job.series_generation else None
 
 
 def release(sessions: sessionmaker[Session], job_id: int, owner: str, reason: str) -> bool:
@@ -155,12 +157,8 @@ def release(sessions: sessionmaker[Session], job_id: int, owner: str, reason: st
         job.lease_owner = None
         job.lease_expires_at = None
         job.error = reason
-        series = session.get(Series, job.series_id)
-        if (
-            series is not None
-            and series.generation == job.series_generation
-            and series.state == SeriesState.PROCESSING
-        ):
+        series = _current_series(session, job)
+        if series is not None and series.state == SeriesState.PROCESSING:
             series.state = SeriesState.QUEUED
         return True
 
@@ -175,20 +173,19 @@ def recover(sessions: sessionmaker[Session]) -> int:
             expired = job.lease_expires_at is not None and job.lease_expires_at < now
             if not (expired or _owner_is_dead(job.lease_owner)):
                 continue
-            series = session.get(Series, job.series_id)
-            current = series is not None and series.generation == job.series_generation
+            series = _current_series(session, job)
             if job.attempt >= job.max_attempts:
                 job.state = JobState.FAILED
                 job.error = f"worker died during attempt {job.attempt} of {job.max_attempts}"
                 job.failed_step = "recovery"
                 job.finished_at = now
-                if current and series is not None:
+                if series is not None:
                     series.state = SeriesState.FAILED
                     series.reason = f"recovery: {job.error}"
             else:
                 job.state = JobState.QUEUED
                 job.error = f"re-queued after attempt {job.attempt}: worker died or lease expired"
-                if current and series is not None:
+                if series is not None:
                     series.state = SeriesState.QUEUED
             job.lease_owner = None
             job.lease_expires_at = None
