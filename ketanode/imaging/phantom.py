@@ -11,8 +11,8 @@ GM/WM maps (see ``ketanode/data/templates/SOURCE.md``):
    nearest atlas region (cortical regions within the cerebrum, cerebellar regions within the
    cerebellum; :func:`region_territories`).
 2. Subject (seeded): GM scaled per region (chosen factors times a small random variation),
-   the difference moved to/from WM, then CSF; head size, a random rigid pose plus a small
-   anisotropic scaling, and a smooth random warp.
+   the difference moved to/from WM and CSF in proportion to their shares; head size, a
+   random rigid pose plus a small anisotropic scaling, and a smooth random warp.
 3. Scanner: the head is pulled onto a scanner grid (orientation, voxel size, matrix, FOV
    shift), with a multiplicative bias field, Rician noise and integer (uint16-safe) values.
 4. Truth: tissue fractions and territories are resampled through the same transform onto a
@@ -510,7 +510,14 @@ def _subject(spec: PhantomSpec, model: _Model) -> _Subject:
 
 
 def _scaled_tissues(model: _Model, factors: dict[str, float]) -> tuple[F32, F32, F32]:
-    """GM scaled per territory; the difference comes from / goes to WM, then CSF."""
+    """GM scaled per territory; in each voxel the difference comes from / goes to WM and CSF
+    in proportion to their shares of that voxel (GM grows into, or gives way to, whatever
+    borders it: WM at the grey/white boundary, CSF at the pial surface).
+
+    An earlier version took the difference from WM first: in GM/CSF voxels at the pial
+    surface that replaced bright WM by darker GM, which any single-channel T1 method reads as
+    *less* GM (more CSF), so a +8 % frontal change was measured as +3.5 %.
+    """
     lut = np.ones(len(model.names) + 1, dtype=np.float32)
     for k, name in enumerate(model.names, start=1):
         lut[k] = factors[name]
@@ -518,13 +525,13 @@ def _scaled_tissues(model: _Model, factors: dict[str, float]) -> tuple[F32, F32,
     gm, wm, csf = model.gm, model.wm, model.csf
     icv = gm + wm + csf
     new_gm = np.minimum(gm * f, icv)
-    delta = new_gm - gm  # > 0: taken from WM then CSF; < 0: given to WM
-    from_wm = np.minimum(delta, wm)
-    new_wm = wm - from_wm
-    new_csf = csf - np.maximum(delta - np.maximum(from_wm, 0), 0)
-    new_csf = np.maximum(new_csf, 0).astype(np.float32)
+    delta = new_gm - gm  # > 0: taken from WM and CSF; < 0: given to them
+    rest = wm + csf
+    share_wm = np.divide(wm, rest, out=np.ones_like(wm), where=rest > 1e-6)
+    new_wm = np.clip(wm - delta * share_wm, 0.0, None).astype(np.float32)
+    new_csf = np.clip(icv - new_gm - new_wm, 0.0, None).astype(np.float32)
     new_gm = (icv - new_wm - new_csf).astype(np.float32)  # exact bookkeeping
-    return new_gm, new_wm.astype(np.float32), new_csf
+    return new_gm, new_wm, new_csf
 
 
 # --------------------------------------------------------------------------------------

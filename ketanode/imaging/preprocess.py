@@ -8,10 +8,13 @@ researcher can run them one by one on a NIfTI file::
     pre.n4_path, pre.mask_path, pre.registration.to_template  # files in out/
 
 Registration runs on copies of both images resampled to ``resolution_mm`` (2 mm by default;
-1 mm is several times slower here and no better for an affine). Stage 1 registers the whole
-head to the skull-stripped template from a centre-of-mass start; the template's intracranial
-mask is pulled back to native space, dilated, and stage 2 registers the masked brain to the
-template (affine, or affine + SyN when ``mode == "syn"``), starting from stage 1.
+1 mm is several times slower here and no better for an affine). Stage 1 registers a crudely
+skull-stripped head (:func:`crude_brain_mask`) to the skull-stripped template from a
+centre-of-mass start; the template's intracranial mask is pulled back to native space,
+dilated, and stage 2 registers the masked brain to the template (affine, or affine + SyN
+when ``mode == "syn"``), starting from stage 1. When the brain's correlation with the
+template stays below RETRY_BELOW_CORR, the whole head and then a searched initialisation
+are tried as well and the best result is kept.
 """
 
 from __future__ import annotations
@@ -174,33 +177,38 @@ def register(
         "random_seed": seed,
     }
     aff = coarse | {"aff_iterations": (50, 50, 20), "aff_random_sampling_rate": 0.1}
-    attempt = _two_stage(fixed, moving, native, resolution_mm, mode, syn_iterations, coarse, aff)
-    if attempt[0] < RETRY_BELOW_CORR:
-        # A poor start (large rotation, much neck) can trap the centre-of-mass start in a
-        # local optimum: try again from a searched initialisation and keep the better one.
-        init = ants.affine_initializer(
-            fixed,
-            moving,
-            search_factor=20,
-            radian_fraction=0.15,
-            use_principal_axis=False,
-            local_search_iterations=10,
+    # Starts, tried in order until one reaches RETRY_BELOW_CORR (the best one is kept):
+    # 1. a crude skull strip, so the scalp cannot be matched to the template's brain edge
+    #    (with a whole head, a head about 0.85 times the template's size often converged to
+    #    that false optimum, at random: ITK's sampling is not repeatable across runs);
+    # 2. the whole head from its centre of mass;
+    # 3. the whole head from a searched initialisation (large rotations).
+    starts: list[tuple[str, ants.ANTsImage, dict[str, Any]]] = [
+        ("stripped", moving * crude_brain_mask(moving), {}),
+        ("head", moving, {}),
+    ]
+    attempt: tuple[float, dict[str, Any]] | None = None
+    for i in range(3):
+        if i == 2:
+            init = ants.affine_initializer(
+                fixed,
+                moving,
+                search_factor=20,
+                radian_fraction=0.15,
+                use_principal_axis=False,
+                local_search_iterations=10,
+            )
+            starts.append(("searched", moving, {"initial_transform": init}))
+        name, start, extra = starts[i]
+        tried = _two_stage(
+            fixed, start, moving, native, resolution_mm, mode, syn_iterations, coarse | extra, aff
         )
-        retry = _two_stage(
-            fixed,
-            moving,
-            native,
-            resolution_mm,
-            mode,
-            syn_iterations,
-            coarse | {"initial_transform": init},
-            aff,
-        )
-        logger.info(
-            "registration retried from a searched start: corr %.3f -> %.3f", attempt[0], retry[0]
-        )
-        if retry[0] > attempt[0]:
-            attempt = retry
+        logger.info("registration start %s: brain correlation %.3f", name, tried[0])
+        if attempt is None or tried[0] > attempt[0]:
+            attempt = tried
+        if attempt[0] >= RETRY_BELOW_CORR:
+            break
+    assert attempt is not None
     s2 = attempt[1]
     fwd = _keep(s2["fwdtransforms"], out_dir, "to_template")
     inv = _keep(s2["invtransforms"], out_dir, "to_native")
@@ -214,6 +222,21 @@ def register(
 RETRY_BELOW_CORR = 0.8
 
 
+def crude_brain_mask(head: ants.ANTsImage) -> ants.ANTsImage:
+    """A rough brain mask for the first registration stage only: the brighter two of three
+    Otsu classes (GM, WM, scalp fat), eroded one voxel so the dark skull separates scalp
+    from brain, the largest component, dilated back, holes filled. All voxels when that
+    leaves (nearly) nothing."""
+    m = ants.threshold_image(head, "Otsu", 2)
+    m = ants.threshold_image(m, 1, 2)
+    m = ants.iMath(m, "ME", 1)
+    m = ants.iMath(m, "GetLargestComponent")
+    m = ants.iMath(ants.iMath(m, "MD", 2), "FillHoles")
+    if float(m.sum()) < 0.02 * float(np.prod(m.shape)):
+        return head.new_image_like(np.ones(head.shape, dtype=np.float32))
+    return m
+
+
 def _brain_corr(fixed: ants.ANTsImage, moving: ants.ANTsImage, fwd: list[str]) -> float:
     """Correlation with the template inside its brain after registration."""
     icv = ants.resample_image_to_target(template_priors()[0], fixed).numpy() > 0.5
@@ -225,6 +248,7 @@ def _brain_corr(fixed: ants.ANTsImage, moving: ants.ANTsImage, fwd: list[str]) -
 
 def _two_stage(
     fixed: ants.ANTsImage,
+    start: ants.ANTsImage,
     moving: ants.ANTsImage,
     native: ants.ANTsImage,
     resolution_mm: float,
@@ -234,7 +258,7 @@ def _two_stage(
     aff: dict[str, Any],
 ) -> tuple[float, dict[str, Any]]:
     # stage 1: the whole head to the brain template (centre-of-mass start unless given)
-    s1 = ants.registration(fixed, moving, type_of_transform="Affine", **coarse)
+    s1 = ants.registration(fixed, start, type_of_transform="Affine", **coarse)
     mask1 = pull_to_native(template_priors()[0], native, s1["invtransforms"], [True])
     mask1 = ants.iMath(ants.threshold_image(mask1, 0.5, 2.0), "MD", 4)
     # stage 2: the masked brain, starting from stage 1
