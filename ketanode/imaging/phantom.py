@@ -101,6 +101,9 @@ class PhantomSpec:
     """Everything that determines a phantom; the same spec gives the same phantom."""
 
     seed: int = 0
+    # a rescan of subject ``seed``: the same anatomy (head size, regional GM, warp) in a new
+    # pose, with a new bias field and noise; None: the first scan
+    scan_seed: int | None = None
     voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (slice, row, col)
     shape: tuple[int, int, int] | None = None  # (slices, rows, cols); default fov_mm / voxel
     fov_mm: tuple[float, float, float] = (176.0, 240.0, 256.0)  # (slice, row, col) extent
@@ -492,6 +495,11 @@ def _subject(spec: PhantomSpec, model: _Model) -> _Subject:
     tissue_noise = rng.normal(0.0, 1.0, size=len(INTENSITY))
     warp = _waves(rng, 6, 3, (90.0, 220.0), spec.warp_mm, model.centre)
     bias = _waves(rng, 4, 1, (250.0, 500.0), math.log1p(spec.bias), np.zeros(3))
+    if spec.scan_seed is not None:
+        scan = np.random.default_rng([spec.seed, spec.scan_seed, 3])
+        rot = scan.uniform(-spec.rotation_deg, spec.rotation_deg, size=3)
+        trans = scan.uniform(-spec.translation_mm, spec.translation_mm, size=3)
+        bias = _waves(scan, 4, 1, (250.0, 500.0), math.log1p(spec.bias), np.zeros(3))
     head = spec.head_scale if spec.head_scale is not None else head
     scales = REFERENCE_SCALE * head * aniso
     linear = _rotation(rot) @ np.diag(scales)
@@ -653,7 +661,8 @@ def make_phantom(spec: PhantomSpec, atlas: Atlas | None = None) -> Phantom:
     data *= np.float32(WM_SIGNAL)
     sigma = WM_SIGNAL / spec.snr if spec.snr and math.isfinite(spec.snr) else 0.0
     if sigma > 0:
-        noise_rng = np.random.default_rng([spec.seed, 1])
+        noise_key = [spec.seed, 1] if spec.scan_seed is None else [spec.seed, 1, spec.scan_seed]
+        noise_rng = np.random.default_rng(noise_key)
         real = data + noise_rng.normal(0.0, sigma, size=shape).astype(np.float32)
         imag = noise_rng.normal(0.0, sigma, size=shape).astype(np.float32)
         data = np.sqrt(real * real + imag * imag)

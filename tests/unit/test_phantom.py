@@ -76,6 +76,22 @@ def test_seeds(base: Phantom) -> None:
     assert other.truth["pose"] != base.truth["pose"]
 
 
+def test_rescan_keeps_anatomy_and_changes_the_scan(base: Phantom) -> None:
+    """scan_seed: the same subject scanned again (new pose, bias field, noise)."""
+    rescan = make_phantom(PhantomSpec(seed=3, scan_seed=1, voxel_mm=COARSE))
+    assert rescan.truth["region_factors"] == base.truth["region_factors"]
+    assert rescan.truth["pose"]["scales"] == base.truth["pose"]["scales"]
+    assert rescan.truth["warp"] == base.truth["warp"]
+    assert rescan.truth["pose"]["rotation_deg"] != base.truth["pose"]["rotation_deg"]
+    assert rescan.truth["bias"] != base.truth["bias"]
+    assert not np.array_equal(rescan.data, base.data)
+    # the same brain: regional truth agrees up to resampling onto another grid
+    for name, region in base.truth["regions"].items():
+        got = rescan.truth["regions"][name]["gm_ml"]
+        assert got == pytest.approx(region["gm_ml"], rel=0.03), name
+    assert rescan.truth["tiv_ml"] == pytest.approx(base.truth["tiv_ml"], rel=0.01)
+
+
 def test_image_is_ras_float32(base: Phantom) -> None:
     img = base.image
     assert img.get_data_dtype() == np.float32
