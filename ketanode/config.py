@@ -187,9 +187,9 @@ class PipelineSettings(_Section):
     lease_seconds: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     job_timeout_seconds: float = Field(default=1800.0, gt=0)
-    # Off until the measurement work (issue 3) is validated end to end in the node; the
-    # `ketanode measure` command and bench/pipeline.py use the steps regardless.
-    measure: bool = False
+    # Measure every selected series (N4, registration, segmentation, regional volumes, QC);
+    # off: convert only (the ingest tests run that way).
+    measure: bool = True
     registration: Literal["affine", "syn"] = "affine"
     registration_resolution_mm: float = Field(default=2.0, ge=1.0, le=6.0)
     syn_iterations: list[int] = Field(default_factory=lambda: [40, 20, 10])

@@ -21,6 +21,7 @@ from ketanode.db.models import Instance, Job, JobStep, Series, utcnow
 from ketanode.dicom.sop import PROCESSED_SOP_CLASSES
 from ketanode.imaging import analysis
 from ketanode.imaging.convert import convert_series
+from ketanode.imaging.qc import QCFailed
 from ketanode.jobqueue import finish
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ def step_preprocess(ctx: JobContext) -> dict[str, Any]:
     )
 
 
+def step_qc_registration(ctx: JobContext) -> dict[str, Any]:
+    return analysis.step_qc_registration(ctx.outputs["preprocess"], ctx.settings.pipeline.qc)
+
+
 def step_segment(ctx: JobContext) -> dict[str, Any]:
     pre = ctx.outputs["preprocess"]
     return analysis.step_segment(pre, _measure_dir(ctx), ctx.settings.pipeline)
@@ -83,6 +88,7 @@ STEPS: list[tuple[str, Step]] = [
     ("convert", step_convert),
     ("qc_input", step_qc_input),
     ("preprocess", step_preprocess),
+    ("qc_registration", step_qc_registration),
     ("segment", step_segment),
     ("measure", step_measure),
     ("qc", step_qc),
@@ -170,7 +176,8 @@ def run_job(
             detail = fn(ctx)
         except Exception as exc:
             seconds = time.perf_counter() - started
-            error = f"{type(exc).__name__}: {exc}"
+            # a QC failure reads as itself ("QC failed: ..."); anything else names its type
+            error = str(exc) if isinstance(exc, QCFailed) else f"{type(exc).__name__}: {exc}"
             logger.warning(
                 "job %s: step %s failed after %.2f s: %s", job_id, name, seconds, type(exc).__name__
             )

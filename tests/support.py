@@ -146,7 +146,8 @@ class NodeProcess:
             "node": {"ae_title": self.ae_title, "bind_address": "127.0.0.1", "port": self.port},
             "spool": {"path": str(self.spool), "min_free_mb": 64},
             "database": {"url": self.db_url},
-            "pipeline": {"work_dir": str(self.workdir / "work")},
+            # conversion only unless a test overrides it (ingest and crash tests)
+            "pipeline": {"work_dir": str(self.workdir / "work"), "measure": False},
             "logging": {"level": "DEBUG"},
         }
         for key, values in self.overrides.items():

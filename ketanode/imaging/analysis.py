@@ -35,6 +35,15 @@ def step_preprocess(t1_path: str | Path, out_dir: Path, p: PipelineSettings) -> 
     return pre.as_dict()
 
 
+def step_qc_registration(pre: dict[str, Any], qc: QCSettings) -> dict[str, Any]:
+    """Brain in field of view and registration quality; raises QCFailed before segmentation."""
+    checks = qcmod.registration_checks(
+        pre["n4_path"], Registration.from_dict(pre["registration"]), qc
+    )
+    qcmod.raise_on_fail(checks)
+    return {"outcome": qcmod.outcome(checks), "checks": qcmod.table(checks)}
+
+
 def step_segment(pre: dict[str, Any], out_dir: Path, p: PipelineSettings) -> dict[str, Any]:
     reg = Registration.from_dict(pre["registration"])
     return segment(pre["n4_path"], pre["mask_path"], reg, out_dir, p.prior_weight).as_dict()
@@ -88,19 +97,28 @@ def analyse(
         finally:
             seconds[name] = round(time.perf_counter() - t, 3)
 
-    try:
-        timed("qc_input", step_qc_input, t1_path, p.qc)
-    except qcmod.QCFailed as exc:
-        checks = qcmod.geometry_checks(t1_path, p.qc)
+    def failed(checks: list[qcmod.Check], exc: qcmod.QCFailed) -> dict[str, Any]:
         return result | {
             "qc": {"outcome": "fail", "checks": qcmod.table(checks)},
             "error": str(exc),
         }
+
+    geometry = qcmod.geometry_checks(t1_path, p.qc)
+    try:
+        timed("qc_input", step_qc_input, t1_path, p.qc)
+    except qcmod.QCFailed as exc:
+        return failed(geometry, exc)
     pre = timed("preprocess", step_preprocess, t1_path, out, p)
+    result["preprocess_seconds"] = pre["seconds"]
+    try:
+        timed("qc_registration", step_qc_registration, pre, p.qc)
+    except qcmod.QCFailed as exc:
+        reg = Registration.from_dict(pre["registration"])
+        return failed(geometry + qcmod.registration_checks(pre["n4_path"], reg, p.qc), exc)
     seg = timed("segment", step_segment, pre, out, p)
     meas = timed("measure", step_measure, pre, seg)
     qc = timed("qc", step_qc, t1_path, pre, seg, meas, p.qc, False)
-    result |= {"features": meas, "qc": qc, "preprocess_seconds": pre["seconds"]}
+    result |= {"features": meas, "qc": qc}
     if qc["outcome"] == "fail":
         result["error"] = str(qcmod.QCFailed([qcmod.Check(**_check(c)) for c in qc["checks"]]))
     return result

@@ -190,9 +190,10 @@ def register(
     attempt: tuple[float, dict[str, Any]] | None = None
     for i in range(3):
         if i == 2:
+            # searched on 4 mm copies: 27 rotations x 10 local steps cost ~60 s at 2 mm
             init = ants.affine_initializer(
-                fixed,
-                moving,
+                template_at(4.0),
+                resample(moving, 4.0),
                 search_factor=20,
                 radian_fraction=0.15,
                 use_principal_axis=False,

@@ -119,10 +119,9 @@ def geometry_checks(t1_path: str | Path, qc: QCSettings) -> list[Check]:
     ]
 
 
-def image_checks(
-    n4_path: str | Path, reg: Registration, seg: Segmentation, qc: QCSettings
-) -> list[Check]:
-    """Brain in field of view, SNR, grey/white contrast and registration quality."""
+def registration_checks(n4_path: str | Path, reg: Registration, qc: QCSettings) -> list[Check]:
+    """Brain in the field of view and registration quality: run right after registration,
+    so that a non-brain or a half-covered brain stops before segmentation."""
     native = read(n4_path)
     fixed = template_at(reg.resolution_mm)
     icv = ants.resample_image_to_target(template_priors()[0], fixed).numpy() > 0.5
@@ -136,15 +135,6 @@ def image_checks(
     corr = float("nan")
     if inside.sum() > 100 and warped[inside].std() > 0:
         corr = float(np.corrcoef(warped[inside], fixed.numpy()[inside])[0, 1])
-    # tissue SNR and contrast from the segmentation
-    arr = native.numpy()
-    gm = read(seg.gm_path).numpy() > 0.9
-    wm = read(seg.wm_path).numpy() > 0.9
-    snr = contrast = float("nan")
-    if wm.sum() > 50 and gm.sum() > 50:
-        wm_mean, wm_sd, gm_mean = float(arr[wm].mean()), float(arr[wm].std()), float(arr[gm].mean())
-        snr = wm_mean / wm_sd if wm_sd > 0 else float("inf")
-        contrast = (wm_mean - gm_mean) / wm_mean if wm_mean > 0 else float("nan")
     return [
         check_min(
             "brain_in_fov",
@@ -162,6 +152,20 @@ def image_checks(
             "",
             "correlation with the MNI152 template after registration",
         ),
+    ]
+
+
+def tissue_checks(n4_path: str | Path, seg: Segmentation, qc: QCSettings) -> list[Check]:
+    """Signal-to-noise and grey/white contrast, from the segmentation."""
+    arr = read(n4_path).numpy()
+    gm = read(seg.gm_path).numpy() > 0.9
+    wm = read(seg.wm_path).numpy() > 0.9
+    snr = contrast = float("nan")
+    if wm.sum() > 50 and gm.sum() > 50:
+        wm_mean, wm_sd, gm_mean = float(arr[wm].mean()), float(arr[wm].std()), float(arr[gm].mean())
+        snr = wm_mean / wm_sd if wm_sd > 0 else float("inf")
+        contrast = (wm_mean - gm_mean) / wm_mean if wm_mean > 0 else float("nan")
+    return [
         check_min(
             "snr",
             snr,
@@ -179,6 +183,13 @@ def image_checks(
             "(WM - GM) / WM mean intensity",
         ),
     ]
+
+
+def image_checks(
+    n4_path: str | Path, reg: Registration, seg: Segmentation, qc: QCSettings
+) -> list[Check]:
+    """Brain in field of view, registration quality, SNR and grey/white contrast."""
+    return registration_checks(n4_path, reg, qc) + tissue_checks(n4_path, seg, qc)
 
 
 def measurement_checks(m: Measurement, qc: QCSettings) -> list[Check]:

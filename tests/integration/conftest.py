@@ -51,7 +51,8 @@ def build_settings(workdir: Path, db_url: str, overrides: dict[str, Any] | None 
         "spool": {"path": str(workdir / "spool"), "min_free_mb": 16},
         "database": {"url": db_url},
         "series": {"grace_seconds": 1.0, "check_interval_seconds": 0.25},
-        "pipeline": {"work_dir": str(workdir / "work"), "workers": 1},
+        # ingest tests: conversion only; the measurement tests switch it on
+        "pipeline": {"work_dir": str(workdir / "work"), "workers": 1, "measure": False},
     }
     return Settings.model_validate(merge(base, overrides or {}))
 
@@ -90,8 +91,9 @@ class RunningNode:
         assert len(rows) == 1, f"expected one series row for {series_uid}, found {len(rows)}"
         return rows[0]
 
-    def instances(self, series_uid: str | None = None, sop_uid: str | None = None
-                  ) -> list[Instance]:
+    def instances(
+        self, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> list[Instance]:
         where: list[Any] = []
         if sop_uid:
             where.append(Instance.sop_instance_uid == sop_uid)
@@ -113,8 +115,9 @@ class RunningNode:
     def steps(self, job_id: int) -> list[JobStep]:
         return self.all(JobStep, JobStep.job_id == job_id)
 
-    def wait(self, predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition"
-             ) -> Any:
+    def wait(
+        self, predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition"
+    ) -> Any:
         return wait_for(predicate, timeout, 0.1, what)
 
     def wait_state(self, series_uid: str, states: tuple[str, ...], timeout: float = 30.0) -> Series:
@@ -129,9 +132,11 @@ class RunningNode:
             state = [(r.state, r.reason, r.n_instances) for r in rows]
             raise AssertionError(f"series {series_uid} did not reach {states}: {state}") from None
 
-    def wait_association_ended(self, count: int | None = None, timeout: float = 15.0
-                               ) -> list[Association]:
+    def wait_association_ended(
+        self, count: int | None = None, timeout: float = 15.0
+    ) -> list[Association]:
         """Until every association row is closed (and at least ``count`` exist)."""
+
         def ended() -> list[Association] | None:
             rows = self.associations()
             if count is not None and len(rows) < count:
@@ -143,8 +148,10 @@ class RunningNode:
     def wait_job_done(self, series_uid: str, timeout: float = 120.0) -> tuple[Series, Job]:
         series = self.wait_state(series_uid, ("done", "failed"), timeout)
         jobs = [j for j in self.jobs(series.id) if j.series_generation == series.generation]
-        assert series.state == "done", f"series {series.id} failed: {series.reason}; jobs: " \
+        assert series.state == "done", (
+            f"series {series.id} failed: {series.reason}; jobs: "
             + "; ".join(f"{j.state} {j.failed_step} {j.error}" for j in jobs)
+        )
         assert len(jobs) == 1, f"expected one job for the current generation, got {len(jobs)}"
         return series, jobs[0]
 
@@ -187,8 +194,12 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
         point = tmp_path / name
         point.mkdir(parents=True, exist_ok=True)
         options = f"size={size}" + (f",nr_inodes={nr_inodes}" if nr_inodes else "")
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert proc.returncode == 0, f"cannot mount a tmpfs at {point}: {proc.stderr}"
         mounted.append(point)
         return point

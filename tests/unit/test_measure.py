@@ -116,6 +116,7 @@ def test_pipeline_steps_run_on_a_nifti(template_run: dict[str, Any]) -> None:
         "convert",
         "qc_input",
         "preprocess",
+        "qc_registration",
         "segment",
         "measure",
         "qc",
