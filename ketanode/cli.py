@@ -341,13 +341,13 @@ def demo(
         )
         for s in result.series:
             for job in s["jobs"]:
-                for step in job["steps"]:
-                    detail = step["detail"] or {}
-                    console.print(
-                        f"job {job['id']} step {step['name']}: {step['seconds']:.2f} s "
-                        f"-> {detail.get('path', '')} {detail.get('shape', '')} "
-                        f"{detail.get('zooms_mm', '')} {detail.get('axcodes', '')}"
-                    )
+                steps = ", ".join(f"{st['name']} {st['seconds']:.1f} s" for st in job["steps"])
+                console.print(f"job {job['id']} ({job['state']}): {steps}")
+                if job.get("error"):
+                    console.print(f"  reason: {job['error']}")
+                by_name = {st["name"]: st["detail"] or {} for st in job["steps"]}
+                if "measure" in by_name:
+                    _print_demo_measurement(by_name, result.truth)
         console.print(
             f"database: {result.data_dir / 'ketanode.db'}; look with "
             f"`KETANODE__DATABASE__URL=sqlite:///{result.data_dir / 'ketanode.db'} "
@@ -356,6 +356,24 @@ def demo(
     states = {s["state"] for s in result.series}
     if not ({"done", "ignored"} <= states):
         raise typer.Exit(1)
+
+
+def _print_demo_measurement(by_name: dict[str, Any], truth: dict[str, Any]) -> None:
+    measured = dict(zip(by_name["measure"]["names"], by_name["measure"]["vector"], strict=True))
+    rows = []
+    for region in ("left_frontal", "right_frontal", "left_cerebellum", "right_cerebellum"):
+        true = truth["regions"][region]["gm_ml"]
+        got = measured[f"gm_{region}"]
+        rows.append({"volume": f"GM {region}", "measured": got, "truth": true})
+    for key, tkey in (("gm_total", "gm_ml"), ("tiv", "tiv_ml")):
+        rows.append({"volume": key, "measured": measured[key], "truth": truth[tkey]})
+    for row in rows:
+        row["error_%"] = round(100 * (row["measured"] / row["truth"] - 1), 1)
+        row["measured"], row["truth"] = round(row["measured"], 1), round(row["truth"], 1)
+    _print(rows, ["volume", "measured", "truth", "error_%"], False, "volumes (mL) vs phantom truth")
+    qc = by_name.get("qc") or {}
+    checks = ", ".join(f"{c['name']} {c['outcome']}" for c in qc.get("checks", []))
+    console.print(f"QC {qc.get('outcome', '?')}: {checks}")
 
 
 def _settings_for_demo() -> Any:

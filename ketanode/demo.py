@@ -13,7 +13,7 @@ from ketanode.config import Settings
 from ketanode.db import queries
 from ketanode.db.models import Series, SeriesState
 from ketanode.dicom.sender import send_files
-from ketanode.imaging.phantom import simple_head
+from ketanode.imaging.phantom import PhantomSpec, make_phantom, simple_head
 from ketanode.imaging.series_writer import SeriesSpec, write_series
 from ketanode.node import Node
 
@@ -26,6 +26,7 @@ class DemoResult:
     port: int
     sent: dict[str, Any]
     series: list[dict[str, Any]]
+    truth: dict[str, Any]  # the phantom's true volumes, to compare with what was measured
 
 
 def demo_settings(data_dir: Path) -> Settings:
@@ -38,7 +39,10 @@ def demo_settings(data_dir: Path) -> Settings:
     return settings
 
 
-def run_demo(data_dir: Path, timeout: float = 180.0) -> DemoResult:
+DEMO_VOXEL_MM = (1.2, 1.2, 1.2)
+
+
+def run_demo(data_dir: Path, timeout: float = 600.0) -> DemoResult:
     if data_dir.exists():
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True)
@@ -47,12 +51,9 @@ def run_demo(data_dir: Path, timeout: float = 180.0) -> DemoResult:
     try:
         study = SeriesSpec().study_uid
         with tempfile.TemporaryDirectory() as tmp:
-            t1 = write_series(
-                simple_head((144, 160, 160), seed=1),
-                (1.2, 1.2, 1.2),
-                Path(tmp) / "t1",
-                SeriesSpec(study_uid=study, series_number=3),
-            )
+            # a realistic synthetic head (MNI152-based phantom with known regional volumes)
+            phantom = make_phantom(PhantomSpec(seed=1, voxel_mm=DEMO_VOXEL_MM))
+            t1 = phantom.write_dicom(Path(tmp) / "t1", SeriesSpec(study_uid=study, series_number=3))
             localizer = write_series(
                 simple_head((3, 160, 160), seed=2),
                 (8.0, 1.6, 1.6),
@@ -79,7 +80,15 @@ def run_demo(data_dir: Path, timeout: float = 180.0) -> DemoResult:
                 queries.series_detail(session, s) for s in session.query(Series).order_by(Series.id)
             ]
         return DemoResult(
-            data_dir, port, {"sent": report.sent, "statuses": report.statuses}, series
+            data_dir,
+            port,
+            {"sent": report.sent, "statuses": report.statuses},
+            series,
+            {
+                k: v
+                for k, v in phantom.truth.items()
+                if k in ("gm_ml", "wm_ml", "tiv_ml", "regions")
+            },
         )
     finally:
         node.stop()
