@@ -6,6 +6,7 @@ RSS is the pipeline's), and prints one JSON line per subject and a summary:
 
     python bench/pipeline.py                 # one 1 mm subject
     python bench/pipeline.py --subjects 3 --voxel 1.5
+    python bench/pipeline.py --set atropos_iterations=3 --set registration=syn
 
 Goals (issue 3): <= 45 s from NIfTI to features on 2 cores, <= 2 GB peak; median absolute
 error of regional GM <= 5 %, <= 10 % for left/right frontal and cerebellum, TIV within 5 %.
@@ -28,21 +29,24 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from ketanode.config import PipelineSettings  # noqa: E402
 from ketanode.imaging.analysis import analyse  # noqa: E402
 from ketanode.imaging.phantom import PhantomSpec, make_phantom  # noqa: E402
 
 KEY_REGIONS = ("left_frontal", "right_frontal", "left_cerebellum", "right_cerebellum")
 
 
-def _child(nifti: str, out_dir: str, queue: Any) -> None:
+def _child(nifti: str, out_dir: str, queue: Any, overrides: dict[str, Any]) -> None:
     started = time.perf_counter()
-    result = analyse(nifti, out_dir)
+    result = analyse(nifti, out_dir, PipelineSettings(**overrides))
     result["total_s"] = round(time.perf_counter() - started, 2)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     queue.put(result)
 
 
-def run_subject(seed: int, voxel: float, workdir: Path) -> dict[str, Any]:
+def run_subject(
+    seed: int, voxel: float, workdir: Path, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     spec = PhantomSpec(seed=seed, voxel_mm=(voxel, voxel, voxel))
     t = time.perf_counter()
     phantom = make_phantom(spec)
@@ -51,7 +55,8 @@ def run_subject(seed: int, voxel: float, workdir: Path) -> dict[str, Any]:
     phantom.write_nifti(nifti)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(str(nifti), str(workdir / f"out-{seed}"), queue))
+    out = str(workdir / f"out-{seed}")
+    proc = ctx.Process(target=_child, args=(str(nifti), out, queue, overrides or {}))
     proc.start()
     result = queue.get()
     proc.join()
@@ -85,11 +90,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--subjects", type=int, default=1)
     parser.add_argument("--voxel", type=float, default=1.0)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a [pipeline] setting, e.g. --set atropos_iterations=3 --set registration=syn",
+    )
     args = parser.parse_args()
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    PipelineSettings(**overrides)  # validate before any work
     lines = []
     with tempfile.TemporaryDirectory(prefix="ketanode-bench-") as tmp:
         for seed in range(args.subjects):
-            line = run_subject(1000 + seed, args.voxel, Path(tmp))
+            line = run_subject(1000 + seed, args.voxel, Path(tmp), overrides)
+            line["settings"] = overrides
             print(json.dumps(line), flush=True)
             lines.append(line)
     ok = [x for x in lines if "median_abs_gm_error_pct" in x]

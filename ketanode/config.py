@@ -194,6 +194,7 @@ class PipelineSettings(_Section):
     registration_resolution_mm: float = Field(default=2.0, ge=1.0, le=6.0)
     syn_iterations: list[int] = Field(default_factory=lambda: [40, 20, 10])
     prior_weight: float = Field(default=0.25, ge=0, le=1)
+    atropos_iterations: int = Field(default=5, ge=1, le=50)
     qc: QCSettings = Field(default_factory=QCSettings)
 
 

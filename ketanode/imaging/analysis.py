@@ -46,7 +46,9 @@ def step_qc_registration(pre: dict[str, Any], qc: QCSettings) -> dict[str, Any]:
 
 def step_segment(pre: dict[str, Any], out_dir: Path, p: PipelineSettings) -> dict[str, Any]:
     reg = Registration.from_dict(pre["registration"])
-    return segment(pre["n4_path"], pre["mask_path"], reg, out_dir, p.prior_weight).as_dict()
+    return segment(
+        pre["n4_path"], pre["mask_path"], reg, out_dir, p.prior_weight, p.atropos_iterations
+    ).as_dict()
 
 
 def step_measure(pre: dict[str, Any], seg: dict[str, Any]) -> dict[str, Any]:
