@@ -306,6 +306,8 @@ def measure(
         _print([{"feature": n, "mL": v} for n, v in pairs], ["feature", "mL"], False, title)
         _print(result["qc"]["checks"], ["name", "value", "warn", "fail", "outcome"], False, "QC")
         console.print(f"QC: {result['qc']['outcome']}  seconds: {result['seconds']}")
+        if result.get("error"):
+            console.print(f"reason: {result['error']}")
     if result["qc"]["outcome"] == "fail":
         raise typer.Exit(1)
 
