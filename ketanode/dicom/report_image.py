@@ -1,0 +1,602 @@
+"""The result as a report page: a DICOM Secondary Capture (RGB) for viewers that show SR
+content poorly.
+
+The page (1536 x 2048, portrait, the shape of a reading-room display) shows, top to bottom:
+a "RESEARCH USE ONLY" title, the demonstration-model warning when the model is synthetic, the
+result (class, probability, decision value), the model (name, version, SHA-256 prefix), the
+QC outcome and flagged checks, two rows of axial/coronal/sagittal slices of the T1 with the
+grey-matter map overlaid and the territories of the regions that drive the decision outlined,
+a bar chart of all regional contributions, and the disclaimer. No patient identifiers are
+drawn (the viewer shows them from the header).
+
+Images come from :class:`~ketanode.dicom.report_content.ResultForReport`: ``t1_path``,
+``gm_path`` and, when given, ``territories_path`` (an integer map on a native grid, region k =
+``region_names[k-1]``; :func:`write_native_territories` writes it from the pipeline's
+registration). Without territories the slices show the GM map and the driving regions are
+listed in text only. Without a T1 the page has no slices.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import matplotlib
+
+matplotlib.use("Agg")
+
+import nibabel as nib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from numpy.typing import NDArray
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+
+from ketanode.dicom.report_content import (
+    DEMO_TEXT,
+    DISCLAIMER,
+    RESEARCH_USE_ONLY,
+    RESPONDER,
+    ResultForReport,
+    check_text,
+    display_name,
+    region_of,
+)
+
+logger = logging.getLogger(__name__)
+
+SERIES_DESCRIPTION = f"{RESEARCH_USE_ONLY} ketanode ketamine response report"
+DEFAULT_SERIES_NUMBER = 9902
+WIDTH, HEIGHT = 1536, 2048
+N_DRIVERS = 4
+
+F32 = NDArray[np.float32]
+# colours: dark page, light text
+BG = "#111111"
+FG = "#f2f2f2"
+DIM = "#b0b0b0"
+WARN = "#ffb000"
+FAIL = "#ff4d4d"
+OK = "#5fd35f"
+TOWARD_RESPONDER = "#4aa3ff"
+TOWARD_NON = "#ff8c42"
+REGION_COLOURS = ("#00e5ff", "#ff3df5", "#b6ff00", "#ffffff", "#ffe600", "#ff5e5e")
+QC_COLOURS = {"pass": OK, "warn": WARN, "fail": FAIL}
+
+
+# --- volumes -----------------------------------------------------------------------------
+
+
+class _Volumes:
+    """T1, GM and territories on one closest-canonical (RAS) grid, plus voxel size."""
+
+    def __init__(self, result: ResultForReport) -> None:
+        assert result.t1_path is not None
+        t1 = _canonical(result.t1_path)
+        self.zooms = tuple(float(z) for z in t1.header.get_zooms()[:3])
+        self.t1 = np.asarray(t1.get_fdata(dtype=np.float32), dtype=np.float32)
+        self.gm: F32 | None = None
+        self.terr: NDArray[np.int16] | None = None
+        if result.gm_path is not None and Path(result.gm_path).is_file():
+            gm = _on_grid(_canonical(result.gm_path), t1, order=1)
+            self.gm = np.clip(gm, 0.0, 1.0).astype(np.float32)
+        if result.territories_path is not None and Path(result.territories_path).is_file():
+            terr = _on_grid(_canonical(result.territories_path), t1, order=0)
+            self.terr = np.rint(terr).astype(np.int16)
+        lo, hi = np.percentile(self.t1[self.t1 > 0], (1.0, 99.5)) if np.any(self.t1 > 0) else (0, 1)
+        self.t1n = np.clip((self.t1 - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
+        # crop every volume to the head (plus a margin) so the slices fill their panels
+        head = np.argwhere(self.t1n > 0.08)
+        if len(head):
+            a = np.maximum(head.min(axis=0) - 3, 0)
+            b = np.minimum(head.max(axis=0) + 4, self.t1.shape)
+            box = tuple(slice(int(i), int(j)) for i, j in zip(a, b, strict=True))
+            self.t1, self.t1n = self.t1[box], self.t1n[box]
+            if self.gm is not None:
+                self.gm = self.gm[box]
+            if self.terr is not None:
+                self.terr = self.terr[box]
+
+    def centroid(self, mask: NDArray[np.bool_]) -> tuple[int, int, int]:
+        idx = np.argwhere(mask)
+        if len(idx) == 0:
+            idx = np.argwhere(self.t1n > 0.2)
+        if len(idx) == 0:
+            return tuple(int(s // 2) for s in self.t1.shape)  # type: ignore[return-value]
+        c = np.rint(idx.mean(axis=0)).astype(int)
+        return int(c[0]), int(c[1]), int(c[2])
+
+
+def _canonical(path: str | Path) -> nib.Nifti1Image:
+    img = nib.load(str(path))
+    canon = nib.as_closest_canonical(img)
+    assert isinstance(canon, nib.Nifti1Image)
+    return canon
+
+
+def _on_grid(img: nib.Nifti1Image, ref: nib.Nifti1Image, order: int) -> F32:
+    data = np.asarray(img.get_fdata(dtype=np.float32), dtype=np.float32)
+    if data.ndim > 3:
+        data = data[..., 0]
+    if data.shape == ref.shape[:3] and np.allclose(img.affine, ref.affine, atol=1e-3):
+        return data
+    from nibabel.processing import resample_from_to
+
+    out = resample_from_to(nib.Nifti1Image(data, img.affine), (ref.shape[:3], ref.affine), order)
+    return np.asarray(out.get_fdata(dtype=np.float32), dtype=np.float32)
+
+
+def _slice(vol: NDArray[Any], view: str, idx: int) -> NDArray[Any]:
+    """A 2D slice in display orientation (row 0 at the top): radiological left-right for
+    axial and coronal (patient right on the viewer's left), anterior left for sagittal."""
+    if view == "axial":
+        s = vol[:, :, idx].T  # rows: A-P index, cols: R-L index (x increases to the right)
+        return np.asarray(s[::-1, ::-1])  # anterior at the top, patient right on the left
+    if view == "coronal":
+        s = vol[:, idx, :].T
+        return np.asarray(s[::-1, ::-1])  # superior at the top, patient right on the left
+    s = vol[idx, :, :].T
+    return np.asarray(s[::-1, ::-1])  # superior at the top, anterior on the left
+
+
+def _aspect(zooms: tuple[float, ...], view: str) -> float:
+    """Height/width of one displayed pixel."""
+    x, y, z = zooms[:3]
+    return {"axial": y / x, "coronal": z / x, "sagittal": z / y}[view]
+
+
+_VIEW_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
+_VIEW_MARKS = {"axial": ("R", "L"), "coronal": ("R", "L"), "sagittal": ("A", "P")}
+
+
+# --- page --------------------------------------------------------------------------------
+
+
+def _driver_regions(result: ResultForReport) -> list[tuple[str, float, int | None]]:
+    """(feature, contribution, territory label or None) of the top drivers."""
+    index = {f"gm_{name}": k for k, name in enumerate(result.region_names, start=1)}
+    return [(f, c, index.get(f)) for f, c in result.drivers(N_DRIVERS)]
+
+
+def _slice_centres(
+    vols: _Volumes, drivers: Sequence[tuple[str, float, int | None]]
+) -> list[tuple[int, int, int]]:
+    """Two slice positions: through the top driver, and through the next driver whose
+    territory centre is >= 25 mm away (or above/below the brain centre)."""
+    brain = vols.gm > 0.3 if vols.gm is not None else vols.t1n > 0.3
+    if vols.terr is None or not any(k for _, _, k in drivers):
+        c = vols.centroid(brain)
+        dz = int(round(20.0 / vols.zooms[2]))
+        return [(c[0], c[1], c[2] + dz), (c[0], c[1], c[2] - dz)]
+    centres = [vols.centroid(vols.terr == k) for _, _, k in drivers if k]
+    first = centres[0]
+    mm = np.array(vols.zooms)
+    for c in centres[1:]:
+        if np.linalg.norm((np.array(c) - np.array(first)) * mm) >= 25.0:
+            return [first, c]
+    c = vols.centroid(brain)
+    return [first, c if c != first else (c[0], c[1], max(0, c[2] - 10))]
+
+
+def _draw_slices(
+    fig: Figure,
+    vols: _Volumes,
+    drivers: Sequence[tuple[str, float, int | None]],
+    top: float,
+    height: float,
+) -> None:
+    centres = _slice_centres(vols, drivers)
+    views = ("axial", "coronal", "sagittal")
+    rows = len(centres)
+    cell_h = height / rows
+    from matplotlib.colors import LinearSegmentedColormap
+
+    gm_cmap = LinearSegmentedColormap.from_list("gm", ["#ffd000", "#ff3000"])
+    # panel widths follow each view's displayed width/height so the slices fill the row
+    shape = vols.t1.shape
+    dims = {
+        "axial": (shape[0], shape[1]),
+        "coronal": (shape[0], shape[2]),
+        "sagittal": (shape[1], shape[2]),
+    }  # (columns, rows) of the displayed slice
+    ratios = [dims[v][0] / (dims[v][1] * _aspect(vols.zooms, v)) for v in views]
+    gap = 12.0
+    h_px = min((cell_h * HEIGHT) - gap, (0.96 * WIDTH - gap * (len(views) - 1)) / sum(ratios))
+    widths = [r * h_px / WIDTH for r in ratios]
+    x0 = 0.5 - (sum(widths) + gap * (len(views) - 1) / WIDTH) / 2
+    lefts = [x0 + sum(widths[:i]) + i * gap / WIDTH for i in range(len(views))]
+    for r, centre in enumerate(centres):
+        for c, view in enumerate(views):
+            y0 = top - (r + 1) * cell_h + (cell_h - h_px / HEIGHT) / 2
+            ax = fig.add_axes((lefts[c], y0, widths[c], h_px / HEIGHT))
+            ax.set_facecolor("black")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color("#333333")
+            idx = int(np.clip(centre[_VIEW_AXIS[view]], 0, vols.t1.shape[_VIEW_AXIS[view]] - 1))
+            t1 = _slice(vols.t1n, view, idx)
+            aspect = _aspect(vols.zooms, view)
+            ax.imshow(t1, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="bilinear")
+            if vols.gm is not None:
+                gm = _slice(vols.gm, view, idx)
+                rgba = gm_cmap(gm)
+                rgba[..., 3] = np.where(gm > 0.25, 0.55 * gm, 0.0)
+                ax.imshow(rgba, aspect=aspect, interpolation="bilinear")
+            if vols.terr is not None:
+                terr = _slice(vols.terr, view, idx)
+                for i, (_, _, k) in enumerate(drivers):
+                    if not k:
+                        continue
+                    mask = (terr == k).astype(np.float32)
+                    if mask.any():
+                        ax.contour(
+                            mask,
+                            levels=[0.5],
+                            colors=[REGION_COLOURS[i % len(REGION_COLOURS)]],
+                            linewidths=2.6,
+                        )
+            left, right = _VIEW_MARKS[view]
+            for x, mark, ha in ((0.01, left, "left"), (0.99, right, "right")):
+                ax.text(
+                    x,
+                    0.5,
+                    mark,
+                    color=FG,
+                    fontsize=20,
+                    weight="bold",
+                    ha=ha,
+                    va="center",
+                    transform=ax.transAxes,
+                    bbox={"facecolor": "black", "edgecolor": "none", "alpha": 0.6, "pad": 2},
+                )
+            ax.text(
+                0.02,
+                0.97,
+                view,
+                color=DIM,
+                fontsize=18,
+                transform=ax.transAxes,
+                va="top",
+                ha="left",
+            )
+
+
+def _draw_contributions(
+    fig: Figure,
+    result: ResultForReport,
+    drivers: Sequence[tuple[str, float, int | None]],
+    rect: tuple[float, float, float, float],
+) -> None:
+    items = sorted(result.contributions.items(), key=lambda kv: kv[1])
+    if not items:
+        return
+    colour_of = {f: REGION_COLOURS[i % len(REGION_COLOURS)] for i, (f, _, _) in enumerate(drivers)}
+    ax = fig.add_axes(rect)
+    ax.set_facecolor(BG)
+    names = [display_name(f) for f, _ in items]
+    values = [v for _, v in items]
+    colours = [TOWARD_RESPONDER if v >= 0 else TOWARD_NON for v in values]
+    ypos = np.arange(len(items))
+    ax.barh(ypos, values, color=colours, height=0.72)
+    ax.axvline(0, color=DIM, linewidth=1.2)
+    ax.set_yticks(ypos)
+    ax.set_yticklabels(names, fontsize=17, color=DIM)
+    for tick, (f, _) in zip(ax.get_yticklabels(), items, strict=True):
+        if f in colour_of:
+            tick.set_color(colour_of[f])
+            tick.set_fontweight("bold")
+    ax.tick_params(axis="x", colors=FG, labelsize=14)
+    ax.tick_params(axis="y", length=0)
+    for spine in ("top", "right", "left"):
+        ax.spines[spine].set_visible(False)
+    ax.spines["bottom"].set_color(DIM)
+    ax.set_xlabel(
+        "contribution to the SVC decision value  (+ toward responder, - toward non-responder)",
+        color=FG,
+        fontsize=15,
+    )
+    ax.set_title("Regional contributions", color=FG, fontsize=20, loc="left", pad=10)
+    lim = max(abs(v) for v in values) * 1.15 or 1.0
+    ax.set_xlim(-lim, lim)
+
+
+def _text_block(
+    fig: Figure,
+    result: ResultForReport,
+    has_territories: bool,
+    drivers: Sequence[tuple[str, float, int | None]],
+) -> float:
+    """Title, warnings, result, model and QC lines; returns the y below them."""
+    fig.text(
+        0.5,
+        0.985,
+        f"{RESEARCH_USE_ONLY}  -  ketamine response estimate",
+        ha="center",
+        va="top",
+        fontsize=34,
+        weight="bold",
+        color=FG,
+    )
+    fig.text(
+        0.5,
+        0.956,
+        "ketanode: regional grey matter from the 3D T1 and a linear SVC",
+        ha="center",
+        va="top",
+        fontsize=20,
+        color=DIM,
+    )
+    y = 0.935
+    if result.model_synthetic:
+        fig.patches.append(
+            Rectangle(
+                (0.02, y - 0.043), 0.96, 0.043, transform=fig.transFigure, color=WARN, zorder=0
+            )
+        )
+        fig.text(
+            0.5,
+            y - 0.0215,
+            DEMO_TEXT,
+            ha="center",
+            va="center",
+            fontsize=23,
+            weight="bold",
+            color="black",
+        )
+        y -= 0.055
+    cls = "RESPONDER" if result.predicted_class == RESPONDER else "NON-RESPONDER"
+    colour = TOWARD_RESPONDER if result.predicted_class == RESPONDER else TOWARD_NON
+    fig.text(0.03, y, "Predicted:", fontsize=30, color=DIM, va="top")
+    fig.text(0.21, y, cls, fontsize=34, weight="bold", color=colour, va="top")
+    fig.text(
+        0.60,
+        y,
+        f"P(response) = {result.probability * 100:.0f} %",
+        fontsize=30,
+        weight="bold",
+        color=FG,
+        va="top",
+    )
+    y -= 0.032
+    fig.text(
+        0.03,
+        y,
+        f"SVC decision value {result.decision_value:+.3f} (class from its sign; "
+        "the probability is its calibrated estimate)",
+        fontsize=18,
+        color=DIM,
+        va="top",
+    )
+    y -= 0.028
+    model = (
+        f"Model: {result.model_name} ({result.model_version})   SHA-256 "
+        f"{result.model_sha256[:16]}   software {result.software_version}"
+    )
+    fig.text(0.03, y, model, fontsize=20, color=FG, va="top", family="DejaVu Sans Mono")
+    y -= 0.026
+    qc_colour = QC_COLOURS[result.qc_outcome]
+    fig.text(0.03, y, "QC:", fontsize=22, color=FG, va="top")
+    fig.text(
+        0.075, y, result.qc_outcome.upper(), fontsize=22, weight="bold", color=qc_colour, va="top"
+    )
+    flagged = result.flagged_checks()
+    shown = (
+        "; ".join(check_text(c) for c in flagged[:3])
+        if flagged
+        else (f"all {len(result.qc_checks)} checks passed")
+    )
+    if len(flagged) > 3:
+        shown += f"; +{len(flagged) - 3} more"
+    fig.text(0.16, y + 0.001, _fit(shown, 100), fontsize=18, color=DIM, va="top")
+    y -= 0.03
+    # the driving regions, in their outline colours
+    fig.text(
+        0.03,
+        y,
+        "Regions driving the decision"
+        + ("" if has_territories else " (outlines not available)")
+        + ":",
+        fontsize=20,
+        color=FG,
+        va="top",
+    )
+    y -= 0.025
+    for i, (f, c, _) in enumerate(drivers):
+        colour_i = REGION_COLOURS[i % len(REGION_COLOURS)] if has_territories else FG
+        label = f"{i + 1}. {display_name(f)}  {c:+.2f}"
+        fig.text(
+            0.05 + 0.47 * (i % 2),
+            y - 0.026 * (i // 2),
+            label,
+            fontsize=21,
+            weight="bold",
+            color=colour_i,
+            va="top",
+        )
+    y -= 0.026 * ((len(drivers) + 1) // 2) + 0.006
+    return y
+
+
+def _fit(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def render_report_page(result: ResultForReport) -> NDArray[np.uint8]:
+    """The report page as an RGB array (HEIGHT x WIDTH x 3, uint8)."""
+    fig = Figure(figsize=(WIDTH / 100, HEIGHT / 100), dpi=100, facecolor=BG)
+    canvas = FigureCanvasAgg(fig)
+    has_t1 = result.t1_path is not None and Path(result.t1_path).is_file()
+    vols = _Volumes(result) if has_t1 else None
+    drivers = _driver_regions(result)
+    has_terr = vols is not None and vols.terr is not None
+    y = _text_block(fig, result, has_terr, drivers)
+    legend_y = 0.3
+    if vols is not None:
+        _draw_slices(fig, vols, drivers, top=y, height=y - legend_y - 0.005)
+        fig.text(
+            0.03,
+            legend_y,
+            "T1 with grey-matter probability (yellow-red) "
+            + ("and the driving regions' territories outlined" if has_terr else ""),
+            fontsize=16,
+            color=DIM,
+            va="top",
+        )
+    else:
+        fig.text(0.5, (y + legend_y) / 2, "no image available", ha="center", fontsize=24, color=DIM)
+    _draw_contributions(fig, result, drivers, (0.22, 0.085, 0.74, 0.175))
+    fig.text(
+        0.5,
+        0.012,
+        _wrap(DISCLAIMER, 120),
+        ha="center",
+        va="bottom",
+        fontsize=16,
+        color=FG,
+        weight="bold",
+        linespacing=1.3,
+    )
+    canvas.draw()  # type: ignore[no-untyped-call]
+    rgba = np.asarray(canvas.buffer_rgba())  # type: ignore[no-untyped-call]
+    return np.ascontiguousarray(rgba[..., :3]).astype(np.uint8)
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+# --- DICOM -------------------------------------------------------------------------------
+
+
+def build_report_image(
+    source: Sequence[Dataset],
+    result: ResultForReport,
+    *,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    series_number: int = DEFAULT_SERIES_NUMBER,
+    instance_number: int = 1,
+    device_model_name: str = "ketanode DICOM node",
+    institution_name: str | None = None,
+) -> hd.sc.SCImage:
+    """A single-frame RGB Secondary Capture of the report page, in the source's study."""
+    if not source:
+        raise ValueError("no source instances")
+    if len({str(ds.StudyInstanceUID) for ds in source}) != 1:
+        raise ValueError("source instances belong to more than one study")
+    pixels = render_report_page(result)
+    now = dt.datetime.now()
+    ref = source[0]
+    kwargs: dict[str, Any] = {}
+    if "SpecificCharacterSet" in ref:
+        kwargs["specific_character_set"] = ref.SpecificCharacterSet
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number,
+        manufacturer="ketanode",
+        patient_orientation=("L", "P"),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",  # explicit VR little endian
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=device_model_name,
+        software_versions=result.software_version,
+        institution_name=institution_name,
+        content_date=now.date(),
+        content_time=now.time(),
+        series_date=now.date(),
+        series_time=now.time(),
+        **kwargs,
+    )
+    # a report page has no patient orientation (Type 2C: present, empty)
+    del sc.PatientOrientation
+    sc.add_new("PatientOrientation", "CS", None)
+    # an unpaired body part: General Series Laterality (Type 2C) is then absent
+    sc.BodyPartExamined = str(ref.get("BodyPartExamined") or "") or "BRAIN"
+    sc.BurnedInAnnotation = "NO"  # text is drawn, but no patient identifiers
+    sc.ImageComments = f"{RESEARCH_USE_ONLY}. ketanode report page; see the SR of this study."
+    sc.DerivationDescription = "Report page rendered from the source series' T1"
+    logger.info(
+        "report image built: SOP instance %s, series %s, study %s (%dx%d)",
+        sc.SOPInstanceUID,
+        sc.SeriesInstanceUID,
+        sc.StudyInstanceUID,
+        sc.Columns,
+        sc.Rows,
+    )
+    return sc
+
+
+def write_png(result_or_ds: ResultForReport | Dataset, path: str | Path) -> Path:
+    """Save the report page (from a result, or from a built SC's pixel data) as PNG."""
+    from PIL import Image
+
+    if isinstance(result_or_ds, ResultForReport):
+        pixels = render_report_page(result_or_ds)
+    else:
+        pixels = np.asarray(result_or_ds.pixel_array, dtype=np.uint8)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode="RGB").save(out, optimize=True)
+    return out
+
+
+def write_native_territories(
+    registration: Any,
+    reference_path: str | Path,
+    out_path: str | Path,
+) -> Path:
+    """Pull the atlas territories into the native grid of ``reference_path`` (e.g. the
+    pipeline's ``gm_prob.nii.gz``) with the job's registration, as measure.py does, and
+    write them (labels k = 1-based index of the atlas regions, ``default_spec`` order).
+
+    ``registration``: :class:`ketanode.imaging.preprocess.Registration` or its dict form.
+    """
+    import ants
+
+    from ketanode.imaging.measure import territories
+    from ketanode.imaging.preprocess import Registration, pull_to_native, read
+
+    reg = (
+        registration
+        if isinstance(registration, Registration)
+        else (Registration.from_dict(dict(registration)))
+    )
+    ref = read(str(reference_path))
+    terr = pull_to_native(
+        territories(), ref, reg.to_native, reg.invert_to_native, "nearestNeighbor"
+    )
+    out = Path(out_path)
+    ants.image_write(terr, str(out))
+    return out
+
+
+def region_names_of_default_atlas() -> list[str]:
+    """The region names whose 1-based index the territory labels are (default atlas)."""
+    from ketanode.imaging.templates import load_atlas
+
+    return [r.name for r in load_atlas().regions]
+
+
+__all__ = [
+    "build_report_image",
+    "region_names_of_default_atlas",
+    "render_report_page",
+    "write_native_territories",
+    "write_png",
+    "region_of",
+]

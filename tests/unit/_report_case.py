@@ -1,0 +1,134 @@
+"""A small, fast case for the SR and report-image tests: a 3 mm phantom series, a fake GM
+map and fake territories derived from its intensity (no pipeline run), a hand-made result."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom import Dataset
+
+from ketanode.dicom.report_content import DEMO_TEXT, ResultForReport
+from ketanode.imaging.phantom import PhantomSpec, make_phantom
+
+DCIODVFY = "/usr/bin/dciodvfy"
+DSRDUMP = "/usr/bin/dsrdump"
+SHA = "d18664ba14776111dd4394996452001fd878f06b246579f1c14296d82a12fc78"
+REGIONS = (
+    "left_frontal",
+    "right_frontal",
+    "left_cerebellum",
+    "right_cerebellum",
+    "left_cingulate",
+    "right_deep_grey",
+)
+
+
+def make_case(root: Path) -> tuple[list[Dataset], ResultForReport]:
+    phantom = make_phantom(PhantomSpec(seed=1, voxel_mm=(3.0, 3.0, 3.0)))
+    files = phantom.write_dicom(root / "dicom")
+    source: list[Dataset] = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    t1_path = phantom.write_nifti(root / "t1.nii.gz")
+    img = nib.load(str(t1_path))
+    assert isinstance(img, nib.Nifti1Image)
+    data = np.asarray(img.get_fdata(), dtype=np.float32)
+    # fake GM: intensities between CSF and WM (a band of the brain's histogram)
+    lo, hi = np.percentile(data[data > 0], (60.0, 85.0))
+    gm = np.clip(1.0 - np.abs(data - (lo + hi) / 2) / ((hi - lo) / 2), 0.0, 1.0)
+    nib.save(nib.Nifti1Image(gm.astype(np.float32), img.affine), str(root / "gm_prob.nii.gz"))
+    # fake territories: octants of the head, labels 1..6
+    terr = np.zeros(data.shape, dtype=np.int16)
+    head = data > np.percentile(data, 50)
+    idx = np.indices(data.shape)
+    mid = [s // 2 for s in data.shape]
+    octant = (idx[0] >= mid[0]) * 1 + (idx[1] >= mid[1]) * 2 + (idx[2] >= mid[2]) * 4
+    terr[head] = (octant[head] % 6 + 1).astype(np.int16)
+    nib.save(nib.Nifti1Image(terr, img.affine), str(root / "territories.nii.gz"))
+    contributions = {
+        "gm_left_frontal": -0.48,
+        "gm_right_frontal": 0.15,
+        "gm_left_cerebellum": -0.42,
+        "gm_right_cerebellum": -0.34,
+        "gm_left_cingulate": 0.47,
+        "gm_right_deep_grey": 0.87,
+    }
+    volumes = {
+        "gm_left_frontal": 89.781,
+        "gm_right_frontal": 86.895,
+        "gm_left_cerebellum": 49.883,
+        "gm_right_cerebellum": 50.032,
+        "gm_left_cingulate": 9.883,
+        "gm_right_deep_grey": 24.46,
+        "gm_total": 650.923,
+        "wm_total": 408.299,
+        "csf_total": 144.792,
+        "tiv": 1204.014,
+    }
+    result = ResultForReport(
+        predicted_class="responder",
+        probability=0.731234,
+        decision_value=0.41296,
+        contributions=contributions,
+        volumes=volumes,
+        qc_outcome="warn",
+        qc_checks=[
+            {
+                "name": "voxel_size",
+                "value": 3.0,
+                "outcome": "warn",
+                "unit": " mm",
+                "description": "largest voxel dimension",
+            },
+            {
+                "name": "coverage",
+                "value": 175.5,
+                "outcome": "pass",
+                "unit": " mm",
+                "description": "smallest field-of-view extent",
+            },
+        ],
+        model_name="ketanode-demo",
+        model_version="1",
+        model_sha256=SHA,
+        model_synthetic=True,
+        model_label=DEMO_TEXT,
+        feature_spec_name="ketanode-regional-volumes",
+        feature_spec_sha256="066ea8d9583cfa7dbbba64ceab3040fdd9a7934002b81b5dc64875daee7af4d4",
+        software_version="0.1.0",
+        t1_path=t1_path,
+        gm_path=root / "gm_prob.nii.gz",
+        territories_path=root / "territories.nii.gz",
+        region_names=REGIONS,
+    )
+    return source, result
+
+
+def clinical(result: ResultForReport) -> ResultForReport:
+    """The same result from a (pretend) non-synthetic model."""
+    return replace(
+        result,
+        model_synthetic=False,
+        model_label="RESEARCH USE ONLY",
+        model_name="site-model",
+        qc_outcome="pass",
+        qc_checks=[],
+    )
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """(errors, warnings) lines of dciodvfy on a file."""
+    proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return (
+        [x for x in lines if x.startswith("Error")],
+        [x for x in lines if x.startswith("Warning")],
+    )
+
+
+def have(tool: str) -> bool:
+    return Path(tool).is_file() and shutil.which(tool) is not None
