@@ -245,3 +245,41 @@ class JobStep(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates="steps")
+
+
+class ModelRecord(Base):
+    """A model file known to the node (registry); at most one is active at a time."""
+
+    __tablename__ = "model"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(String(128))
+    spec_name: Mapped[str] = mapped_column(String(128))
+    spec_sha256: Mapped[str] = mapped_column(String(64))
+    synthetic: Mapped[bool] = mapped_column(Boolean, default=False)
+    label: Mapped[str] = mapped_column(Text)
+    model_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    registered_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    active: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    activated_at: Mapped[dt.datetime | None]
+
+
+class Prediction(Base):
+    """One model output for one job: class, probability, decision value, region contributions."""
+
+    __tablename__ = "prediction"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    model_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    predicted_class: Mapped[str] = mapped_column(String(32))
+    probability: Mapped[float] = mapped_column(Float)
+    decision_value: Mapped[float] = mapped_column(Float)
+    contributions: Mapped[dict[str, Any]]
+    synthetic: Mapped[bool] = mapped_column(Boolean, default=False)
+    label: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

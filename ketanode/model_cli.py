@@ -1,0 +1,350 @@
+"""``ketanode model ...``: train, evaluate, synthesise cohorts, registry. Thin: parse, call, print.
+
+Added to the main app in ``ketanode/cli.py`` with ``app.add_typer(model_app, name="model")``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ketanode import RESEARCH_USE_ONLY
+from ketanode.config import ConfigError, Settings, load_settings
+
+model_app = typer.Typer(
+    help=f"Train, validate and manage ketamine-response models. {RESEARCH_USE_ONLY}.",
+    no_args_is_help=True,
+)
+console = Console()
+err = Console(stderr=True)
+logger = logging.getLogger(__name__)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes.")]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option(help="Feature cache folder (default: <pipeline.work_dir>/feature-cache)."),
+]
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    if isinstance(ctx.obj, Settings):
+        return ctx.obj
+    try:
+        return load_settings(None)
+    except ConfigError as exc:
+        err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(2) from exc
+
+
+def _engine(settings: Settings) -> Any:
+    from ketanode.db.migrate import upgrade
+    from ketanode.db.session import make_engine
+
+    engine = make_engine(settings.database.url)
+    if settings.database.auto_upgrade:
+        upgrade(engine)
+    return engine
+
+
+def _cache(settings: Settings, cache: Path | None) -> Path:
+    return cache if cache is not None else settings.pipeline.work_dir / "feature-cache"
+
+
+def _table(csv_path: Path, settings: Settings, cache: Path | None, jobs: int) -> Any:
+    from ketanode.model.cohort import CohortError, extract_features, read_cohort
+
+    try:
+        subjects = read_cohort(csv_path)
+    except (CohortError, OSError) as exc:
+        err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(2) from exc
+    table = extract_features(
+        subjects, settings=settings.pipeline, cache_dir=_cache(settings, cache), n_jobs=jobs
+    )
+    console.print(
+        f"features: {len(subjects)} subjects, {table.from_cache} from cache, "
+        f"{table.computed} computed, {len(table.excluded)} excluded",
+        highlight=False,
+    )
+    for e in table.excluded:
+        console.print(f"  [yellow]excluded[/yellow] {e['subject']}: {e['reason']}", highlight=False)
+    return table
+
+
+def _metrics_text(metrics: dict[str, Any]) -> None:
+    table = Table(title="cross-validated metrics (95% CI)")
+    for col in ("metric", "estimate", "95% CI"):
+        table.add_column(col)
+    for name, m in metrics.items():
+        table.add_row(name, f"{m['mean']:.3f}", f"{m['ci95'][0]:.3f} - {m['ci95'][1]:.3f}")
+    console.print(table)
+
+
+def _refused(exc: Exception) -> typer.Exit:
+    err.print(f"[red]{exc}[/red]", highlight=False)
+    return typer.Exit(1)
+
+
+@model_app.command("train")
+def train_cmd(
+    ctx: typer.Context,
+    cohort: Annotated[Path, typer.Argument(help="Cohort CSV (subject, path|features, label).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model file to write (.skops).")] = Path(
+        "model.skops"
+    ),
+    name: Annotated[str | None, typer.Option(help="Model name (default: file stem).")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Outer CV repeats.")] = 10,
+    folds: Annotated[int, typer.Option(min=2, help="Outer CV folds.")] = 5,
+    inner_folds: Annotated[int, typer.Option(min=2, help="Inner CV folds (C).")] = 5,
+    permutations: Annotated[int, typer.Option(min=0, help="Label permutations.")] = 100,
+    tiv: Annotated[str, typer.Option(help="proportion | regress | none")] = "proportion",
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    synthetic: Annotated[
+        bool | None,
+        typer.Option(
+            "--synthetic/--not-synthetic",
+            help="Mark the model as trained on synthetic data (default: the cohort folder "
+            "has a synthetic.json).",
+        ),
+    ] = None,
+    register: Annotated[bool, typer.Option(help="Add the model to the registry.")] = True,
+    jobs: JobsOpt = 2,
+    cache: CacheOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Nested CV, permutation test, final model, report; writes MODEL.skops + MODEL.json."""
+    from ketanode.model.files import DEMO_LABEL
+    from ketanode.model.training import train
+    from ketanode.model.validation import Protocol
+
+    settings = _settings(ctx)
+    if tiv not in ("proportion", "regress", "none"):
+        raise typer.BadParameter("proportion, regress or none", param_hint="--tiv")
+    table = _table(cohort, settings, cache, jobs)
+    is_synth = synthetic if synthetic is not None else (cohort.parent / "synthetic.json").is_file()
+    protocol = Protocol(
+        folds=folds,
+        repeats=repeats,
+        inner_folds=inner_folds,
+        tiv=tiv,
+        seed=seed,
+        n_permutations=permutations,
+        n_jobs=jobs,
+    )
+    try:
+        meta = train(
+            table,
+            out,
+            protocol=protocol,
+            name=name,
+            synthetic=is_synth,
+            label=DEMO_LABEL if is_synth else None,
+            progress=lambda m: console.print(f"[dim]{m}[/dim]", highlight=False),
+        )
+    except ValueError as exc:
+        raise _refused(exc) from exc
+    if register:
+        from ketanode.model.registry import register as reg
+
+        reg(_engine(settings), out)
+    if as_json:
+        print(json.dumps(meta, indent=2, default=str))
+        return
+    val = meta["validation"]
+    console.print(f"[bold]{meta['label']}[/bold]", highlight=False)
+    _metrics_text(val["metrics"])
+    if val.get("permutation"):
+        pm = val["permutation"]
+        console.print(
+            f"permutation test: p = {pm['p_value']} ({pm['n_permutations']} permutations)"
+        )
+    if val.get("leave_site_out"):
+        console.print(f"leave-site-out (pooled): {val['leave_site_out']['pooled']}")
+    console.print(f"model: {out} (sha256 {meta['sha256']})\nreport: {meta['report']}")
+
+
+@model_app.command("evaluate")
+def evaluate_cmd(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="Model file (.skops).")],
+    cohort: Annotated[Path, typer.Argument(help="Cohort CSV.")],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the report and predictions (default: the model's folder)."),
+    ] = None,
+    seed: int = 0,
+    jobs: JobsOpt = 2,
+    cache: CacheOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """External validation of a saved model on a new cohort (same metrics, same report)."""
+    from ketanode.model.files import ModelRefused
+    from ketanode.model.training import evaluate
+
+    settings = _settings(ctx)
+    table = _table(cohort, settings, cache, jobs)
+    try:
+        result = evaluate(model, table, seed=seed, out_dir=out_dir)
+    except (ModelRefused, FileNotFoundError) as exc:
+        raise _refused(exc) from exc
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    console.print(f"[bold]{result['label']}[/bold]", highlight=False)
+    _metrics_text(result["metrics"])
+    console.print(f"permutation p = {result['permutation']['p_value']}")
+    console.print(f"predictions: {result['predictions']}\nreport: {result['report']}")
+
+
+@model_app.command("predict")
+def predict_cmd(
+    ctx: typer.Context,
+    scan: Annotated[Path, typer.Argument(help="A NIfTI file or a DICOM series folder.")],
+    model: Annotated[
+        Path | None, typer.Option(help="Model file (default: the registry's active model).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure one scan and print the model's prediction (with the model's label)."""
+    from ketanode.model.classifier import predict
+    from ketanode.model.cohort import Subject, extract_features
+    from ketanode.model.files import ModelRefused, load_model
+    from ketanode.model.registry import RegistryError, load_active
+
+    settings = _settings(ctx)
+    try:
+        loaded = load_model(model) if model else load_active(_engine(settings))
+    except (ModelRefused, RegistryError, FileNotFoundError) as exc:
+        raise _refused(exc) from exc
+    table = extract_features([Subject("scan", 0, path=scan)], settings=settings.pipeline)
+    if table.excluded:
+        err.print(f"[red]not measured: {table.excluded[0]['reason']}[/red]", highlight=False)
+        raise typer.Exit(1)
+    result = predict(loaded.model, table.X)[0] | {
+        "model_sha256": loaded.sha256,
+        "label": loaded.label,
+        "synthetic_model": loaded.synthetic,
+    }
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(f"[bold red]{loaded.label}[/bold red]", highlight=False)
+    console.print(
+        f"{result['predicted_class']}: probability of response {result['probability']:.2f}, "
+        f"decision value {result['decision_value']:+.3f}",
+        highlight=False,
+    )
+
+
+@model_app.command("synth")
+def synth_cmd(
+    out: Annotated[Path, typer.Argument(help="Folder for images/, cohort.csv, synthetic.json.")],
+    n: Annotated[int, typer.Option(min=4, help="Subjects.")] = 40,
+    responder_rate: Annotated[float, typer.Option(help="Fraction of responders.")] = 0.5,
+    effect_d: Annotated[float, typer.Option(help="Planted effect size (Cohen's d).")] = 1.5,
+    null: Annotated[bool, typer.Option(help="Labels independent of the images.")] = False,
+    seed: int = 0,
+    voxel: Annotated[float, typer.Option(help="Isotropic voxel size (mm).")] = 3.0,
+    region_sd: Annotated[float, typer.Option(help="Between-subject SD of log regional GM.")] = 0.08,
+    sites: Annotated[int, typer.Option(min=1, help="Simulated sites (scanner SNR).")] = 1,
+    fmt: Annotated[str, typer.Option("--format", help="nifti | dicom")] = "nifti",
+    jobs: JobsOpt = 2,
+) -> None:
+    """Write a synthetic cohort of phantom images with the study's direction planted."""
+    from ketanode.model.synthetic import SyntheticCohort, write_cohort
+
+    if fmt not in ("nifti", "dicom"):
+        raise typer.BadParameter("nifti or dicom", param_hint="--format")
+    cfg = SyntheticCohort(
+        n=n,
+        responder_rate=responder_rate,
+        effect_d=effect_d,
+        seed=seed,
+        null=null,
+        voxel_mm=voxel,
+        region_sd=region_sd,
+        sites=sites,
+        fmt="dicom" if fmt == "dicom" else "nifti",
+    )
+    path = write_cohort(cfg, out, n_jobs=jobs)
+    console.print(f"synthetic cohort: {path} ({n} subjects)")
+
+
+@model_app.command("list")
+def list_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Registered models (the active one marked)."""
+    from ketanode.model.registry import list_models
+
+    rows = list_models(_engine(_settings(ctx)))
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title="models")
+    cols = ("active", "sha256", "name", "synthetic", "cv_balanced_accuracy", "created_at", "label")
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(
+            *[
+                ("*" if r[c] else "")
+                if c == "active"
+                else r[c][:12]
+                if c == "sha256"
+                else ""
+                if r[c] is None
+                else str(r[c])
+                for c in cols
+            ]
+        )
+    console.print(table)
+
+
+@model_app.command("activate")
+def activate_cmd(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="SHA-256 (or a unique prefix) or a .skops file.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a model the active one (the file is checked again first)."""
+    from ketanode.model.files import ModelRefused
+    from ketanode.model.registry import RegistryError, activate
+
+    try:
+        row = activate(_engine(_settings(ctx)), ref)
+    except (ModelRefused, RegistryError, FileNotFoundError) as exc:
+        raise _refused(exc) from exc
+    if as_json:
+        print(json.dumps(row, indent=2, default=str))
+        return
+    console.print(f"active model: {row['name']} ({row['sha256'][:12]})", highlight=False)
+    if row["synthetic"]:
+        console.print(f"[bold red]{row['label']}[/bold red]", highlight=False)
+
+
+@model_app.command("demo-train")
+def demo_train_cmd(
+    work: Annotated[Path, typer.Option(help="Folder for the cohort and feature cache.")] = Path(
+        "ketanode-data/demo-cohort"
+    ),
+    out: Annotated[Path | None, typer.Option(help="Model file (default: the package's).")] = None,
+    jobs: JobsOpt = 2,
+) -> None:
+    """Regenerate the demonstration model (seeded synthetic cohort; see its README)."""
+    from ketanode.model.demo_model import DEMO_MODEL, make_demo_model
+
+    meta = make_demo_model(
+        work,
+        out or DEMO_MODEL,
+        n_jobs=jobs,
+        progress=lambda m: console.print(f"[dim]{m}[/dim]", highlight=False),
+    )
+    console.print(f"[bold red]{meta['label']}[/bold red]", highlight=False)
+    _metrics_text(meta["validation"]["metrics"])
+    console.print(f"model: {out or DEMO_MODEL} (sha256 {meta['sha256']}), {meta['seconds']}")
