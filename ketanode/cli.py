@@ -20,6 +20,7 @@ from ketanode.config import ConfigError, Settings, load_settings
 from ketanode.db import queries
 from ketanode.db.session import make_engine, make_session_factory
 from ketanode.logs import setup_logging
+from ketanode.model_cli import model_app
 
 app = typer.Typer(
     help=f"ketanode: scores structural 3D T1 MRI. {RESEARCH_USE_ONLY}.",
@@ -32,6 +33,7 @@ jobs_app = typer.Typer(help="Processing jobs.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(series_app, name="series")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(model_app, name="model")
 
 console = Console()
 err = Console(stderr=True)
@@ -376,6 +378,16 @@ def _print_demo_measurement(by_name: dict[str, Any], truth: dict[str, Any]) -> N
     qc = by_name.get("qc") or {}
     checks = ", ".join(f"{c['name']} {c['outcome']}" for c in qc.get("checks", []))
     console.print(f"QC {qc.get('outcome', '?')}: {checks}")
+    pred = by_name.get("predict")
+    if pred:
+        model = pred["model"]
+        console.print(
+            f"[bold]prediction: {pred['predicted_class']}[/bold], P(response) "
+            f"{pred['probability']:.2f}, SVC decision value {pred['decision_value']:+.2f}; "
+            f"model {model['name']} (sha256 {model['sha256'][:12]})"
+        )
+        if model["synthetic"]:
+            console.print(f"[bold yellow]{model['label']}[/bold yellow]")
 
 
 def _settings_for_demo() -> Any:

@@ -204,12 +204,24 @@ class LoggingSettings(_Section):
     library_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
 
+class ModelSettings(_Section):
+    """The classifier run after measurement (the active model of the registry,
+    `ketanode model activate`)."""
+
+    # Predict for every series that passed QC.
+    predict: bool = True
+    # With no active model, use the demonstration model shipped in the package (trained on
+    # synthetic phantoms; every output says so). False: a job without a model fails.
+    demo_when_none_active: bool = True
+
+
 class Settings(_Section):
     node: NodeSettings = Field(default_factory=NodeSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     series: SeriesSettings = Field(default_factory=SeriesSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from ketanode import prediction
 from ketanode.config import Settings
 from ketanode.db.models import Instance, Job, JobStep, Series, utcnow
 from ketanode.dicom.sop import PROCESSED_SOP_CLASSES
@@ -36,6 +37,7 @@ class JobContext:
     files: list[Path]
     settings: Settings
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sessions: sessionmaker[Session] | None = None  # for steps that write rows (predict)
 
 
 Step = Callable[[JobContext], dict[str, Any]]
@@ -84,6 +86,18 @@ def step_qc(ctx: JobContext) -> dict[str, Any]:
     )
 
 
+def step_predict(ctx: JobContext) -> dict[str, Any]:
+    """The model's prediction from the measured features, stored as a prediction row."""
+    assert ctx.sessions is not None
+    return prediction.predict_job(
+        ctx.sessions,
+        ctx.settings.model,
+        job_id=ctx.job_id,
+        series_id=ctx.series_id,
+        measured=ctx.outputs["measure"],
+    )
+
+
 STEPS: list[tuple[str, Step]] = [
     ("convert", step_convert),
     ("qc_input", step_qc_input),
@@ -92,6 +106,7 @@ STEPS: list[tuple[str, Step]] = [
     ("segment", step_segment),
     ("measure", step_measure),
     ("qc", step_qc),
+    ("predict", step_predict),
 ]
 
 
@@ -117,6 +132,7 @@ def _context(sessions: sessionmaker[Session], settings: Settings, job_id: int) -
             work_dir=work_dir,
             files=[Path(p) for p in paths],
             settings=settings,
+            sessions=sessions,
         )
 
 
@@ -145,8 +161,11 @@ def _record_step(
 
 
 def steps_for(settings: Settings) -> list[tuple[str, Step]]:
-    """The node's steps: conversion, then measurement when ``pipeline.measure`` is on."""
-    return STEPS if settings.pipeline.measure else STEPS[:1]
+    """The node's steps: conversion, then measurement when ``pipeline.measure`` is on, then
+    prediction when ``model.predict`` is on too."""
+    if not settings.pipeline.measure:
+        return STEPS[:1]
+    return STEPS if settings.model.predict else STEPS[:-1]
 
 
 def run_job(

@@ -84,6 +84,7 @@ def test_node_measures_good_series_and_fails_broken_ones_with_reasons(
         "segment",
         "measure",
         "qc",
+        "predict",
     ]
     assert all(s.ok and s.seconds > 0 for s in steps.values())
     measured = steps["measure"].detail
