@@ -11,8 +11,8 @@ GM/WM maps (see ``ketanode/data/templates/SOURCE.md``):
    nearest atlas region (cortical regions within the cerebrum, cerebellar regions within the
    cerebellum; :func:`region_territories`).
 2. Subject (seeded): GM scaled per region (chosen factors times a small random variation),
-   the difference moved to/from WM and CSF in proportion to their shares; head size, a
-   random rigid pose plus a small anisotropic scaling, and a smooth random warp.
+   grown or shrunk at the grey/white interface (WM exchanged; CSF and TIV unchanged); head
+   size, a random rigid pose plus a small anisotropic scaling, and a smooth random warp.
 3. Scanner: the head is pulled onto a scanner grid (orientation, voxel size, matrix, FOV
    shift), with a multiplicative bias field, Rician noise and integer (uint16-safe) values.
 4. Truth: tissue fractions and territories are resampled through the same transform onto a
@@ -518,25 +518,45 @@ def _subject(spec: PhantomSpec, model: _Model) -> _Subject:
 
 
 def _scaled_tissues(model: _Model, factors: dict[str, float]) -> tuple[F32, F32, F32]:
-    """GM scaled per territory; in each voxel the difference comes from / goes to WM and CSF
-    in proportion to their shares of that voxel (GM grows into, or gives way to, whatever
-    borders it: WM at the grey/white boundary, CSF at the pial surface).
+    """GM scaled per territory by growing (or shrinking) it at the grey/white interface.
 
-    An earlier version took the difference from WM first: in GM/CSF voxels at the pial
-    surface that replaced bright WM by darker GM, which any single-channel T1 method reads as
-    *less* GM (more CSF), so a +8 % frontal change was measured as +3.5 %.
+    Territory k's GM changes by (factor - 1) x its GM; the change is spread over the
+    territory's voxels in proportion to GM x WM (the voxels where grey meets white) and
+    exchanged with WM there, as a cortex that thickens from the inside would; CSF and TIV
+    are unchanged. Where the interface cannot hold the change (a factor far from 1), the
+    rest is exchanged with WM and CSF in proportion to their shares of each voxel.
+
+    Why not scale every voxel's GM fraction: the tissue maps are the template's population
+    probability maps, where much GM shares its voxel with both WM and CSF; a change spread
+    thinly over such voxels barely moves their T1 intensity the way a GM change does, and
+    a +8 % frontal change was measured as +4 % (docs/architecture.md, "Sensitivity").
     """
-    lut = np.ones(len(model.names) + 1, dtype=np.float32)
+    n = len(model.names) + 1
+    lut = np.ones(n, dtype=np.float64)
     for k, name in enumerate(model.names, start=1):
         lut[k] = factors[name]
-    f = lut[model.territory]
+    terr = model.territory.astype(np.intp)
     gm, wm, csf = model.gm, model.wm, model.csf
     icv = gm + wm + csf
-    new_gm = np.minimum(gm * f, icv)
-    delta = new_gm - gm  # > 0: taken from WM and CSF; < 0: given to them
-    rest = wm + csf
-    share_wm = np.divide(wm, rest, out=np.ones_like(wm), where=rest > 1e-6)
-    new_wm = np.clip(wm - delta * share_wm, 0.0, None).astype(np.float32)
+    interface = gm.astype(np.float64) * wm
+    sum_gm = np.bincount(terr.ravel(), weights=gm.ravel().astype(np.float64), minlength=n)
+    sum_if = np.bincount(terr.ravel(), weights=interface.ravel(), minlength=n)
+    alpha = np.divide((lut - 1.0) * sum_gm, sum_if, out=np.zeros(n), where=sum_if > 0)
+    alpha[0] = 0.0
+    # at most all of the voxel's WM (growth) or all of its GM (shrinkage)
+    delta = np.clip(alpha[terr] * interface, -gm, wm).astype(np.float32)
+    new_gm = gm + delta
+    new_wm = wm - delta
+    # the part the interface could not hold: proportional to WM and CSF shares
+    placed = np.bincount(terr.ravel(), weights=delta.ravel().astype(np.float64), minlength=n)
+    rest = np.divide((lut - 1.0) * sum_gm - placed, sum_gm, out=np.zeros(n), where=sum_gm > 0)
+    rest[0] = 0.0
+    extra = (rest[terr] * gm).astype(np.float32)
+    others = new_wm + csf
+    share_wm = np.divide(new_wm, others, out=np.ones_like(new_wm), where=others > 1e-6)
+    extra = np.clip(extra, -new_gm, others)
+    new_gm = new_gm + extra
+    new_wm = np.clip(new_wm - extra * share_wm, 0.0, None).astype(np.float32)
     new_csf = np.clip(icv - new_gm - new_wm, 0.0, None).astype(np.float32)
     new_gm = (icv - new_wm - new_csf).astype(np.float32)  # exact bookkeeping
     return new_gm, new_wm, new_csf
