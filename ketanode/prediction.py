@@ -40,9 +40,10 @@ def model_for_node(sessions: sessionmaker[Session], settings: ModelSettings) -> 
             "no active model (ketanode model activate FILE.skops), and "
             "model.demo_when_none_active is false"
         )
-    registry.register(engine, DEMO_MODEL)
+    demo = load_model(DEMO_MODEL)  # checked once, then registered (not activated)
+    registry.register_loaded(engine, demo)
     logger.info("no active model: using the shipped demonstration model (synthetic data)")
-    return load_model(DEMO_MODEL)
+    return demo
 
 
 def predict_job(

@@ -56,7 +56,12 @@ def _created(meta: dict[str, Any]) -> dt.datetime:
 
 def register(engine: Engine, path: str | Path) -> dict[str, Any]:
     """Check the file and add (or refresh the path of) its registry row."""
-    loaded = load_model(path)
+    return register_loaded(engine, load_model(path))
+
+
+def register_loaded(engine: Engine, loaded: LoadedModel) -> dict[str, Any]:
+    """Add (or refresh the path of) the registry row of a model already checked by
+    :func:`ketanode.model.files.load_model`."""
     meta = loaded.metadata
     spec = meta["feature_spec"]
     factory = make_session_factory(engine)
