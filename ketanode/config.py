@@ -215,6 +215,64 @@ class ModelSettings(_Section):
     demo_when_none_active: bool = True
 
 
+class Destination(_Section):
+    """A DICOM peer that receives the SR and the report image (C-STORE SCP, e.g. the PACS)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    # Calling AE title the node uses towards this peer; empty: the node's own AE title.
+    calling_ae_title: str | None = None
+    tls: bool = False
+    # With tls: CA bundle to verify the peer, and the node's client certificate and key.
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _calling_ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae(value)
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Destination:
+        for name in ("ca_certificates", "certificate", "private_key"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise ValueError(f"{name} file {value} does not exist")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+
+class DispatchSettings(_Section):
+    """Sending the SR and report image: one outbox row per object per destination."""
+
+    # How often the dispatcher looks for due rows (it is also woken when a job finishes).
+    interval_seconds: float = Field(default=5.0, gt=0)
+    # Tries before a row is marked dead (``ketanode dispatch retry`` re-queues it).
+    max_attempts: int = Field(default=8, ge=1)
+    # Wait before try n+1: initial * 2**(n-1), at most max.
+    backoff_initial_seconds: float = Field(default=10.0, ge=0)
+    backoff_max_seconds: float = Field(default=900.0, ge=0)
+    # Objects sent on one association at most.
+    batch_size: int = Field(default=50, ge=1)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+class ReportsSettings(_Section):
+    """The SR and the report image written for each job (then sent by the dispatcher)."""
+
+    path: Path = Path("ketanode-data/reports")
+    # Also report a series that quality control stopped ("NOT SCORED" and why).
+    not_scored: bool = True
+    # A PNG copy of the report page next to the DICOM files (for admins and the dashboard).
+    png: bool = True
+
+
 class Settings(_Section):
     node: NodeSettings = Field(default_factory=NodeSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
@@ -222,7 +280,18 @@ class Settings(_Section):
     series: SeriesSettings = Field(default_factory=SeriesSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    reports: ReportsSettings = Field(default_factory=ReportsSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"destination names must be unique (repeated: {', '.join(dup)})")
+        return self
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -283,3 +283,104 @@ class Prediction(Base):
     synthetic: Mapped[bool] = mapped_column(Boolean, default=False)
     label: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ResultStatus(enum.StrEnum):
+    SCORED = "scored"
+    NOT_SCORED = "not_scored"  # examined, but quality control stopped it before a prediction
+
+
+class Result(Base):
+    """What one job concluded, as sent back to PACS: one row per job.
+
+    The newest result of a series is ``current``; older ones (the series was received again)
+    are kept. Class, probability and model are empty for a result that was not scored.
+    """
+
+    __tablename__ = "result"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), unique=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    predicted_class: Mapped[str | None] = mapped_column(String(32))
+    probability: Mapped[float | None] = mapped_column(Float)
+    decision_value: Mapped[float | None] = mapped_column(Float)
+    prediction_id: Mapped[int | None] = mapped_column(ForeignKey("prediction.id"))
+    model_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_synthetic: Mapped[bool] = mapped_column(Boolean, default=False)
+    model_label: Mapped[str | None] = mapped_column(Text)
+    qc_outcome: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str | None] = mapped_column(Text)
+    qc_checks: Mapped[list[Any]]
+    volumes: Mapped[dict[str, Any]]
+    contributions: Mapped[dict[str, Any]]
+    software_version: Mapped[str] = mapped_column(String(32))
+    current: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
+    job_started_at: Mapped[dt.datetime | None]
+    processing_seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+    objects: Mapped[list[EmittedObject]] = relationship(
+        back_populates="result", order_by="EmittedObject.id"
+    )
+
+
+class ObjectKind(enum.StrEnum):
+    SR = "sr"
+    REPORT_IMAGE = "report_image"
+
+
+class EmittedObject(Base):
+    """A DICOM object the node made (the SR, the report image): its UIDs and file."""
+
+    __tablename__ = "emitted_object"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("result.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    result: Mapped[Result] = relationship(back_populates="objects")
+    outbox: Mapped[list[OutboxItem]] = relationship(back_populates="object")
+
+
+class DispatchState(enum.StrEnum):
+    PENDING = "pending"
+    RETRYING = "retrying"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class OutboxItem(Base):
+    """One object to one destination: ``pending -> sent | retrying(attempts, next_at) -> dead``.
+    The dispatcher reads only this table; an operator re-queues dead rows."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    object_id: Mapped[int] = mapped_column(ForeignKey("emitted_object.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=DispatchState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[dt.datetime | None]
+
+    object: Mapped[EmittedObject] = relationship(back_populates="outbox")
+
+    __table_args__ = (
+        Index("ix_outbox_due", "state", "next_at"),
+        Index("uq_outbox_object_destination", "object_id", "destination", unique=True),
+    )
