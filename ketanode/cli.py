@@ -316,20 +316,27 @@ def measure(
 
 @app.command()
 def demo(
+    ctx: typer.Context,
     data_dir: Annotated[Path, typer.Option(help="Where the demo node keeps its data.")] = Path(
         "ketanode-demo"
     ),
     as_json: JsonOpt = False,
 ) -> None:
-    """Start a node on embedded defaults, send it a generated study, show what it did."""
+    """Start a node on embedded defaults, send it a generated study, show what it did: the
+    result, the SR and the report image written (and sent to the configured destinations)."""
     from ketanode.demo import run_demo
 
     setup_logging(_settings_for_demo())
-    result = run_demo(data_dir.resolve())
+    result = run_demo(data_dir.resolve(), destinations=_settings(ctx).destinations)
     if as_json:
         print(
             json.dumps(
-                {"data_dir": str(result.data_dir), "sent": result.sent, "series": result.series},
+                {
+                    "data_dir": str(result.data_dir),
+                    "sent": result.sent,
+                    "series": result.series,
+                    "results": result.results,
+                },
                 indent=2,
                 default=str,
             )
@@ -352,10 +359,11 @@ def demo(
                 by_name = {st["name"]: st["detail"] or {} for st in job["steps"]}
                 if "measure" in by_name:
                     _print_demo_measurement(by_name, result.truth)
+        _print_demo_reports(result.results)
         console.print(
             f"database: {result.data_dir / 'ketanode.db'}; look with "
             f"`KETANODE__DATABASE__URL=sqlite:///{result.data_dir / 'ketanode.db'} "
-            "ketanode series list`"
+            "ketanode results list` (or `series list`, `dispatch list`)"
         )
     states = {s["state"] for s in result.series}
     if not ({"done", "ignored"} <= states):
@@ -388,6 +396,25 @@ def _print_demo_measurement(by_name: dict[str, Any], truth: dict[str, Any]) -> N
         )
         if model["synthetic"]:
             console.print(f"[bold yellow]{model['label']}[/bold yellow]")
+
+
+def _print_demo_reports(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        console.print(f"[bold]result {r['id']}[/bold] ({r['status']}); what goes back to PACS:")
+        for o in r["objects"]:
+            kind = "Structured Report" if o["kind"] == "sr" else "report image"
+            console.print(f"  {kind}: {o['path']}")
+            if o.get("png"):
+                console.print(
+                    f"    the page as PNG (open it to see what the radiologist sees): {o['png']}"
+                )
+            for dest, state in o["dispatch"].items():
+                console.print(f"    sent to {dest}: {state}")
+            if not o["dispatch"]:
+                console.print(
+                    "    not sent: no destination configured (add [[destinations]] to a "
+                    "settings file and run `ketanode -c FILE demo`)"
+                )
 
 
 def _settings_for_demo() -> Any:

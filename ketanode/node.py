@@ -13,6 +13,7 @@ from ketanode.config import Settings
 from ketanode.db.migrate import current_revision, head_revision, upgrade
 from ketanode.db.session import make_engine, make_session_factory
 from ketanode.dicom.associations import AssociationLog
+from ketanode.dicom.dispatcher import Dispatcher
 from ketanode.dicom.listener import Listener
 from ketanode.dicom.spool import Spool
 from ketanode.dicom.store import StoreService
@@ -46,7 +47,8 @@ class Node:
         self.node_name = f"{socket.gethostname()}/{settings.node.ae_title}"
         self.spool = Spool(settings.spool.path, int(settings.spool.min_free_mb * 2**20))
         self.timers = Timers()
-        self.workers = WorkerPool(self.sessions, settings, self.owner)
+        self.dispatcher = Dispatcher(self.sessions, settings)
+        self.workers = WorkerPool(self.sessions, settings, self.owner, on_job_ended=self._job_ended)
         self.tracker = CompletionTracker(self.sessions, settings, on_queued=self.workers.wake)
         self.associations = AssociationLog(
             self.sessions,
@@ -71,6 +73,10 @@ class Node:
             self.settings.series.grace_seconds + 0.05,
             self.tracker.sweep,
         )
+
+    def _job_ended(self, _job_id: int) -> None:
+        if self.settings.destinations:
+            self.timers.soon("dispatch-after-job", 0.0, self.dispatcher.run)
 
     def _series_stored(self, _series_id: int, expected_reached: bool) -> None:
         if expected_reached:
@@ -100,6 +106,9 @@ class Node:
             lambda: renew(self.sessions, self.owner, cfg.pipeline.lease_seconds),
         )
         self.timers.every("recovery-sweep", 30.0, lambda: recover(self.sessions))
+        if cfg.destinations:
+            self.timers.every("dispatch", cfg.dispatch.interval_seconds, self.dispatcher.run)
+            self.timers.soon("dispatch-at-start", 0.0, self.dispatcher.run)
         self.timers.start()
         self.workers.start()
         self.workers.wake()

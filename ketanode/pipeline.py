@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ketanode import prediction
+from ketanode import prediction, reporting
 from ketanode.config import Settings
 from ketanode.db.models import Instance, Job, JobStep, Series, utcnow
 from ketanode.dicom.sop import PROCESSED_SOP_CLASSES
@@ -98,6 +98,11 @@ def step_predict(ctx: JobContext) -> dict[str, Any]:
     )
 
 
+def step_report(ctx: JobContext) -> dict[str, Any]:
+    """The result row, the SR and the report image on disk, their outbox rows: one commit."""
+    return reporting.report_scored(ctx)
+
+
 STEPS: list[tuple[str, Step]] = [
     ("convert", step_convert),
     ("qc_input", step_qc_input),
@@ -107,6 +112,7 @@ STEPS: list[tuple[str, Step]] = [
     ("measure", step_measure),
     ("qc", step_qc),
     ("predict", step_predict),
+    ("report", step_report),
 ]
 
 
@@ -162,10 +168,27 @@ def _record_step(
 
 def steps_for(settings: Settings) -> list[tuple[str, Step]]:
     """The node's steps: conversion, then measurement when ``pipeline.measure`` is on, then
-    prediction when ``model.predict`` is on too."""
+    prediction and the report (SR, report image, outbox) when ``model.predict`` is on too."""
     if not settings.pipeline.measure:
         return STEPS[:1]
-    return STEPS if settings.model.predict else STEPS[:-1]
+    return STEPS if settings.model.predict else STEPS[:-2]
+
+
+def _report_not_scored(
+    sessions: sessionmaker[Session], ctx: JobContext, step: str, exc: QCFailed
+) -> None:
+    """Quality control stopped the job: report "NOT SCORED" and why (recorded as the
+    ``report`` step). A failure here is logged and recorded; the job keeps its QC reason."""
+    started = time.perf_counter()
+    try:
+        detail = reporting.report_not_scored(ctx, step, exc)
+    except Exception as report_exc:
+        seconds = time.perf_counter() - started
+        logger.exception("job %s: could not report the QC failure", ctx.job_id)
+        error = f"{type(report_exc).__name__}: {report_exc}"
+        _record_step(sessions, ctx, "report", False, seconds, None, error[:4000])
+        return
+    _record_step(sessions, ctx, "report", True, time.perf_counter() - started, detail, None)
 
 
 def run_job(
@@ -189,7 +212,9 @@ def run_job(
         ctx.attempt,
         len(ctx.files),
     )
-    for name, fn in steps or steps_for(settings):
+    chosen = steps or steps_for(settings)
+    reports = settings.reports.not_scored and any(n == "report" for n, _ in chosen)
+    for name, fn in chosen:
         started = time.perf_counter()
         try:
             detail = fn(ctx)
@@ -201,6 +226,8 @@ def run_job(
                 "job %s: step %s failed after %.2f s: %s", job_id, name, seconds, type(exc).__name__
             )
             _record_step(sessions, ctx, name, False, seconds, None, error[:4000])
+            if reports and isinstance(exc, QCFailed):
+                _report_not_scored(sessions, ctx, name, exc)
             finish(sessions, job_id, owner, ok=False, failed_step=name, error=error[:4000])
             return False
         seconds = time.perf_counter() - started

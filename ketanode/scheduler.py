@@ -1,4 +1,4 @@
-"""APScheduler timers: series completion, lease renewal, recovery sweep."""
+"""APScheduler timers: series completion, lease renewal, recovery sweep, dispatch retries."""
 
 from __future__ import annotations
 

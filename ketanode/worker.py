@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -86,8 +87,15 @@ def describe_exit(code: int | None) -> str:
 
 
 class WorkerPool:
-    def __init__(self, sessions: sessionmaker[Session], settings: Settings, owner: str) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        settings: Settings,
+        owner: str,
+        on_job_ended: Callable[[int], None] | None = None,
+    ) -> None:
         self.sessions = sessions
+        self.on_job_ended = on_job_ended  # e.g. wake the dispatcher
         self.settings = settings
         self.owner = owner
         self._wake = threading.Event()
@@ -138,6 +146,11 @@ class WorkerPool:
                 self._run(job_id)
             except Exception:
                 logger.exception("job %s: the worker failed to run it", job_id)
+            if self.on_job_ended is not None:
+                try:
+                    self.on_job_ended(job_id)
+                except Exception:
+                    logger.exception("job %s: the end-of-job callback failed", job_id)
 
     def _run(self, job_id: int) -> None:
         child = _CONTEXT.Process(

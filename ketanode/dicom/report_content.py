@@ -21,6 +21,7 @@ from typing import Any
 RESPONDER, NON_RESPONDER = "responder", "non-responder"
 QC_OUTCOMES = ("pass", "warn", "fail")
 RESEARCH_USE_ONLY = "RESEARCH USE ONLY"
+NOT_SCORED = "NOT SCORED"
 DEMO_TEXT = "DEMONSTRATION MODEL trained on synthetic data - not a clinical prediction"
 DISCLAIMER = (
     "RESEARCH USE ONLY. Not a medical device; not for diagnosis or treatment decisions. "
@@ -29,9 +30,16 @@ DISCLAIMER = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ResultForReport:
-    """One job's result, as the SR and the report image show it.
+    """One job's result, as the SR and the report image show it (keyword construction only).
+
+    A result is either *scored* (``predicted_class`` set: probability, decision value and
+    the model fields are then required) or *not scored*: the series was examined but no
+    prediction was made (e.g. quality control failed); ``predicted_class``, ``probability``
+    and ``decision_value`` are then ``None`` and ``not_scored_reason`` says why. The model
+    fields may be ``None`` when no model was applied. The builders show neither
+    contributions nor volumes of a not-scored result.
 
     ``contributions`` are the per-input terms of the SVC decision value
     (``coef * scaled value``, model inputs only); ``volumes`` are measured volumes in mL by
@@ -45,41 +53,69 @@ class ResultForReport:
     :func:`ketanode.dicom.report_image.write_native_territories`).
     """
 
-    predicted_class: str
-    probability: float
-    decision_value: float
     contributions: Mapping[str, float]
     volumes: Mapping[str, float]
     qc_outcome: str
     qc_checks: Sequence[Mapping[str, Any]]
-    model_name: str
-    model_version: str
-    model_sha256: str
     model_synthetic: bool
-    model_label: str
     feature_spec_name: str
     feature_spec_sha256: str
     software_version: str
+    predicted_class: str | None = None
+    probability: float | None = None
+    decision_value: float | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    model_sha256: str | None = None
+    model_label: str | None = None
+    not_scored_reason: str | None = None
     t1_path: Path | None = None
     gm_path: Path | None = None
     territories_path: Path | None = None
     region_names: Sequence[str] = field(default_factory=tuple)
 
+    @property
+    def scored(self) -> bool:
+        """Whether a prediction was made (``predicted_class`` is set)."""
+        return self.predicted_class is not None
+
     def __post_init__(self) -> None:
-        if self.predicted_class not in (RESPONDER, NON_RESPONDER):
-            raise ValueError(f"predicted_class must be {RESPONDER!r} or {NON_RESPONDER!r}")
-        if not (math.isfinite(self.probability) and 0.0 <= self.probability <= 1.0):
-            raise ValueError("probability must be within [0, 1]")
-        if not math.isfinite(self.decision_value):
-            raise ValueError("decision_value must be finite")
+        if self.scored:
+            self._check_scored()
+        else:
+            self._check_not_scored()
         if self.qc_outcome not in QC_OUTCOMES:
             raise ValueError(f"qc_outcome must be one of {QC_OUTCOMES}")
         sha = self.model_sha256
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
             raise ValueError("model_sha256 must be 64 lower-case hex digits")
         for name, v in {**self.volumes, **self.contributions}.items():
             if not math.isfinite(float(v)):
                 raise ValueError(f"{name} is not finite")
+
+    def _check_scored(self) -> None:
+        if self.predicted_class not in (RESPONDER, NON_RESPONDER):
+            raise ValueError(f"predicted_class must be {RESPONDER!r} or {NON_RESPONDER!r}")
+        if self.probability is None or not (
+            math.isfinite(self.probability) and 0.0 <= self.probability <= 1.0
+        ):
+            raise ValueError("probability must be within [0, 1]")
+        if self.decision_value is None or not math.isfinite(self.decision_value):
+            raise ValueError("decision_value must be finite")
+        for name in ("model_name", "model_version", "model_sha256", "model_label"):
+            if getattr(self, name) is None:
+                raise ValueError(f"a scored result needs {name}")
+        if self.not_scored_reason is not None:
+            raise ValueError("a scored result has no not_scored_reason")
+
+    def _check_not_scored(self) -> None:
+        given = [
+            name for name in ("probability", "decision_value") if getattr(self, name) is not None
+        ]
+        if given:
+            raise ValueError(f"a result without predicted_class has no {', '.join(given)}")
+        if not (self.not_scored_reason or "").strip():
+            raise ValueError("a result without predicted_class needs a not_scored_reason")
 
     def drivers(self, n: int | None = None) -> list[tuple[str, float]]:
         """Model inputs by decreasing |contribution| (the regions that drive the decision)."""
@@ -122,3 +158,18 @@ def check_text(check: Mapping[str, Any]) -> str:
     desc = str(check.get("description") or "").strip()
     text = f"{check.get('name')} = {shown} ({check.get('outcome')})"
     return f"{text}: {desc}" if desc else text
+
+
+def not_scored_cause(result: ResultForReport) -> str:
+    """Why a result is not scored, in a few words: ``quality control failed`` when the QC
+    outcome is ``fail``, else the reason's first part (up to its first colon)."""
+    if result.qc_outcome == "fail":
+        return "quality control failed"
+    reason = (result.not_scored_reason or "").strip()
+    first = reason.split(":", 1)[0].strip() or reason
+    return first if len(first) <= 60 else first[:57] + "..."
+
+
+def not_scored_headline(result: ResultForReport) -> str:
+    """``NOT SCORED - quality control failed`` (or the reason's first part)."""
+    return f"{NOT_SCORED} - {not_scored_cause(result)}"

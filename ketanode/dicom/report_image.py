@@ -14,6 +14,11 @@ Images come from :class:`~ketanode.dicom.report_content.ResultForReport`: ``t1_p
 ``region_names[k-1]``; :func:`write_native_territories` writes it from the pipeline's
 registration). Without territories the slices show the GM map and the driving regions are
 listed in text only. Without a T1 the page has no slices.
+
+A *not scored* result (no prediction: e.g. quality control failed) gets its own page: the
+title, a red "NOT SCORED" headline with its cause ("quality control failed"), the reason, the
+failing and warning QC checks, the software (and model, if any), the T1 slices (with the GM
+map when given) and the disclaimer; no result, no contributions.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ matplotlib.use("Agg")
 
 import nibabel as nib
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -41,11 +47,14 @@ from pydicom.uid import generate_uid
 from ketanode.dicom.report_content import (
     DEMO_TEXT,
     DISCLAIMER,
+    NOT_SCORED,
     RESEARCH_USE_ONLY,
     RESPONDER,
     ResultForReport,
     check_text,
     display_name,
+    not_scored_cause,
+    not_scored_headline,
     region_of,
 )
 
@@ -81,6 +90,8 @@ class _Volumes:
         t1 = _canonical(result.t1_path)
         self.zooms = tuple(float(z) for z in t1.header.get_zooms()[:3])
         self.t1 = np.asarray(t1.get_fdata(dtype=np.float32), dtype=np.float32)
+        if self.t1.ndim > 3:
+            self.t1 = np.ascontiguousarray(self.t1.reshape(*self.t1.shape[:3], -1)[..., 0])
         self.gm: F32 | None = None
         self.terr: NDArray[np.int16] | None = None
         if result.gm_path is not None and Path(result.gm_path).is_file():
@@ -195,9 +206,6 @@ def _draw_slices(
     views = ("axial", "coronal", "sagittal")
     rows = len(centres)
     cell_h = height / rows
-    from matplotlib.colors import LinearSegmentedColormap
-
-    gm_cmap = LinearSegmentedColormap.from_list("gm", ["#ffd000", "#ff3000"])
     # panel widths follow each view's displayed width/height so the slices fill the row
     shape = vols.t1.shape
     dims = {
@@ -215,57 +223,101 @@ def _draw_slices(
         for c, view in enumerate(views):
             y0 = top - (r + 1) * cell_h + (cell_h - h_px / HEIGHT) / 2
             ax = fig.add_axes((lefts[c], y0, widths[c], h_px / HEIGHT))
-            ax.set_facecolor("black")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_color("#333333")
             idx = int(np.clip(centre[_VIEW_AXIS[view]], 0, vols.t1.shape[_VIEW_AXIS[view]] - 1))
-            t1 = _slice(vols.t1n, view, idx)
-            aspect = _aspect(vols.zooms, view)
-            ax.imshow(t1, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="bilinear")
-            if vols.gm is not None:
-                gm = _slice(vols.gm, view, idx)
-                rgba = gm_cmap(gm)
-                rgba[..., 3] = np.where(gm > 0.25, 0.55 * gm, 0.0)
-                ax.imshow(rgba, aspect=aspect, interpolation="bilinear")
-            if vols.terr is not None:
-                terr = _slice(vols.terr, view, idx)
-                for i, (_, _, k) in enumerate(drivers):
-                    if not k:
-                        continue
-                    mask = (terr == k).astype(np.float32)
-                    if mask.any():
-                        ax.contour(
-                            mask,
-                            levels=[0.5],
-                            colors=[REGION_COLOURS[i % len(REGION_COLOURS)]],
-                            linewidths=2.6,
-                        )
-            left, right = _VIEW_MARKS[view]
-            for x, mark, ha in ((0.01, left, "left"), (0.99, right, "right")):
-                ax.text(
-                    x,
-                    0.5,
-                    mark,
-                    color=FG,
-                    fontsize=20,
-                    weight="bold",
-                    ha=ha,
-                    va="center",
-                    transform=ax.transAxes,
-                    bbox={"facecolor": "black", "edgecolor": "none", "alpha": 0.6, "pad": 2},
+            _draw_panel(ax, vols, view, idx, drivers)
+
+
+def _draw_panel(
+    ax: Axes,
+    vols: _Volumes,
+    view: str,
+    idx: int,
+    drivers: Sequence[tuple[str, float, int | None]],
+) -> None:
+    """One slice: the T1, the GM map overlaid, the drivers' territories outlined."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    gm_cmap = LinearSegmentedColormap.from_list("gm", ["#ffd000", "#ff3000"])
+    ax.set_facecolor("black")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color("#333333")
+    t1 = _slice(vols.t1n, view, idx)
+    aspect = _aspect(vols.zooms, view)
+    ax.imshow(t1, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="bilinear")
+    if vols.gm is not None:
+        gm = _slice(vols.gm, view, idx)
+        rgba = gm_cmap(gm)
+        rgba[..., 3] = np.where(gm > 0.25, 0.55 * gm, 0.0)
+        ax.imshow(rgba, aspect=aspect, interpolation="bilinear")
+    if vols.terr is not None:
+        terr = _slice(vols.terr, view, idx)
+        for i, (_, _, k) in enumerate(drivers):
+            if not k:
+                continue
+            mask = (terr == k).astype(np.float32)
+            if mask.any():
+                ax.contour(
+                    mask,
+                    levels=[0.5],
+                    colors=[REGION_COLOURS[i % len(REGION_COLOURS)]],
+                    linewidths=2.6,
                 )
-            ax.text(
-                0.02,
-                0.97,
-                view,
-                color=DIM,
-                fontsize=18,
-                transform=ax.transAxes,
-                va="top",
-                ha="left",
-            )
+    left, right = _VIEW_MARKS[view]
+    for x, mark, ha in ((0.01, left, "left"), (0.99, right, "right")):
+        ax.text(
+            x,
+            0.5,
+            mark,
+            color=FG,
+            fontsize=20,
+            weight="bold",
+            ha=ha,
+            va="center",
+            transform=ax.transAxes,
+            bbox={"facecolor": "black", "edgecolor": "none", "alpha": 0.6, "pad": 2},
+        )
+    ax.text(
+        0.02,
+        0.97,
+        view,
+        color=DIM,
+        fontsize=18,
+        transform=ax.transAxes,
+        va="top",
+        ha="left",
+    )
+
+
+def _thin_axis(vols: _Volumes) -> int | None:
+    """The axis along which the image is a thin slab (extent < 40 % of the largest), if any."""
+    extent = np.array(vols.t1.shape[:3], dtype=float) * np.array(vols.zooms[:3])
+    axis = int(np.argmin(extent))
+    return axis if extent[axis] < 0.4 * float(extent.max()) else None
+
+
+def _draw_slab(fig: Figure, vols: _Volumes, axis: int, top: float, height: float) -> None:
+    """Up to three slices in the slab's plane (through its quarter, middle, three quarters)
+    side by side: a thin slab's other views would be slivers."""
+    view = {v: k for k, v in _VIEW_AXIS.items()}[axis]
+    n = vols.t1.shape[axis]
+    picks = sorted({int(round(q * (n - 1))) for q in (0.25, 0.5, 0.75)})
+    dims = {
+        "axial": (vols.t1.shape[0], vols.t1.shape[1]),
+        "coronal": (vols.t1.shape[0], vols.t1.shape[2]),
+        "sagittal": (vols.t1.shape[1], vols.t1.shape[2]),
+    }[view]
+    ratio = dims[0] / (dims[1] * _aspect(vols.zooms, view))
+    gap = 12.0
+    k = len(picks)
+    h_px = min(height * HEIGHT - gap, (0.96 * WIDTH - gap * (k - 1)) / (k * ratio))
+    w = ratio * h_px / WIDTH
+    x0 = 0.5 - (k * w + gap * (k - 1) / WIDTH) / 2
+    y0 = top - height + (height - h_px / HEIGHT) / 2
+    for i, idx in enumerate(picks):
+        ax = fig.add_axes((x0 + i * (w + gap / WIDTH), y0, w, h_px / HEIGHT))
+        _draw_panel(ax, vols, view, idx, [])
 
 
 def _draw_contributions(
@@ -307,13 +359,8 @@ def _draw_contributions(
     ax.set_xlim(-lim, lim)
 
 
-def _text_block(
-    fig: Figure,
-    result: ResultForReport,
-    has_territories: bool,
-    drivers: Sequence[tuple[str, float, int | None]],
-) -> float:
-    """Title, warnings, result, model and QC lines; returns the y below them."""
+def _title(fig: Figure, result: ResultForReport) -> float:
+    """Title, subtitle and the demonstration-model banner; returns the y below them."""
     fig.text(
         0.5,
         0.985,
@@ -351,6 +398,18 @@ def _text_block(
             color="black",
         )
         y -= 0.055
+    return y
+
+
+def _text_block(
+    fig: Figure,
+    result: ResultForReport,
+    has_territories: bool,
+    drivers: Sequence[tuple[str, float, int | None]],
+) -> float:
+    """Title, warnings, result, model and QC lines; returns the y below them."""
+    assert result.probability is not None and result.decision_value is not None
+    y = _title(fig, result)
     cls = "RESPONDER" if result.predicted_class == RESPONDER else "NON-RESPONDER"
     colour = TOWARD_RESPONDER if result.predicted_class == RESPONDER else TOWARD_NON
     fig.text(0.03, y, "Predicted:", fontsize=30, color=DIM, va="top")
@@ -375,11 +434,9 @@ def _text_block(
         va="top",
     )
     y -= 0.028
-    model = (
-        f"Model: {result.model_name} ({result.model_version})   SHA-256 "
-        f"{result.model_sha256[:16]}   software {result.software_version}"
+    fig.text(
+        0.03, y, _model_line(result), fontsize=20, color=FG, va="top", family="DejaVu Sans Mono"
     )
-    fig.text(0.03, y, model, fontsize=20, color=FG, va="top", family="DejaVu Sans Mono")
     y -= 0.026
     qc_colour = QC_COLOURS[result.qc_outcome]
     fig.text(0.03, y, "QC:", fontsize=22, color=FG, va="top")
@@ -424,6 +481,89 @@ def _text_block(
     return y
 
 
+def _model_line(result: ResultForReport) -> str:
+    software = f"software {result.software_version}"
+    if result.model_name is None and result.model_sha256 is None:
+        return f"Model: none applied   {software}"
+    version = f" ({result.model_version})" if result.model_version else ""
+    sha = f"   SHA-256 {result.model_sha256[:16]}" if result.model_sha256 else ""
+    return f"Model: {result.model_name or 'unnamed'}{version}{sha}   {software}"
+
+
+def _not_scored_block(fig: Figure, result: ResultForReport) -> float:
+    """Title, the NOT SCORED headline, the reason, the flagged QC checks and the software
+    line of a not-scored result; returns the y below them."""
+    y = _title(fig, result)
+    box = 0.105
+    fig.patches.append(
+        Rectangle((0.02, y - box), 0.96, box, transform=fig.transFigure, color=FAIL, zorder=0)
+    )
+    fig.text(
+        0.5,
+        y - 0.037,
+        NOT_SCORED,
+        ha="center",
+        va="center",
+        fontsize=70,
+        weight="bold",
+        color="black",
+    )
+    fig.text(
+        0.5,
+        y - 0.083,
+        _fit(not_scored_cause(result), 48),
+        ha="center",
+        va="center",
+        fontsize=36,
+        weight="bold",
+        color="black",
+    )
+    y -= box + 0.014
+    fig.text(
+        0.03,
+        y,
+        "No prediction was made for this series.",
+        fontsize=26,
+        weight="bold",
+        color=FG,
+        va="top",
+    )
+    y -= 0.034
+    fig.text(0.03, y, "Reason:", fontsize=22, color=DIM, va="top")
+    lines = _wrap((result.not_scored_reason or "").strip(), 78).splitlines() or ["-"]
+    if len(lines) > 4:
+        lines = [*lines[:3], _fit(lines[3] + " ...", 78)]
+    fig.text(0.15, y, "\n".join(lines), fontsize=22, color=FG, va="top", linespacing=1.25)
+    y -= 0.0195 * len(lines) + 0.012
+    fig.text(0.03, y, "QC:", fontsize=22, color=FG, va="top")
+    fig.text(
+        0.075,
+        y,
+        result.qc_outcome.upper(),
+        fontsize=22,
+        weight="bold",
+        color=QC_COLOURS[result.qc_outcome],
+        va="top",
+    )
+    flagged = result.flagged_checks()
+    if not flagged:
+        fig.text(0.16, y, "no failing or warning check recorded", fontsize=20, color=DIM, va="top")
+        y -= 0.024
+    for i, check in enumerate(flagged[:5]):
+        colour = QC_COLOURS.get(str(check.get("outcome")), DIM)
+        fig.text(0.16, y, _fit(check_text(check), 88), fontsize=20, color=colour, va="top")
+        y -= 0.024
+        if i == 4 and len(flagged) > 5:
+            fig.text(0.16, y, f"+{len(flagged) - 5} more", fontsize=20, color=DIM, va="top")
+            y -= 0.024
+    y -= 0.006
+    fig.text(
+        0.03, y, _model_line(result), fontsize=18, color=DIM, va="top", family="DejaVu Sans Mono"
+    )
+    y -= 0.03
+    return y
+
+
 def _fit(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
@@ -432,6 +572,9 @@ def render_report_page(result: ResultForReport) -> NDArray[np.uint8]:
     """The report page as an RGB array (HEIGHT x WIDTH x 3, uint8)."""
     fig = Figure(figsize=(WIDTH / 100, HEIGHT / 100), dpi=100, facecolor=BG)
     canvas = FigureCanvasAgg(fig)
+    if not result.scored:
+        _not_scored_page(fig, result)
+        return _pixels(canvas)
     has_t1 = result.t1_path is not None and Path(result.t1_path).is_file()
     vols = _Volumes(result) if has_t1 else None
     drivers = _driver_regions(result)
@@ -452,6 +595,37 @@ def render_report_page(result: ResultForReport) -> NDArray[np.uint8]:
     else:
         fig.text(0.5, (y + legend_y) / 2, "no image available", ha="center", fontsize=24, color=DIM)
     _draw_contributions(fig, result, drivers, (0.22, 0.085, 0.74, 0.175))
+    _disclaimer(fig)
+    return _pixels(canvas)
+
+
+def _not_scored_page(fig: Figure, result: ResultForReport) -> None:
+    y = _not_scored_block(fig, result)
+    legend_y = 0.1
+    vols: _Volumes | None = None
+    if result.t1_path is not None and Path(result.t1_path).is_file():
+        try:  # the series failed QC: its image may be odd; the page must still be made
+            vols = _Volumes(result)
+            axis = _thin_axis(vols)
+            if axis is None:
+                _draw_slices(fig, vols, [], top=y, height=y - legend_y - 0.005)
+            else:
+                _draw_slab(fig, vols, axis, top=y, height=y - legend_y - 0.005)
+        except Exception:
+            logger.warning("report page: T1 slices not drawn", exc_info=True)
+            for ax in list(fig.axes):
+                ax.remove()
+            vols = None
+    if vols is not None:
+        gm = " with grey-matter probability (yellow-red)" if vols.gm is not None else ""
+        legend = f"T1 as received{gm}; {not_scored_headline(result)}, no prediction was made"
+        fig.text(0.03, legend_y, _fit(legend, 140), fontsize=16, color=DIM, va="top")
+    else:
+        fig.text(0.5, (y + legend_y) / 2, "no image available", ha="center", fontsize=24, color=DIM)
+    _disclaimer(fig)
+
+
+def _disclaimer(fig: Figure) -> None:
     fig.text(
         0.5,
         0.012,
@@ -463,6 +637,9 @@ def render_report_page(result: ResultForReport) -> NDArray[np.uint8]:
         weight="bold",
         linespacing=1.3,
     )
+
+
+def _pixels(canvas: FigureCanvasAgg) -> NDArray[np.uint8]:
     canvas.draw()  # type: ignore[no-untyped-call]
     rgba = np.asarray(canvas.buffer_rgba())  # type: ignore[no-untyped-call]
     return np.ascontiguousarray(rgba[..., :3]).astype(np.uint8)
@@ -528,7 +705,10 @@ def build_report_image(
     # an unpaired body part: General Series Laterality (Type 2C) is then absent
     sc.BodyPartExamined = str(ref.get("BodyPartExamined") or "") or "BRAIN"
     sc.BurnedInAnnotation = "NO"  # text is drawn, but no patient identifiers
-    sc.ImageComments = f"{RESEARCH_USE_ONLY}. ketanode report page; see the SR of this study."
+    comment = "" if result.scored else f": {not_scored_headline(result)}"
+    sc.ImageComments = (
+        f"{RESEARCH_USE_ONLY}. ketanode report page{comment}; see the SR of this study."
+    )
     sc.DerivationDescription = "Report page rendered from the source series' T1"
     logger.info(
         "report image built: SOP instance %s, series %s, study %s (%dx%d)",

@@ -10,16 +10,22 @@ Layout of the content tree::
         CONTAINER Measurement Group (TID 1501)
           Tracking Identifier / Tracking Unique Identifier
           Finding = Ketamine response prediction (99KETANODE)
-          Algorithm Name "ketanode", Version, Parameters (model, model SHA-256,
-            synthetic demonstration model yes/no, feature spec)
-          CODE Predicted response to ketamine = Responder | Non-responder
+          Algorithm Name "ketanode", Version (the node software's), Parameters (model,
+            model SHA-256, synthetic demonstration model yes/no, feature spec; the model
+            ones only when a model was applied)
+          CODE Predicted response to ketamine = Responder | Non-responder   (scored only)
           CODE Quality control outcome = Pass | Warning | Fail
-          NUM Probability of response (1), NUM SVC decision value (1)
+          NUM Probability of response (1), NUM SVC decision value (1)        (scored only)
           NUM Grey matter volume (ml) + Finding Site (+ Laterality), for each region
           NUM Contribution to decision value (1) + the same Finding Site, for each model input
           NUM Volume (ml) of white matter / CSF / intracranial structure (when given)
+          TEXT Not scored reason                                            (not scored only)
           TEXT Quality control check, one per failing or warning check
           TEXT Model label, TEXT Research use only notice, TEXT demonstration-model notice
+
+A *not scored* result (no prediction was made, e.g. quality control failed) has no predicted
+class, probability, decision value, volumes or contributions: the group holds the QC outcome,
+the flagged checks, the not-scored reason and the notices.
 
 Evidence (Current Requested Procedure Evidence Sequence) lists every source instance.
 Concepts without a standard code use the private scheme ``99KETANODE``, declared in the
@@ -84,6 +90,7 @@ QC_CODES = {
     "fail": _private("QCFAIL", "Fail"),
 }
 QC_CHECK = _private("QCCHECK", "Quality control check")
+NOT_SCORED_REASON = _private("NOTSCORED", "Not scored reason")
 MODEL_LABEL = _private("MODELLABEL", "Model label")
 RUO_NOTICE = _private("RUONOTICE", "Research use only notice")
 DEMO_NOTICE = _private("DEMONOTICE", "Demonstration model notice")
@@ -162,22 +169,32 @@ def _ordered_volumes(result: ResultForReport) -> list[str]:
 
 
 def algorithm_identification(result: ResultForReport) -> hd.sr.AlgorithmIdentification:
+    """The node software (name ``ketanode``, its version); model parameters when a model
+    was applied."""
+    model = {
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "model_sha256": result.model_sha256,
+    }
+    parameters = [f"{k}={v}" for k, v in model.items() if v is not None]
+    if parameters:
+        synthetic = "yes" if result.model_synthetic else "no"
+        parameters.append(f"synthetic_demonstration_model={synthetic}")
+    parameters += [
+        f"feature_spec={result.feature_spec_name}",
+        f"feature_spec_sha256={result.feature_spec_sha256}",
+    ]
     return hd.sr.AlgorithmIdentification(
         name="ketanode",
         version=result.software_version,
         manufacturer="ketanode",
-        parameters=[
-            f"model_name={result.model_name}",
-            f"model_version={result.model_version}",
-            f"model_sha256={result.model_sha256}",
-            f"synthetic_demonstration_model={'yes' if result.model_synthetic else 'no'}",
-            f"feature_spec={result.feature_spec_name}",
-            f"feature_spec_sha256={result.feature_spec_sha256}",
-        ],
+        parameters=parameters,
     )
 
 
 def _measurements(result: ResultForReport) -> list[hd.sr.Measurement]:
+    if result.probability is None or result.decision_value is None:
+        return []  # not scored: neither the prediction nor the (unchecked) measurements
     out = [
         hd.sr.Measurement(
             name=_concept(PROBABILITY), value=float(result.probability), unit=_concept(NO_UNITS)
@@ -213,7 +230,16 @@ def _measurements(result: ResultForReport) -> list[hd.sr.Measurement]:
 
 
 def _texts(result: ResultForReport) -> list[hd.sr.TextContentItem]:
-    items = [_text(QC_CHECK, check_text(c)) for c in result.flagged_checks()]
+    items: list[hd.sr.TextContentItem] = []
+    if result.not_scored_reason is not None:
+        # verbatim and whole (a TEXT value may be long): read_sr gives it back unchanged
+        reason = hd.sr.TextContentItem(
+            name=_concept(NOT_SCORED_REASON),
+            value=result.not_scored_reason,
+            relationship_type="CONTAINS",
+        )
+        items.append(reason)
+    items += [_text(QC_CHECK, check_text(c)) for c in result.flagged_checks()]
     if not items:
         n = len(result.qc_checks)
         items.append(_text(QC_CHECK, f"all {n} quality control checks passed"))
@@ -240,19 +266,20 @@ def measurement_report(
             model_name=device_model_name,
         ),
     )
+    evaluations = [
+        hd.sr.QualitativeEvaluation(_concept(QC_OUTCOME), _concept(QC_CODES[result.qc_outcome]))
+    ]
+    if result.predicted_class is not None:
+        predicted = hd.sr.QualitativeEvaluation(
+            _concept(PREDICTED_CLASS), _concept(CLASS_CODES[result.predicted_class])
+        )
+        evaluations.insert(0, predicted)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=TRACKING_ID),
         finding_type=_concept(FINDING),
         algorithm_id=algorithm_identification(result),
-        measurements=_measurements(result),
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(
-                _concept(PREDICTED_CLASS), _concept(CLASS_CODES[result.predicted_class])
-            ),
-            hd.sr.QualitativeEvaluation(
-                _concept(QC_OUTCOME), _concept(QC_CODES[result.qc_outcome])
-            ),
-        ],
+        measurements=_measurements(result) or None,
+        qualitative_evaluations=evaluations,
     )
     group[0].ContentSequence.extend(_texts(result))
     return hd.sr.MeasurementReport(
@@ -336,22 +363,30 @@ def build_sr(
 # --- reading back ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SRValues:
-    """What :func:`read_sr` finds in an SR written by :func:`build_sr`."""
+    """What :func:`read_sr` finds in an SR written by :func:`build_sr`.
 
-    predicted_class: str
-    probability: float
-    decision_value: float
+    For a not-scored SR, ``predicted_class``, ``probability``, ``decision_value`` and
+    ``model_sha256`` are ``None`` and ``not_scored_reason`` holds the reason."""
+
     qc_outcome: str
     volumes: dict[str, float]
     contributions: dict[str, float]
     algorithm: dict[str, str]
     texts: dict[str, list[str]]
+    predicted_class: str | None = None
+    probability: float | None = None
+    decision_value: float | None = None
+    not_scored_reason: str | None = None
 
     @property
-    def model_sha256(self) -> str:
-        return self.algorithm.get("model_sha256", "")
+    def scored(self) -> bool:
+        return self.predicted_class is not None
+
+    @property
+    def model_sha256(self) -> str | None:
+        return self.algorithm.get("model_sha256")
 
     @property
     def model_synthetic(self) -> bool:
@@ -440,14 +475,18 @@ def read_sr(ds: Dataset) -> SRValues:
                 found["algorithm"]["name"] = str(item.TextValue)
             elif name == ("DCM", "111003"):
                 found["algorithm"]["version"] = str(item.TextValue)
+            elif name == _key(NOT_SCORED_REASON):
+                found["not_scored_reason"] = str(item.TextValue)
             else:
                 meaning = str(item.ConceptNameCodeSequence[0].CodeMeaning)
                 found["texts"].setdefault(meaning, []).append(str(item.TextValue))
-    missing = [
-        k
-        for k in ("predicted_class", "probability", "decision_value", "qc_outcome")
-        if k not in found
-    ]
+    needed: tuple[str, ...] = ("predicted_class", "probability", "decision_value", "qc_outcome")
+    if "not_scored_reason" in found:
+        needed = ("qc_outcome",)
+        scored = [k for k in ("predicted_class", "probability", "decision_value") if k in found]
+        if scored:
+            raise ValueError(f"not a ketanode SR: not scored, yet {', '.join(scored)}")
+    missing = [k for k in needed if k not in found]
     if missing:
         raise ValueError(f"not a ketanode SR: no {', '.join(missing)}")
     return SRValues(**found)

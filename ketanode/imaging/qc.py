@@ -46,6 +46,7 @@ class Check:
 
 class QCFailed(RuntimeError):
     def __init__(self, checks: Sequence[Check]) -> None:
+        self.all_checks = list(checks)  # for the "not scored" report: every check of the step
         self.checks = [c for c in checks if c.outcome == "fail"]
         super().__init__("QC failed: " + "; ".join(c.reason() for c in self.checks))
 

@@ -182,6 +182,7 @@ def test_ge_series_measured_and_refused_by_qc_with_reasons(
         "qc_input",
         "preprocess",
         "qc_registration",
+        "report",  # the "NOT SCORED" SR and page (the job keeps its QC failure)
     ]
     assert job["error"].startswith("QC failed: registration = "), job["error"]
     assert listed["reason"] and "registration = " in listed["reason"], listed

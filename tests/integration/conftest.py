@@ -53,6 +53,7 @@ def build_settings(workdir: Path, db_url: str, overrides: dict[str, Any] | None 
         "series": {"grace_seconds": 1.0, "check_interval_seconds": 0.25},
         # ingest tests: conversion only; the measurement tests switch it on
         "pipeline": {"work_dir": str(workdir / "work"), "workers": 1, "measure": False},
+        "reports": {"path": str(workdir / "reports")},
     }
     return Settings.model_validate(merge(base, overrides or {}))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ketanode import pipeline
-from ketanode.db.models import Job, Series
+from ketanode.db.models import EmittedObject, Job, Result, Series
 from ketanode.imaging.features import default_spec
 from ketanode.imaging.phantom import PhantomSpec, make_phantom, noise_volume, slab_spec
 from ketanode.imaging.series_writer import SeriesSpec
@@ -72,6 +72,17 @@ def test_node_measures_good_series_and_fails_broken_ones_with_reasons(
         assert series.reason is not None and reason in series.reason, (name, series.reason)
         # stopped before anything was measured: no features for an image nobody should trust
         assert "measure" not in {s.name for s in node.steps(job.id)}, name
+        # ... and reported as not scored, with the reason, so the radiologist sees why
+        (result,) = node.all(Result, Result.job_id == job.id)
+        assert (result.status, result.predicted_class, result.qc_outcome) == (
+            "not_scored",
+            None,
+            "fail",
+        )
+        assert result.reason == job.error and result.model_sha256 is None
+        objects = node.all(EmittedObject, EmittedObject.result_id == result.id)
+        assert {o.kind for o in objects} == {"sr", "report_image"}
+        assert all(Path(o.path).is_file() for o in objects)
 
     # -- and the node went on: the good phantom is measured ----------------------------------
     series, job = _final(node, uids["good"])
@@ -79,6 +90,12 @@ def test_node_measures_good_series_and_fails_broken_ones_with_reasons(
     steps = {s.name: s for s in node.steps(job.id)}
     assert list(steps) == [name for name, _ in pipeline.STEPS]  # every step, predict too
     assert all(s.ok and s.seconds > 0 for s in steps.values())
+    (result,) = node.all(Result, Result.job_id == job.id)
+    assert result.status == "scored" and result.current
+    assert result.predicted_class == steps["predict"].detail["predicted_class"]  # type: ignore[index]
+    assert result.volumes == dict(
+        zip(steps["measure"].detail["names"], steps["measure"].detail["vector"], strict=True)  # type: ignore[index]
+    )
     measured = steps["measure"].detail
     assert measured is not None
     spec = default_spec()

@@ -37,7 +37,7 @@ def test_demo_model_predicts_held_out_subjects_from_dicom(
     for expected, uid in uids.items():
         series_row, job = node.wait_job_done(uid, timeout=300)
         steps = {s.name: s for s in node.steps(job.id)}
-        assert list(steps)[-2:] == ["qc", "predict"], list(steps)
+        assert list(steps)[-3:] == ["qc", "predict", "report"], list(steps)
         detail = steps["predict"].detail
         assert detail is not None
         assert detail["predicted_class"] == expected, detail

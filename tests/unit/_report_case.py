@@ -132,3 +132,55 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
 
 def have(tool: str) -> bool:
     return Path(tool).is_file() and shutil.which(tool) is not None
+
+
+NOT_SCORED_REASON = (
+    "QC failed: registration = 0.11 (fail): correlation with the template inside its brain"
+)
+
+
+def not_scored(result: ResultForReport) -> ResultForReport:
+    """The same series, examined but not scored: QC failed (the image is not a head), no
+    model applied, no measurements; the T1 is given, the GM map and territories are not."""
+    return replace(
+        result,
+        predicted_class=None,
+        probability=None,
+        decision_value=None,
+        contributions={},
+        volumes={},
+        qc_outcome="fail",
+        qc_checks=[
+            {
+                "name": "registration",
+                "value": 0.11,
+                "outcome": "fail",
+                "warn": 0.5,
+                "fail": 0.3,
+                "description": "correlation with the template inside its brain",
+            },
+            {
+                "name": "voxel_size",
+                "value": 3.0,
+                "outcome": "warn",
+                "unit": " mm",
+                "description": "largest voxel dimension",
+            },
+            {
+                "name": "coverage",
+                "value": 175.5,
+                "outcome": "pass",
+                "unit": " mm",
+                "description": "smallest field-of-view extent",
+            },
+        ],
+        model_name=None,
+        model_version=None,
+        model_sha256=None,
+        model_synthetic=False,
+        model_label=None,
+        not_scored_reason=NOT_SCORED_REASON,
+        gm_path=None,
+        territories_path=None,
+        region_names=(),
+    )

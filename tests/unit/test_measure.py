@@ -106,7 +106,7 @@ def template_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     settings = Settings()
     ctx = pipeline.JobContext(1, 1, 1, work, [], settings)
     ctx.outputs["convert"] = {"path": str(_template_image(work / "t1.nii.gz"))}
-    for name, fn in pipeline.STEPS[1:-1]:  # the measurement steps (no predict: no database)
+    for name, fn in pipeline.STEPS[1:-2]:  # the measurement steps (no predict, no report)
         ctx.outputs[name] = fn(ctx)
     return ctx.outputs
 
@@ -121,6 +121,7 @@ def test_pipeline_steps_run_on_a_nifti(template_run: dict[str, Any]) -> None:
         "measure",
         "qc",
         "predict",
+        "report",
     ]
     m = template_run["measure"]
     spec = default_spec()

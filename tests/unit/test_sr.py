@@ -17,7 +17,17 @@ from pydicom import Dataset
 
 from ketanode.dicom.report_content import DEMO_TEXT, ResultForReport
 from ketanode.dicom.sr import SCHEME, build_sr, read_sr
-from tests.unit._report_case import DCIODVFY, DSRDUMP, SHA, clinical, dciodvfy, have, make_case
+from tests.unit._report_case import (
+    DCIODVFY,
+    DSRDUMP,
+    NOT_SCORED_REASON,
+    SHA,
+    clinical,
+    dciodvfy,
+    have,
+    make_case,
+    not_scored,
+)
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -201,3 +211,115 @@ def test_logs_hold_no_patient_identifiers(
     assert ds.SOPInstanceUID in caplog.text
     for value in (source[0].PatientID, str(source[0].PatientName)):
         assert value not in caplog.text
+
+
+# --- not scored: examined, QC failed, no prediction ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def not_scored_sr_file(
+    case: tuple[list[Dataset], ResultForReport], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    source, result = case
+    path = tmp_path_factory.mktemp("sr_not_scored") / "sr.dcm"
+    build_sr(source, not_scored(result), device_uid="1.2.826.0.1.3680043.8.498.1").save_as(
+        path, enforce_file_format=True
+    )
+    return path
+
+
+def test_not_scored_reads_back_without_a_prediction(
+    case: tuple[list[Dataset], ResultForReport], not_scored_sr_file: Path
+) -> None:
+    source, _ = case
+    ds = pydicom.dcmread(not_scored_sr_file)
+    assert ds.StudyInstanceUID == source[0].StudyInstanceUID
+    assert ds.SeriesDescription.startswith("RESEARCH USE ONLY")
+    values = read_sr(ds)
+    assert values.scored is False
+    assert values.predicted_class is None
+    assert values.probability is None
+    assert values.decision_value is None
+    assert values.model_sha256 is None
+    assert values.not_scored_reason == NOT_SCORED_REASON
+    assert values.qc_outcome == "fail"
+    assert values.volumes == {} and values.contributions == {}
+    assert values.algorithm["name"] == "ketanode"
+    assert values.algorithm["version"] == "0.1.0"
+    assert "model_name" not in values.algorithm
+    assert values.texts["Quality control check"] == [
+        "registration = 0.11 (fail): correlation with the template inside its brain",
+        "voxel_size = 3 mm (warn): largest voxel dimension",
+    ]
+    assert any("RESEARCH USE ONLY" in t for t in values.texts["Research use only notice"])
+    assert "Demonstration model notice" not in values.texts
+
+
+def test_scored_reads_back_as_scored(sr_file: Path) -> None:
+    values = read_sr(pydicom.dcmread(sr_file))
+    assert values.scored is True and values.not_scored_reason is None
+
+
+def test_not_scored_highdicom_sees_only_the_qc_outcome(not_scored_sr_file: Path) -> None:
+    sr = hd.sr.srread(not_scored_sr_file)
+    assert isinstance(sr.content, hd.sr.MeasurementReport)
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == 1
+    evaluations = {
+        q.name.meaning: cast(Any, q.value).meaning for q in groups[0].get_qualitative_evaluations()
+    }
+    assert evaluations == {"Quality control outcome": "Fail"}
+    assert groups[0].get_measurements() == []
+
+
+@pytest.mark.skipif(not have(DCIODVFY), reason="dicom3tools not installed")
+def test_not_scored_dciodvfy_finds_no_errors(not_scored_sr_file: Path) -> None:
+    errors, warnings = dciodvfy(not_scored_sr_file)
+    assert errors == [], errors
+    assert all("99KETANODE" in w for w in warnings), warnings
+
+
+@pytest.mark.skipif(not have(DSRDUMP), reason="DCMTK not installed")
+def test_not_scored_dsrdump_parses_it(not_scored_sr_file: Path) -> None:
+    proc = subprocess.run(
+        [DSRDUMP, "+Pl", str(not_scored_sr_file)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "error" not in proc.stderr.lower()
+    assert "Comprehensive 3D SR" in out
+    assert "RESEARCH USE ONLY" in out
+    assert '(QCFAIL,99KETANODE,"Fail")' in out
+    assert f'"Not scored reason")="{NOT_SCORED_REASON}"' in out
+    assert "registration = 0.11 (fail)" in out
+    assert "Predicted response to ketamine" not in out
+    assert "Probability of response to ketamine" not in out
+    assert "SVC decision value" not in out
+    assert '"Algorithm Name")="ketanode"' in out
+
+
+def test_scored_and_not_scored_are_validated(
+    case: tuple[list[Dataset], ResultForReport],
+) -> None:
+    _, result = case
+    unscored = not_scored(result)
+    assert unscored.scored is False and result.scored is True
+    with pytest.raises(ValueError, match="not_scored_reason"):
+        replace(unscored, not_scored_reason=None)
+    with pytest.raises(ValueError, match="not_scored_reason"):
+        replace(unscored, not_scored_reason="  ")
+    with pytest.raises(ValueError, match="probability"):
+        replace(result, probability=None)
+    with pytest.raises(ValueError, match="decision_value"):
+        replace(result, decision_value=None)
+    with pytest.raises(ValueError, match="model_sha256"):
+        replace(result, model_sha256=None)
+    with pytest.raises(ValueError, match="not_scored_reason"):
+        replace(result, not_scored_reason="QC failed")
+    with pytest.raises(ValueError, match="probability"):
+        replace(unscored, probability=0.5)
+    with pytest.raises(ValueError, match="model_sha256"):
+        replace(unscored, model_sha256="ABC")
+    # a model may be named on a not-scored result; its SHA-256 is still checked and shown
+    named = replace(unscored, model_name="ketanode-demo", model_version="1", model_sha256=SHA)
+    assert read_sr(build_sr(case[0], named)).model_sha256 == SHA

@@ -1,0 +1,298 @@
+"""What goes back to PACS for one job: the result row, the SR and the report image on disk,
+and one outbox row per object per destination, committed in one transaction.
+
+Two entry points, both run in the job's process:
+
+- :func:`report_scored`: the pipeline's last step, after a prediction;
+- :func:`report_not_scored`: when quality control stopped the job (the radiologist then
+  sees "NOT SCORED" and why in the study, instead of nothing).
+
+A job reports at most once: when its result row exists (the job ran again after a crash
+between the commit and the end of the job), the stored result is returned as it is, so the
+PACS never receives two different SRs for one job. The files are written durably (write,
+fsync, link, fsync the directory; :class:`ketanode.dicom.spool.Spool`) before the rows that
+point at them are committed; a crash in between leaves an orphan file, never a row without
+its file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydicom import Dataset, dcmread
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+import ketanode
+from ketanode.db.models import (
+    DispatchState,
+    EmittedObject,
+    Job,
+    JobStep,
+    ModelRecord,
+    ObjectKind,
+    OutboxItem,
+    Result,
+    ResultStatus,
+    utcnow,
+)
+from ketanode.dicom.report_content import ResultForReport
+from ketanode.dicom.spool import Spool
+from ketanode.imaging.features import default_spec
+from ketanode.imaging.qc import QCFailed
+
+if TYPE_CHECKING:
+    from ketanode.pipeline import JobContext
+
+logger = logging.getLogger(__name__)
+
+QC_STEPS = ("qc_input", "qc_registration", "qc")
+
+
+def _source_headers(ctx: JobContext) -> list[Dataset]:
+    return [dcmread(str(f), stop_before_pixels=True) for f in ctx.files]
+
+
+def _model_version(session: Session, sha256: str) -> str:
+    meta = session.scalar(select(ModelRecord.model_metadata).where(ModelRecord.sha256 == sha256))
+    meta = meta or {}
+    return str(meta.get("version") or str(meta.get("created_at") or "")[:10] or "1")
+
+
+def _qc_checks(ctx: JobContext) -> list[dict[str, Any]]:
+    """Every QC check the job's QC steps recorded (the final QC repeats the header checks:
+    the latest value of a check wins)."""
+    by_name: dict[str, dict[str, Any]] = {}
+    for step in QC_STEPS:
+        for check in ctx.outputs.get(step, {}).get("checks", []):
+            by_name[str(check["name"])] = dict(check)
+    return list(by_name.values())
+
+
+def _volumes(ctx: JobContext) -> dict[str, float]:
+    meas = ctx.outputs.get("measure")
+    if not meas:
+        return {}
+    return {str(k): float(v) for k, v in zip(meas["names"], meas["vector"], strict=True)}
+
+
+def _images(ctx: JobContext) -> dict[str, Any]:
+    """The native T1 (bias corrected when available), GM map and atlas territories."""
+    from ketanode.dicom.report_image import region_names_of_default_atlas
+
+    pre = ctx.outputs.get("preprocess")
+    seg = ctx.outputs.get("segment")
+    conv = ctx.outputs.get("convert")
+    t1 = pre["n4_path"] if pre else conv["path"] if conv else None
+    out: dict[str, Any] = {"t1_path": Path(t1) if t1 else None}
+    if pre and seg:
+        from ketanode.dicom.report_image import write_native_territories
+
+        gm = Path(seg["gm_path"])
+        out["gm_path"] = gm
+        out["territories_path"] = write_native_territories(
+            pre["registration"], gm, ctx.work_dir / "territories.nii.gz"
+        )
+        out["region_names"] = tuple(region_names_of_default_atlas())
+    return out
+
+
+def _existing(session: Session, job_id: int) -> Result | None:
+    return session.scalar(select(Result).where(Result.job_id == job_id))
+
+
+def summary(result: Result) -> dict[str, Any]:
+    """The report step's output: the result row and its objects (ids, UIDs, paths)."""
+    return {
+        "result_id": result.id,
+        "status": result.status,
+        "predicted_class": result.predicted_class,
+        "probability": result.probability,
+        "objects": [
+            {
+                "kind": o.kind,
+                "sop_instance_uid": o.sop_instance_uid,
+                "series_uid": o.series_uid,
+                "path": o.path,
+            }
+            for o in result.objects
+        ],
+        "destinations": sorted({row.destination for o in result.objects for row in o.outbox}),
+    }
+
+
+def _job_seconds(session: Session, job_id: int, attempt: int) -> float:
+    steps = session.scalars(
+        select(JobStep.seconds).where(JobStep.job_id == job_id, JobStep.attempt == attempt)
+    ).all()
+    return round(float(sum(steps)), 3)
+
+
+def _emit(ctx: JobContext, report: ResultForReport, prediction_id: int | None) -> dict[str, Any]:
+    assert ctx.sessions is not None
+    settings = ctx.settings
+    with ctx.sessions() as session:
+        done = _existing(session, ctx.job_id)
+        if done is not None:
+            logger.info(
+                "job %s: result %s already recorded; not reported again", ctx.job_id, done.id
+            )
+            return summary(done)
+    from ketanode.dicom.report_image import build_report_image, write_png
+    from ketanode.dicom.sr import build_sr
+
+    started = time.perf_counter()
+    source = _source_headers(ctx)
+    sr = build_sr(source, report)
+    sc = build_report_image(source, report)
+    store = Spool(settings.reports.path, int(settings.spool.min_free_mb * 2**20))
+    written = []
+    for kind, ds in ((ObjectKind.SR, sr), (ObjectKind.REPORT_IMAGE, sc)):
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        f = store.store(
+            buf.getvalue(), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), ds.SOPInstanceUID
+        )
+        written.append((kind, ds, f))
+    if settings.reports.png:
+        write_png(sc, written[1][2].path.with_suffix(".png"))
+    build_seconds = time.perf_counter() - started
+
+    with ctx.sessions.begin() as session:
+        job = session.get(Job, ctx.job_id)
+        assert job is not None
+        result = Result(
+            job_id=ctx.job_id,
+            series_id=ctx.series_id,
+            status=ResultStatus.SCORED if report.scored else ResultStatus.NOT_SCORED,
+            predicted_class=report.predicted_class,
+            probability=report.probability,
+            decision_value=report.decision_value,
+            prediction_id=prediction_id,
+            model_sha256=report.model_sha256,
+            model_name=report.model_name,
+            model_synthetic=report.model_synthetic,
+            model_label=report.model_label,
+            qc_outcome=report.qc_outcome,
+            reason=report.not_scored_reason,
+            qc_checks=[dict(c) for c in report.qc_checks],
+            volumes=dict(report.volumes),
+            contributions=dict(report.contributions),
+            software_version=report.software_version,
+            current=True,
+            job_started_at=job.started_at,
+            processing_seconds=round(
+                _job_seconds(session, ctx.job_id, ctx.attempt) + build_seconds, 3
+            ),
+        )
+        session.add(result)
+        session.flush()
+        session.execute(
+            update(Result)
+            .where(Result.series_id == ctx.series_id, Result.id != result.id)
+            .values(current=False)
+        )
+        now = utcnow()
+        for kind, ds, f in written:
+            obj = EmittedObject(
+                result_id=result.id,
+                kind=kind,
+                sop_class_uid=str(ds.SOPClassUID),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                study_uid=str(ds.StudyInstanceUID),
+                path=str(f.path),
+                size_bytes=f.size,
+                sha256=f.sha256,
+            )
+            session.add(obj)
+            session.flush()
+            for dest in settings.destinations:
+                session.add(
+                    OutboxItem(
+                        object_id=obj.id,
+                        destination=dest.name,
+                        state=DispatchState.PENDING,
+                        next_at=now,
+                    )
+                )
+        session.flush()
+        session.refresh(result)
+        out = summary(result)
+    logger.info(
+        "job %s: result %s (%s) reported: SR %s, report image %s, %d destinations",
+        ctx.job_id,
+        out["result_id"],
+        out["status"],
+        written[0][1].SOPInstanceUID,
+        written[1][1].SOPInstanceUID,
+        len(settings.destinations),
+    )
+    return out
+
+
+def report_scored(ctx: JobContext) -> dict[str, Any]:
+    """The pipeline's ``report`` step: the prediction, volumes, QC and model, as SR + page."""
+    assert ctx.sessions is not None
+    pred = ctx.outputs["predict"]
+    meas = ctx.outputs["measure"]
+    qc = ctx.outputs["qc"]
+    model = pred["model"]
+    with ctx.sessions() as session:
+        version = _model_version(session, model["sha256"])
+    report = ResultForReport(
+        predicted_class=pred["predicted_class"],
+        probability=float(pred["probability"]),
+        decision_value=float(pred["decision_value"]),
+        contributions=dict(pred["contributions"]),
+        volumes=_volumes(ctx),
+        qc_outcome=qc["outcome"],
+        qc_checks=_qc_checks(ctx),
+        model_name=model["name"],
+        model_version=version,
+        model_sha256=model["sha256"],
+        model_synthetic=bool(model["synthetic"]),
+        model_label=model["label"],
+        feature_spec_name=meas["spec"]["name"],
+        feature_spec_sha256=meas["spec"]["sha256"],
+        software_version=ketanode.__version__,
+        **_images(ctx),
+    )
+    return _emit(ctx, report, pred.get("prediction_id"))
+
+
+def report_not_scored(ctx: JobContext, step: str, exc: QCFailed) -> dict[str, Any]:
+    """A job stopped by quality control at ``step``: an SR and page saying "NOT SCORED"."""
+    checks = _qc_checks(ctx)
+    names = {c["name"] for c in checks}
+    for check in exc.all_checks:
+        row = check.as_dict()
+        if row["name"] in names:
+            checks = [c for c in checks if c["name"] != row["name"]]
+        checks.append(row)
+    spec = default_spec()
+    report = ResultForReport(
+        predicted_class=None,
+        probability=None,
+        decision_value=None,
+        contributions={},
+        volumes=_volumes(ctx),
+        qc_outcome="fail",
+        qc_checks=checks,
+        model_name=None,
+        model_version=None,
+        model_sha256=None,
+        model_synthetic=False,
+        model_label=None,
+        feature_spec_name=spec.name,
+        feature_spec_sha256=spec.sha256,
+        software_version=ketanode.__version__,
+        not_scored_reason=str(exc),
+        **_images(ctx),
+    )
+    logger.info("job %s: not scored (%s failed); reporting that", ctx.job_id, step)
+    return _emit(ctx, report, None)
