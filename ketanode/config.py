@@ -273,6 +273,46 @@ class ReportsSettings(_Section):
     png: bool = True
 
 
+class RetentionSettings(_Section):
+    """Removing files the node no longer needs; rows (results, audit) are always kept."""
+
+    enabled: bool = True
+    # Spool files of a series whose job finished (done or failed) or that was ignored, this
+    # many hours after it finished; never while a job is queued or running.
+    spool_hours: float = Field(default=168.0, gt=0)
+    # The SR / report-image files, this many hours after every outbox row of the object is
+    # sent or dead; never while one is pending or retrying.
+    reports_hours: float = Field(default=720.0, gt=0)
+    # How often the retention sweep runs.
+    interval_minutes: float = Field(default=60.0, gt=0)
+
+
+class WebSettings(_Section):
+    """The read-only dashboard, /metrics and /health (HTTP); off by default."""
+
+    enabled: bool = False
+    bind_address: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # Secret that signs session cookies; empty: a random one per start (logins end on restart).
+    session_secret: str = ""
+    session_hours: float = Field(default=12.0, gt=0)
+    # Serve /metrics without login (for a Prometheus scraper on the same host / network).
+    metrics_public: bool = True
+    # HTTPS: certificate and key files (PEM); both or neither.
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> WebSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        for name in ("certificate", "private_key"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise ValueError(f"{name} file {value} does not exist")
+        return self
+
+
 class Settings(_Section):
     node: NodeSettings = Field(default_factory=NodeSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
@@ -283,6 +323,8 @@ class Settings(_Section):
     reports: ReportsSettings = Field(default_factory=ReportsSettings)
     destinations: list[Destination] = Field(default_factory=list)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")

@@ -159,6 +159,8 @@ class Series(Base):
     last_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[dt.datetime | None]
     completion_trigger: Mapped[str | None] = mapped_column(String(32))
+    # when retention removed this series' spool files (rows and results are kept)
+    purged_at: Mapped[dt.datetime | None]
     last_association_id: Mapped[int | None] = mapped_column(ForeignKey("association.id"))
 
     study: Mapped[Study] = relationship(back_populates="series")
@@ -348,6 +350,8 @@ class EmittedObject(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # when retention removed the file (after every outbox row was sent or dead)
+    purged_at: Mapped[dt.datetime | None]
 
     result: Mapped[Result] = relationship(back_populates="objects")
     outbox: Mapped[list[OutboxItem]] = relationship(back_populates="object")
@@ -384,3 +388,41 @@ class OutboxItem(Base):
         Index("ix_outbox_due", "state", "next_at"),
         Index("uq_outbox_object_destination", "object_id", "destination", unique=True),
     )
+
+
+class UserRole(enum.StrEnum):
+    VIEWER = "viewer"  # reads the dashboard (results, jobs, outbox, audit)
+    ADMIN = "admin"  # and what a later change may let admins do; the dashboard is read-only
+
+
+class User(Base):
+    """A dashboard user: name, password hash (never the password), role."""
+
+    __tablename__ = "user_account"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(String(16), default=UserRole.VIEWER)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[dt.datetime | None]
+
+
+class AuditEvent(Base):
+    """Who did what, when: associations, logins, result views, exports, dispatches, users.
+
+    ``actor`` is a username, a calling AE title or "node"; ``subject`` names what was touched
+    ("result:12", "outbox:7", "association:3"); never patient identifiers.
+    """
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    address: Mapped[str | None] = mapped_column(String(64))
+    subject: Mapped[str | None] = mapped_column(String(128))
+    outcome: Mapped[str] = mapped_column(String(16), default="ok")
+    detail: Mapped[dict[str, Any] | None]
