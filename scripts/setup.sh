@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(dcmtk orthanc dicom3tools openssl)
+# chromium: the dashboard's browser tests (Playwright drives it with executablePath);
+# systemd: `systemd-analyze verify` of deploy/ketanode.service.
+DEBS=(dcmtk orthanc dicom3tools openssl chromium systemd)
 missing=()
 for pkg in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
