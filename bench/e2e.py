@@ -137,6 +137,7 @@ def main() -> int:
     ap.add_argument("--voxel", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1000, help="phantom seed (bench/pipeline.py: 1000)")
     ap.add_argument("--postgres", action="store_true", help="PostgreSQL instead of SQLite")
     args = ap.parse_args()
     lines = []
@@ -144,7 +145,7 @@ def main() -> int:
         root = Path(tmp)
         spec = SeriesSpec(series_description="T1 MPRAGE")
         v = args.voxel
-        files = make_phantom(PhantomSpec(seed=1, voxel_mm=(v, v, v))).write_dicom(
+        files = make_phantom(PhantomSpec(seed=args.seed, voxel_mm=(v, v, v))).write_dicom(
             root / "dicom", spec
         )
         for n in range(args.repeats):
@@ -155,7 +156,11 @@ def main() -> int:
             else:
                 url = f"sqlite:///{work / 'ketanode.db'}"
                 line = run_once(files, spec.study_uid, work, url, args.workers)
-            line |= {"voxel_mm": v, "database": "postgresql" if args.postgres else "sqlite"}
+            line |= {
+                "voxel_mm": v,
+                "seed": args.seed,
+                "database": "postgresql" if args.postgres else "sqlite",
+            }
             print(json.dumps(line), flush=True)
             lines.append(line)
     if len(lines) > 1:

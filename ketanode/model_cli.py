@@ -11,36 +11,24 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ketanode import RESEARCH_USE_ONLY
-from ketanode.config import ConfigError, Settings, load_settings
+from ketanode.cli_common import JsonOpt, console, err
+from ketanode.cli_common import settings_of as _settings
+from ketanode.config import Settings
 
 model_app = typer.Typer(
     help=f"Train, validate and manage ketamine-response models. {RESEARCH_USE_ONLY}.",
     no_args_is_help=True,
 )
-console = Console()
-err = Console(stderr=True)
 logger = logging.getLogger(__name__)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes.")]
 CacheOpt = Annotated[
     Path | None,
     typer.Option(help="Feature cache folder (default: <pipeline.work_dir>/feature-cache)."),
 ]
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    if isinstance(ctx.obj, Settings):
-        return ctx.obj
-    try:
-        return load_settings(None)
-    except ConfigError as exc:
-        err.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(2) from exc
 
 
 def _engine(settings: Settings) -> Any:

@@ -5,6 +5,10 @@ measurement, QC; about 40 s), the atlas territories are pulled into its native g
 bundled synthetic demonstration model predicts, and the two DICOM objects are built::
 
     python scripts/render_report_example.py [--out DIR] [--png docs/report-image.png]
+
+With ``--not-scored``, the page of a series that quality control stopped instead: the GE
+test object of ../shared/data (not a head) is converted, bias-corrected and registered, and
+fails the registration check (docs/report-image-not-scored.png).
 """
 
 from __future__ import annotations
@@ -32,14 +36,60 @@ from ketanode.model.files import load_model
 REPO = Path(__file__).resolve().parents[1]
 
 
+GE_DIR = REPO.parent / "shared" / "data" / "dicom" / "ge-mp-rage-3t"
+
+
+def not_scored(out: Path, png: Path) -> None:
+    from ketanode.dicom.report_content import RESEARCH_USE_ONLY  # noqa: F401 (documentation)
+    from ketanode.imaging.analysis import step_preprocess, step_qc_input
+    from ketanode.imaging.convert import convert_series
+    from ketanode.imaging.features import default_spec
+    from ketanode.imaging.preprocess import Registration
+    from ketanode.imaging.qc import QCFailed, registration_checks
+
+    files = sorted(p for p in GE_DIR.iterdir() if p.is_file() and p.suffix != ".txt")
+    files = [f for f in files if not f.name.upper().startswith(("LICENSE", "README"))]
+    t1 = convert_series(files, out / "t1.nii.gz").path
+    p = PipelineSettings()
+    step_qc_input(t1, p.qc)
+    pre = step_preprocess(t1, out, p)
+    checks = registration_checks(pre["n4_path"], Registration.from_dict(pre["registration"]), p.qc)
+    reason = str(QCFailed(checks))
+    spec = default_spec()
+    result = ResultForReport(
+        predicted_class=None,
+        probability=None,
+        decision_value=None,
+        contributions={},
+        volumes={},
+        qc_outcome="fail",
+        qc_checks=[c.as_dict() for c in checks],
+        model_synthetic=False,
+        feature_spec_name=spec.name,
+        feature_spec_sha256=spec.sha256,
+        software_version=ketanode.__version__,
+        not_scored_reason=reason,
+        t1_path=Path(pre["n4_path"]),
+    )
+    source = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    sc = build_report_image(source, result)
+    write_png(sc, png)
+    print(f"wrote {png} ({reason})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/ketanode-report-example"))
-    ap.add_argument("--png", type=Path, default=REPO / "docs" / "report-image.png")
+    ap.add_argument("--png", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--not-scored", action="store_true", help="the page of a QC-failed series")
     args = ap.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.not_scored:
+        not_scored(out, args.png or REPO / "docs" / "report-image-not-scored.png")
+        return
+    args.png = args.png or REPO / "docs" / "report-image.png"
 
     phantom = make_phantom(PhantomSpec(seed=args.seed, voxel_mm=(1.5, 1.5, 1.5)))
     files = phantom.write_dicom(out / "dicom")
