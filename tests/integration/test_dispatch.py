@@ -12,6 +12,7 @@ with the reason; two destinations each get every object.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,9 @@ from typing import Any
 import pydicom
 import pytest
 from sqlalchemy import select
+from typer.testing import CliRunner
 
+from ketanode.cli import app
 from ketanode.config import Settings
 from ketanode.db.migrate import upgrade
 from ketanode.db.models import Job, JobState, OutboxItem, Series, Study, utcnow
@@ -29,6 +32,7 @@ from ketanode.dicom.dispatcher import Dispatcher, backoff_seconds
 from ketanode.pipeline import JobContext
 from ketanode.reporting import _emit
 from tests.peers import Orthanc, StoreSCP
+from tests.support import write_config
 from tests.unit._report_case import make_case
 
 BACKOFF = {"backoff_initial_seconds": 0.3, "backoff_max_seconds": 0.6}
@@ -213,9 +217,9 @@ def test_pacs_down_retries_with_backoff_then_delivers_and_resend_keeps_one_copy(
     assert len(_in_pacs(orthanc, box.study_uid, "SR")) == 1
 
 
-def test_retry_limit_marks_rows_dead_until_requeued(orthanc: Orthanc, outbox_factory: Any) -> None:
-    from ketanode.db.results import requeue
-
+def test_retry_limit_marks_rows_dead_until_requeued(
+    orthanc: Orthanc, outbox_factory: Any, tmp_path: Path, db_url: str
+) -> None:
     box = outbox_factory([_pacs(orthanc)], max_attempts=2)
     box.report()
     dispatcher = Dispatcher(box.sessions, box.settings)
@@ -229,8 +233,14 @@ def test_retry_limit_marks_rows_dead_until_requeued(orthanc: Orthanc, outbox_fac
     orthanc.start()
     time.sleep(0.7)
     assert dispatcher.run().sent == 0  # dead rows are not tried again on their own
-    with box.sessions.begin() as s:
-        assert requeue(s, ids=None, dead=True) == 2
+    # the admin sees them and re-queues them with the CLI
+    config = write_config(tmp_path / "admin.toml", {"database": {"url": db_url}})
+    listed = CliRunner().invoke(app, ["-c", str(config), "dispatch", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert {(r["state"], r["destination"]) for r in json.loads(listed.stdout)} == {("dead", "pacs")}
+    retried = CliRunner().invoke(app, ["-c", str(config), "dispatch", "retry", "--dead"])
+    assert retried.exit_code == 0, retried.output
+    assert "2" in retried.output
     assert {(r.state, r.attempts) for r in box.rows()} == {("pending", 0)}
     assert dispatcher.run().sent == 2
     assert len(_in_pacs(orthanc, box.study_uid, "SR")) == 1
