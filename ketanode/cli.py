@@ -16,11 +16,13 @@ from rich.console import Console
 from rich.table import Table
 
 from ketanode import RESEARCH_USE_ONLY, __version__
+from ketanode.admin_cli import audit_app, retention_app, users_app
 from ketanode.config import ConfigError, Settings, load_settings
 from ketanode.db import queries
 from ketanode.db.session import make_engine, make_session_factory
 from ketanode.logs import setup_logging
 from ketanode.model_cli import model_app
+from ketanode.results_cli import dispatch_app, results_app
 
 app = typer.Typer(
     help=f"ketanode: scores structural 3D T1 MRI. {RESEARCH_USE_ONLY}.",
@@ -34,6 +36,11 @@ app.add_typer(db_app, name="db")
 app.add_typer(series_app, name="series")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(model_app, name="model")
+app.add_typer(results_app, name="results")
+app.add_typer(dispatch_app, name="dispatch")
+app.add_typer(users_app, name="users")
+app.add_typer(audit_app, name="audit")
+app.add_typer(retention_app, name="retention")
 
 console = Console()
 err = Console(stderr=True)

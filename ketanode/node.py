@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,9 +19,13 @@ from ketanode.dicom.listener import Listener
 from ketanode.dicom.spool import Spool
 from ketanode.dicom.store import StoreService
 from ketanode.jobqueue import new_owner, recover, renew
+from ketanode.retention import sweep as retention_sweep
 from ketanode.scheduler import Timers
 from ketanode.tracking import CompletionTracker
 from ketanode.worker import WorkerPool
+
+if TYPE_CHECKING:
+    from ketanode.web.server import WebServer
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +70,9 @@ class Node:
         )
         self.listener = Listener(settings.node, self.store, self.associations)
         self.address: tuple[str, int] | None = None
+        # the dashboard, /metrics and /health ([web] enabled); its bound (host, port)
+        self.web: WebServer | None = None
+        self.web_address: tuple[str, int] | None = None
         self.stopped = threading.Event()
 
     def _association_ended(self, _row_id: int) -> None:
@@ -109,14 +117,27 @@ class Node:
         if cfg.destinations:
             self.timers.every("dispatch", cfg.dispatch.interval_seconds, self.dispatcher.run)
             self.timers.soon("dispatch-at-start", 0.0, self.dispatcher.run)
+        if cfg.retention.enabled:
+            self.timers.every(
+                "retention",
+                cfg.retention.interval_minutes * 60,
+                lambda: retention_sweep(self.sessions, cfg),
+            )
         self.timers.start()
         self.workers.start()
         self.workers.wake()
+        if cfg.web.enabled:
+            from ketanode.web.server import WebServer  # FastAPI only when the web is on
+
+            self.web = WebServer(cfg, self.sessions, self.timers)
+            self.web_address = self.web.start()  # logs the URL
         self.address = self.listener.start()
         return self.address
 
     def stop(self) -> None:
         logger.info("stopping: listener, timers, workers")
+        if self.web is not None:
+            self.web.stop()
         self.listener.stop()
         self.timers.stop()
         self.workers.stop()

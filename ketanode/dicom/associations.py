@@ -12,6 +12,7 @@ from pynetdicom.events import Event
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from ketanode.audit import AuditKind, record
 from ketanode.config import NodeSettings
 from ketanode.db.models import Association, AssociationOutcome, Instance, utcnow
 from ketanode.db.session import rowcount
@@ -74,6 +75,28 @@ def _stored_count_correlated() -> object:
     )
 
 
+def _audit(session: Session, row: Association) -> None:
+    """One audit row per association, in the transaction that ends (or rejects) it."""
+    detail: dict[str, object] = {
+        "called_ae": row.called_ae,
+        "tls": row.tls,
+        "stored": row.n_stored,
+        "duplicate": row.n_duplicate,
+        "failed": row.n_failed,
+    }
+    if row.reason:
+        detail["reason"] = row.reason
+    record(
+        session,
+        AuditKind.ASSOCIATION,
+        row.calling_ae or "(none)",
+        subject=f"association:{row.id}",
+        outcome=row.outcome,
+        address=row.peer_address,
+        detail=detail,
+    )
+
+
 class AssociationLog:
     """Keeps one row per association and maps live pynetdicom associations to row ids."""
 
@@ -119,6 +142,8 @@ class AssociationLog:
             )
             session.add(row)
             session.flush()
+            if outcome == AssociationOutcome.REJECTED:
+                _audit(session, row)
             return row.id
 
     def handle_requested(self, event: Event) -> None:
@@ -176,11 +201,14 @@ class AssociationLog:
             return
         try:
             with self.sessions.begin() as session:
-                session.execute(
+                ended = session.execute(
                     update(Association)
                     .where(Association.id == row_id, Association.ended_at.is_(None))
                     .values(ended_at=utcnow(), outcome=outcome, n_stored=_stored_count(row_id))
                 )
+                row = session.get(Association, row_id) if rowcount(ended) == 1 else None
+                if row is not None:
+                    _audit(session, row)
             logger.info("association %s %s", row_id, outcome)
         except Exception:
             logger.exception("could not record the end of association %s", row_id)
@@ -203,6 +231,10 @@ class AssociationLog:
     def close_stale(self) -> int:
         """At start: associations this node left open when it died are aborted."""
         with self.sessions.begin() as session:
+            stale = select(Association.id).where(
+                Association.node_name == self.node_name, Association.ended_at.is_(None)
+            )
+            stale_ids = list(session.scalars(stale))
             result = session.execute(
                 update(Association)
                 .where(Association.node_name == self.node_name, Association.ended_at.is_(None))
@@ -212,5 +244,10 @@ class AssociationLog:
                     n_stored=_stored_count_correlated(),
                     reason="node stopped while the association was open",
                 )
+                .execution_options(synchronize_session=False)
             )
+            for stale_id in stale_ids:
+                row = session.get(Association, stale_id)
+                if row is not None:
+                    _audit(session, row)
             return rowcount(result)

@@ -25,6 +25,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from ketanode.audit import AuditKind, record
 from ketanode.config import Destination, DispatchSettings, Settings
 from ketanode.db.models import DispatchState, EmittedObject, OutboxItem, utcnow
 from ketanode.dicom.sender import (
@@ -37,6 +38,15 @@ from ketanode.dicom.sender import (
 logger = logging.getLogger(__name__)
 
 DUE_STATES = (DispatchState.PENDING, DispatchState.RETRYING)
+
+
+def _audit(session: Session, row: OutboxItem, outcome: str, dest: str, **extra: object) -> None:
+    """The DISPATCH audit row (sent / dead), in the transaction that updates the outbox row."""
+    detail = {"destination": dest, "sop_instance_uid": row.object.sop_instance_uid, **extra}
+    record(
+        session, AuditKind.DISPATCH, "node", subject=f"outbox:{row.id}", outcome=outcome,
+        detail=detail,
+    )
 
 
 def backoff_seconds(attempts: int, cfg: DispatchSettings) -> float:
@@ -169,6 +179,7 @@ class Dispatcher:
             row.last_status = outcome.status
             row.sent_at = now
             row.updated_at = now
+            _audit(session, row, "sent", dest)
         report.count(dest, "sent")
 
     def _failed(
@@ -186,6 +197,7 @@ class Dispatcher:
             row.updated_at = now
             if row.attempts >= cfg.max_attempts:
                 row.state = DispatchState.DEAD
+                _audit(session, row, "dead", dest, attempts=row.attempts, error=error[:500])
                 logger.error(
                     "dispatch: outbox row %s to %s is dead after %d tries: %s",
                     row_id,
