@@ -1,0 +1,168 @@
+"""The dashboard application: FastAPI with server-rendered pages, read-only.
+
+``create_app`` wires the routers (auth, pages, health, metrics), the static files, the
+session cookie and three guards:
+
+- only GET and HEAD are served, plus POST to /login and /logout; any other method on any
+  path answers 405 before routing, so no route can change state by accident;
+- pages without a session redirect to /login, everything else (images, plots, JSON,
+  /metrics unless public) answers 401; admin pages answer 403 to viewers;
+- every response carries a strict Content-Security-Policy (no scripts at all, everything
+  from this origin), no-sniff, no-referrer and frame-ancestors 'none'; pages are not cached.
+
+No OpenAPI / Swagger pages: they would load JavaScript from a CDN.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ketanode.config import Settings
+from ketanode.scheduler import Timers
+from ketanode.web import auth, health, metrics, pages
+from ketanode.web.context import STATIC_DIR, WebContext, make_templates, render
+
+logger = logging.getLogger(__name__)
+
+READ_METHODS = frozenset({"GET", "HEAD"})
+WRITE_ROUTES = frozenset({("POST", "/login"), ("POST", "/logout")})
+SECURITY_HEADERS = {
+    "content-security-policy": (
+        "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+}
+
+
+class ReadOnlyGuard:
+    """ASGI middleware: 405 for every method but GET/HEAD, except the login/logout forms;
+    and the security headers on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = str(scope["method"]).upper()
+        path = str(scope["path"])
+        if method not in READ_METHODS and (method, path) not in WRITE_ROUTES:
+            allow = "GET, HEAD, POST" if path in ("/login", "/logout") else "GET, HEAD"
+            response = JSONResponse(
+                {"detail": "the dashboard is read-only"},
+                status_code=405,
+                headers={"Allow": allow, **SECURITY_HEADERS},
+            )
+            await response(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {bytes(k).lower() for k, _ in headers}
+                for name, value in SECURITY_HEADERS.items():
+                    if name.encode() not in present:
+                        headers.append((name.encode(), value.encode()))
+                if not path.startswith("/static/") and b"cache-control" not in present:
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _wants_html(request: Request) -> bool:
+    return "text/html" in request.headers.get("accept", "")
+
+
+def create_app(
+    settings: Settings,
+    sessions: sessionmaker[Session] | None = None,
+    timers: Timers | None = None,
+) -> FastAPI:
+    """The dashboard for ``settings``' database (``sessions``: the node's session factory;
+    ``timers``: the node's scheduler, reported by /health)."""
+    if sessions is None:
+        from ketanode.db.session import make_engine, make_session_factory
+
+        sessions = make_session_factory(make_engine(settings.database.url))
+    web = settings.web
+    tls = web.certificate is not None
+    app = FastAPI(
+        title="ketanode dashboard (research use only)",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.ketanode = WebContext(settings, sessions, timers, make_templates(), tls)
+    app.state.metrics_registry = metrics.make_registry(sessions)
+    app.state.login_throttle = auth.LoginThrottle()
+    secret = web.session_secret or secrets.token_urlsafe(32)
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=secret,
+        session_cookie=auth.SESSION_COOKIE,
+        max_age=max(60, int(web.session_hours * 3600)),
+        same_site="lax",
+        https_only=tls,
+    )
+    app.add_middleware(ReadOnlyGuard)
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    app.include_router(auth.router)
+    app.include_router(pages.router)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+
+    @app.exception_handler(auth.NotLoggedIn)
+    async def _not_logged_in(request: Request, exc: auth.NotLoggedIn) -> Response:
+        if exc.redirect:
+            return auth.login_redirect(request)
+        return JSONResponse({"detail": "login required"}, status_code=401)
+
+    @app.exception_handler(auth.Forbidden)
+    async def _forbidden(request: Request, exc: auth.Forbidden) -> Response:
+        return render(
+            request,
+            "error.html",
+            status_code=403,
+            code=403,
+            message="This page is for administrators only.",
+        )
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_down(request: Request, exc: SQLAlchemyError) -> Response:
+        logger.warning("dashboard: database error on %s (%s)", request.url.path, type(exc).__name__)
+        message = "The database is not available; the node may be starting or degraded."
+        if _wants_html(request):
+            return render(request, "error.html", status_code=503, code=503, message=message)
+        return JSONResponse({"detail": message}, status_code=503)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if _wants_html(request):
+            return render(
+                request,
+                "error.html",
+                status_code=exc.status_code,
+                code=exc.status_code,
+                message=str(exc.detail),
+            )
+        return JSONResponse(
+            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    return app

@@ -1,0 +1,256 @@
+"""``/metrics``: Prometheus text format, read from the database at scrape time.
+
+A custom collector counts rows, not events seen by this process, so the numbers include the
+work of the job child processes and survive restarts. Counters derived from rows that
+``ketanode dispatch retry`` resets (an outbox row's attempts go back to 0) can go down; for
+Prometheus that is a counter reset, which ``rate()`` handles.
+
+Metrics:
+
+- ``ketanode_instances_received_total``, ``ketanode_store_failures_total``
+- ``ketanode_series_completed_total{state}`` (final states: ignored, done, failed);
+  ``ketanode_series{state}`` (every state, a gauge)
+- ``ketanode_jobs{state}``
+- ``ketanode_job_duration_seconds{state}``: histogram of the summed step times of finished
+  jobs (done / failed); ``ketanode_job_step_seconds{step}``: summary per step
+- ``ketanode_dispatch_attempts_total{destination}``, ``ketanode_dispatch_failures_total``
+  (attempts that did not end in ``sent``), ``ketanode_dispatch_sent_total``;
+  ``ketanode_outbox_items{destination,state}``
+- ``ketanode_results_total{status}``
+- ``ketanode_database_up``: 0 when the database could not be read (then nothing else)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+from sqlalchemy import case, func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ketanode.db.models import (
+    DispatchState,
+    Instance,
+    Job,
+    JobState,
+    JobStep,
+    OutboxItem,
+    Result,
+    Series,
+    SeriesState,
+    StoreFailure,
+)
+from ketanode.web.auth import api_user
+from ketanode.web.context import context_of
+
+logger = logging.getLogger(__name__)
+
+FINAL_SERIES_STATES = (SeriesState.IGNORED, SeriesState.DONE, SeriesState.FAILED)
+FINISHED_JOB_STATES = (JobState.DONE, JobState.FAILED)
+# seconds: a job is 30-60 s on 2 cores; conversion-only jobs take about 2 s
+DURATION_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 300.0, 600.0, 1800.0)
+
+
+def _count(session: Session, model: type) -> int:
+    return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+class DatabaseCollector(Collector):
+    """Reads the node's tables on every scrape."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # nothing at registration: the database is read only when scraped
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            with self.sessions() as session:
+                families = list(self._families(session))
+        except SQLAlchemyError as exc:
+            logger.warning("metrics: the database could not be read (%s)", type(exc).__name__)
+            families = []
+        up = GaugeMetricFamily(
+            "ketanode_database_up", "1 when the database could be read for this scrape"
+        )
+        up.add_metric([], 1.0 if families else 0.0)
+        return [*families, up]
+
+    def _families(self, session: Session) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "ketanode_instances_received",
+            "DICOM instances stored (rows in the instance table)",
+            value=_count(session, Instance),
+        )
+        yield CounterMetricFamily(
+            "ketanode_store_failures",
+            "C-STORE requests the node refused",
+            value=_count(session, StoreFailure),
+        )
+
+        by_state = {
+            str(s): int(n)
+            for s, n in session.execute(
+                select(Series.state, func.count()).group_by(Series.state)
+            ).all()
+        }
+        completed = CounterMetricFamily(
+            "ketanode_series_completed",
+            "Series that reached a final state",
+            labels=["state"],
+        )
+        for state in FINAL_SERIES_STATES:
+            completed.add_metric([str(state)], by_state.get(state, 0))
+        yield completed
+        series = GaugeMetricFamily("ketanode_series", "Series by state", labels=["state"])
+        for state in SeriesState:
+            series.add_metric([str(state)], by_state.get(state, 0))
+        yield series
+
+        jobs_by_state = {
+            str(s): int(n)
+            for s, n in session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        }
+        jobs = GaugeMetricFamily("ketanode_jobs", "Jobs by state", labels=["state"])
+        for job_state in JobState:
+            jobs.add_metric([str(job_state)], jobs_by_state.get(job_state, 0))
+        yield jobs
+
+        yield self._job_durations(session)
+        yield self._step_times(session)
+        yield from self._dispatch(session)
+
+        results = CounterMetricFamily(
+            "ketanode_results", "Results recorded, by status", labels=["status"]
+        )
+        for status, n in session.execute(
+            select(Result.status, func.count()).group_by(Result.status).order_by(Result.status)
+        ).all():
+            results.add_metric([str(status)], int(n))
+        yield results
+
+    def _job_durations(self, session: Session) -> Metric:
+        per_job = (
+            select(Job.state.label("state"), func.sum(JobStep.seconds).label("seconds"))
+            .join(JobStep, JobStep.job_id == Job.id)
+            .where(Job.state.in_(FINISHED_JOB_STATES))
+            .group_by(Job.id, Job.state)
+            .subquery()
+        )
+        columns = [func.sum(case((per_job.c.seconds <= le, 1), else_=0)) for le in DURATION_BUCKETS]
+        rows = session.execute(
+            select(
+                per_job.c.state,
+                func.count(),
+                func.coalesce(func.sum(per_job.c.seconds), 0.0),
+                *columns,
+            ).group_by(per_job.c.state)
+        ).all()
+        found = {str(r[0]): r for r in rows}
+        family = HistogramMetricFamily(
+            "ketanode_job_duration_seconds",
+            "Summed step times of finished jobs (all attempts)",
+            labels=["state"],
+        )
+        for state in FINISHED_JOB_STATES:
+            row = found.get(str(state))
+            total = int(row[1]) if row else 0
+            seconds = float(row[2]) if row else 0.0
+            buckets = [
+                (str(le), float(int(row[3 + i] or 0) if row else 0))
+                for i, le in enumerate(DURATION_BUCKETS)
+            ]
+            buckets.append(("+Inf", float(total)))
+            family.add_metric([str(state)], buckets, seconds)
+        return family
+
+    def _step_times(self, session: Session) -> Metric:
+        family = SummaryMetricFamily(
+            "ketanode_job_step_seconds", "Wall time of pipeline steps", labels=["step"]
+        )
+        for name, n, total in session.execute(
+            select(JobStep.name, func.count(), func.sum(JobStep.seconds))
+            .group_by(JobStep.name)
+            .order_by(JobStep.name)
+        ).all():
+            family.add_metric([str(name)], int(n), float(total or 0.0))
+        return family
+
+    def _dispatch(self, session: Session) -> Iterator[Metric]:
+        attempts = CounterMetricFamily(
+            "ketanode_dispatch_attempts",
+            "C-STORE attempts of outbox rows (SR, report image) per destination",
+            labels=["destination"],
+        )
+        failures = CounterMetricFamily(
+            "ketanode_dispatch_failures",
+            "Dispatch attempts that did not deliver the object",
+            labels=["destination"],
+        )
+        sent = CounterMetricFamily(
+            "ketanode_dispatch_sent",
+            "Objects delivered per destination",
+            labels=["destination"],
+        )
+        is_sent = case((OutboxItem.state == DispatchState.SENT, 1), else_=0)
+        for dest, n_attempts, n_sent in session.execute(
+            select(
+                OutboxItem.destination,
+                func.coalesce(func.sum(OutboxItem.attempts), 0),
+                func.coalesce(func.sum(is_sent), 0),
+            )
+            .group_by(OutboxItem.destination)
+            .order_by(OutboxItem.destination)
+        ).all():
+            attempts.add_metric([str(dest)], int(n_attempts))
+            failures.add_metric([str(dest)], max(0, int(n_attempts) - int(n_sent)))
+            sent.add_metric([str(dest)], int(n_sent))
+        yield attempts
+        yield failures
+        yield sent
+        items = GaugeMetricFamily(
+            "ketanode_outbox_items",
+            "Outbox rows by destination and state",
+            labels=["destination", "state"],
+        )
+        for dest, state, n in session.execute(
+            select(OutboxItem.destination, OutboxItem.state, func.count())
+            .group_by(OutboxItem.destination, OutboxItem.state)
+            .order_by(OutboxItem.destination, OutboxItem.state)
+        ).all():
+            items.add_metric([str(dest), str(state)], int(n))
+        yield items
+
+
+def make_registry(sessions: sessionmaker[Session]) -> CollectorRegistry:
+    """A registry of its own (not the global one): one per app, several apps per process in
+    tests."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector(sessions))
+    return registry
+
+
+router = APIRouter()
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus text format; login required unless ``web.metrics_public``."""
+    ctx = context_of(request)
+    if not ctx.settings.web.metrics_public:
+        api_user(request)
+    registry: CollectorRegistry = request.app.state.metrics_registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
