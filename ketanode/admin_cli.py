@@ -243,7 +243,9 @@ def retention_run(
     from ketanode.retention import sweep
 
     settings = settings_of(ctx)
-    report = sweep(_sessions(settings), settings, dry_run=dry_run, actor=cli_actor())
+    report = sweep(
+        _sessions(settings), settings, dry_run=dry_run, actor=cli_actor(), prune_dirs=True
+    )
     if as_json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
         return

@@ -121,7 +121,7 @@ class Node:
             self.timers.every(
                 "retention",
                 cfg.retention.interval_minutes * 60,
-                lambda: retention_sweep(self.sessions, cfg),
+                lambda: retention_sweep(self.sessions, cfg, prune_dirs=True),
             )
         self.timers.start()
         self.workers.start()

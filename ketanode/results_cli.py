@@ -368,15 +368,17 @@ def dispatch_retry(
         typer.Option("--resend", help="Also send again rows already sent (only rows named by id)."),
     ] = False,
 ) -> None:
-    """Re-queue dead or retrying outbox rows (pending, attempts 0, due now)."""
+    """Re-queue dead or retrying outbox rows (pending, attempts 0, due now). Rows whose
+    object's file retention removed are skipped (the send could only fail)."""
     from ketanode.audit import AuditKind, record
 
     sessions = sessions_for(settings_of(ctx))
     try:
         with sessions.begin() as session:
-            n = q.requeue(
+            outcome = q.requeue(
                 session, ids=ids or None, dead=dead, destination=destination, resend=resend
             )
+            n, skipped = outcome.requeued, outcome.skipped_purged
             if n:
                 record(
                     session,
@@ -389,6 +391,7 @@ def dispatch_retry(
                         "destination": destination,
                         "resend": resend,
                         "requeued": n,
+                        "skipped_purged": skipped,
                     },
                 )
     except ValueError as exc:
@@ -398,12 +401,19 @@ def dispatch_retry(
             soft_wrap=True,
         )
         raise typer.Exit(1) from exc
+    purged = (
+        f"skipped {skipped} outbox row(s) whose object's file was purged by retention "
+        "(a send could only fail)"
+        if skipped
+        else ""
+    )
     if n == 0:
         which = "dead" if dead else "dead or retrying" + (" (or sent, --resend)" if resend else "")
-        err.print(
-            f"[red]nothing re-queued: no {which} outbox row matched[/red]",
-            highlight=False,
-            soft_wrap=True,
-        )
+        why = purged or f"no {which} outbox row matched"
+        err.print(f"[red]nothing re-queued: {why}[/red]", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-    console.print(f"re-queued {n} outbox row(s)", highlight=False, soft_wrap=True)
+    console.print(
+        f"re-queued {n} outbox row(s)" + (f"; {purged}" if purged else ""),
+        highlight=False,
+        soft_wrap=True,
+    )

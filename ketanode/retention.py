@@ -1,4 +1,5 @@
-"""Retention: removes files the node no longer needs; rows (series, results, audit) are kept.
+"""Retention: removes files the node no longer needs (and the instance rows of removed spool
+files); the other rows (series, jobs, results, objects, audit) are kept.
 
 Two kinds of files go:
 
@@ -7,7 +8,14 @@ Two kinds of files go:
   (the job's ``finished_at``; ``completed_at`` for an ignored series). Never while the series
   is receiving / complete / queued / processing or any of its jobs is queued / running, and
   never while an object of one of its results still has a pending / retrying outbox row (the
-  SR must stay re-creatable from the spool). ``Series.purged_at`` records it.
+  SR must stay re-creatable from the spool). ``Series.purged_at`` records it. In the same
+  transaction the series' ``instance`` rows are deleted and its ``n_instances`` /
+  ``n_frames`` set to 0: the series row, its jobs (and steps), results, objects and the
+  audit rows stay. A series sent again after that is not taken for duplicates (those are
+  found by the instance rows): its instances are stored anew, reopen it (``generation`` + 1)
+  and count from 0, so it completes as a new series would (expected count, or release and
+  grace) and is processed again. The instance rows that exist after a purge are the ones
+  received since, which makes the series due again once it finished again.
 - Report files (the SR / report image, and the PNG copy next to the image) of an emitted
   object whose every outbox row is sent or dead, ``retention.reports_hours`` after the last
   of them changed (``created_at`` for an object without rows). ``EmittedObject.purged_at``.
@@ -17,9 +25,9 @@ are removed, and the claim commits; a crash in between leaves ``purged_at`` unse
 next sweep finishes the job (missing files are fine). Only files under the configured spool
 and reports roots are touched. One RETENTION audit row per sweep that removed something.
 
-Empty spool directories are kept unless ``prune_dirs``: ``dicom.spool.Spool`` caches the
-directories it created, so a node that receives the series again after its directory was
-removed would fail to write into it until it restarts.
+The series and study directories left empty are removed too (``prune_dirs``, on unless
+asked otherwise): ``dicom.spool.Spool`` creates a directory it remembered again when it finds
+it gone, so a series received again after its directory was removed is stored as before.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from ketanode.audit import AuditKind, record_now
@@ -129,11 +137,9 @@ def _series_due(cutoff: dt.datetime) -> ColumnElement[bool]:
         OutboxItem.object_id == EmittedObject.id,
         OutboxItem.state.in_(UNSENT),
     )
-    # not purged yet, or instances arrived after the last purge (received again)
-    unpurged = or_(
-        Series.purged_at.is_(None),
-        exists().where(Instance.series_id == Series.id, Instance.received_at > Series.purged_at),
-    )
+    # not purged yet, or received again: a purge deletes the instance rows, so any that
+    # exist arrived after it
+    unpurged = or_(Series.purged_at.is_(None), exists().where(Instance.series_id == Series.id))
     finished = or_(
         and_(
             Series.state == SeriesState.IGNORED,
@@ -227,9 +233,10 @@ def sweep(
     dry_run: bool = False,
     *,
     actor: str = "node",
-    prune_dirs: bool = False,
+    prune_dirs: bool = True,
 ) -> RetentionReport:
-    """Remove (or with ``dry_run`` only list) the files that retention allows to go now."""
+    """Remove (or with ``dry_run`` only list) the files that retention allows to go now;
+    with ``prune_dirs`` also the spool directories that are left empty."""
     now = now or utcnow()
     cfg = settings.retention
     report = RetentionReport(dry_run=dry_run, at=now)
@@ -296,7 +303,8 @@ def _sweep_series(
     now: dt.datetime,
     dry_run: bool,
 ) -> tuple[Purged, set[Path]] | None:
-    """One series: claim it (the rules checked again), remove its files, commit."""
+    """One series: claim it (the rules checked again; its counters reset), remove its files
+    and delete its instance rows, commit."""
     if dry_run:
         with sessions() as session:
             paths = [Path(p) for p in session.scalars(_spool_paths(series_id))]
@@ -306,12 +314,17 @@ def _sweep_series(
         claimed = session.execute(
             update(Series)
             .where(Series.id == series_id, _series_due(cutoff))
-            .values(purged_at=now)
+            .values(purged_at=now, n_instances=0, n_frames=0)
             .execution_options(synchronize_session=False)
         )
         if rowcount(claimed) != 1:
             return None  # received again or re-queued in the meantime
         paths = [Path(p) for p in session.scalars(_spool_paths(series_id))]
+        session.execute(
+            delete(Instance)
+            .where(Instance.series_id == series_id)
+            .execution_options(synchronize_session=False)
+        )
         files, size = _remove(paths, root)
     return Purged(series_id, files, size), {p.parent for p in paths}
 

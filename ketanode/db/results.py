@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import ColumnElement, Select, func, select, update
 from sqlalchemy.orm import Session
 
 from ketanode.db.models import (
@@ -378,6 +379,15 @@ def list_outbox(
     return [_outbox_row(item, obj, bool(syn)) for item, obj, syn in session.execute(query)]
 
 
+@dataclass(frozen=True)
+class Requeued:
+    """What :func:`requeue` did: rows put back to ``pending``, and matching rows it left as
+    they were because their object's file was purged by retention (a send could only fail)."""
+
+    requeued: int
+    skipped_purged: int = 0
+
+
 def requeue(
     session: Session,
     *,
@@ -385,15 +395,17 @@ def requeue(
     dead: bool = False,
     destination: str | None = None,
     resend: bool = False,
-) -> int:
+) -> Requeued:
     """Put outbox rows back to ``pending`` (attempts 0, due now; ``last_error`` kept) so the
-    dispatcher sends them again; returns how many rows changed.
+    dispatcher sends them again; returns how many rows changed and how many were skipped.
 
     The rows: those named by ``ids`` (every row when none are named) that are dead or
     retrying (with ``dead``: dead only), narrowed to ``destination`` if given. Pending rows
     are left alone; a sent row is sent again only when ``ids`` names it and ``resend`` is set.
-    One UPDATE, in the caller's transaction (commit it). Raises ValueError when neither
-    ``ids`` nor ``dead`` is given, or ``resend`` without ``ids``.
+    A row whose object's file retention removed (``EmittedObject.purged_at`` set) is refused:
+    it is left as it is and counted in ``skipped_purged``. In the caller's transaction
+    (commit it). Raises ValueError when neither ``ids`` nor ``dead`` is given, or ``resend``
+    without ``ids``.
     """
     if not ids and not dead:
         raise ValueError("nothing to re-queue: name outbox row ids, or ask for the dead rows")
@@ -404,15 +416,22 @@ def requeue(
     )
     if resend:
         states.append(DispatchState.SENT)
+    matching: list[ColumnElement[bool]] = [OutboxItem.state.in_(states)]
+    if ids:
+        matching.append(OutboxItem.id.in_(ids))
+    if destination:
+        matching.append(OutboxItem.destination == destination)
+    purged_objects = select(EmittedObject.id).where(EmittedObject.purged_at.is_not(None))
+    skipped = session.scalar(
+        select(func.count())
+        .select_from(OutboxItem)
+        .where(*matching, OutboxItem.object_id.in_(purged_objects))
+    )
     now = utcnow()
     stmt = (
         update(OutboxItem)
-        .where(OutboxItem.state.in_(states))
+        .where(*matching, OutboxItem.object_id.not_in(purged_objects))
         .values(state=DispatchState.PENDING, attempts=0, next_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    if ids:
-        stmt = stmt.where(OutboxItem.id.in_(ids))
-    if destination:
-        stmt = stmt.where(OutboxItem.destination == destination)
-    return rowcount(session.execute(stmt))
+    return Requeued(rowcount(session.execute(stmt)), int(skipped or 0))

@@ -14,10 +14,14 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -83,6 +87,22 @@ class Spool:
             _fsync_dir(directory.parent.parent)
         self._known_dirs.add(directory)
 
+    def _into_dir(self, directory: Path, put: Callable[[], T]) -> T:
+        """``put()`` (which links a file into ``directory``) after making sure the directory
+        exists. A directory the cache remembers may have been removed since (retention prunes
+        emptied series and study directories): then it is forgotten, created again (with the
+        parent fsyncs) and ``put()`` tried once more."""
+        self._ensure_dir(directory)
+        try:
+            return put()
+        except FileNotFoundError:
+            if directory.is_dir():
+                raise  # not the directory: let the caller see it
+            logger.info("spool directory %s was removed; creating it again", directory)
+            self._known_dirs.discard(directory)
+            self._ensure_dir(directory)
+            return put()
+
     def _write_tmp(self, data: bytes) -> Path:
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
@@ -108,25 +128,36 @@ class Spool:
         digest = hashlib.sha256(data).hexdigest()
         if final.exists():
             return SpooledFile(final, final.stat().st_size, digest, created=False)
-        self._ensure_dir(final.parent)
         tmp = self._write_tmp(data)
+
+        def link() -> bool:
+            try:
+                os.link(tmp, final)
+                linked = True
+            except FileExistsError:
+                linked = False
+            _fsync_dir(final.parent)
+            return linked
+
         try:
-            os.link(tmp, final)
-            created = True
-        except FileExistsError:
-            created = False
+            created = self._into_dir(final.parent, link)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(final.parent)
         return SpooledFile(final, len(data), digest, created=created)
 
     def replace(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
         """Overwrite an orphan file (left by a crash before its row was committed)."""
         final = self.path_for(study_uid, series_uid, sop_uid)
-        self._ensure_dir(final.parent)
         tmp = self._write_tmp(data)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+
+        def put() -> None:
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+
+        try:
+            self._into_dir(final.parent, put)
+        finally:
+            tmp.unlink(missing_ok=True)
         return SpooledFile(final, len(data), hashlib.sha256(data).hexdigest(), created=True)
 
     def quarantine(self, data: bytes, status: int) -> Path | None:

@@ -5,9 +5,11 @@ sent / dead long ago), failed long ago, done long ago but its SR still retrying,
 (job running), done with a job queued again, receiving, ignored long ago, done recently.
 Shown: exactly the files retention allows go (spool files of finished series past
 ``spool_hours``; SR / report-image files and PNGs of objects whose every outbox row is sent
-or dead since ``reports_hours``); ``purged_at`` is set on those rows only; a dry run (also
-through ``ketanode retention run --dry-run --json``) removes nothing and names the same
-set; a second sweep removes nothing; a series received again is swept again.
+or dead since ``reports_hours``); ``purged_at`` is set on those rows only, and the purged
+series lose their instance rows and counters (nothing else); a dry run (also through
+``ketanode retention run --dry-run --json``) removes nothing and names the same set; a
+second sweep removes nothing; a series received again is swept again; emptied directories
+are pruned by default.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class World:
                 state=state,
                 description=name,
                 completed_at=completed_at,
+                n_instances=n,
+                n_frames=n,
                 first_received_at=received_at,
                 last_received_at=received_at,
             )
@@ -300,9 +304,15 @@ def test_sweep_removes_exactly_what_retention_allows(world: World, tmp_path: Pat
     assert done.bytes == removed_bytes
     assert world.purged(Series) == due_series
     assert world.purged(EmittedObject) == due_objects
-    # rows stay: every series, instance, result and object is still there
+    # the purged series lose their instance rows and counters; every other row stays
     with world.sessions() as s:
-        assert len(s.scalars(select(Instance)).all()) == 8 * 3
+        instances = s.scalars(select(Instance)).all()
+        assert len(instances) == 5 * 3 and not {i.series_id for i in instances} & due_series
+        counts = {r.id: (r.n_instances, r.n_frames) for r in s.scalars(select(Series))}
+        assert len(counts) == 8 and {counts[x] for x in due_series} == {(0, 0)}
+        assert {c for x, c in counts.items() if x not in due_series} == {(3, 3)}
+        assert len(s.scalars(select(Job)).all()) == 9
+        assert len(s.scalars(select(Result)).all()) == 5
         assert {o.id for o in s.scalars(select(EmittedObject))} >= due_objects | {
             a_resent,
             c_sr,
@@ -327,10 +337,12 @@ def test_sweep_removes_exactly_what_retention_allows(world: World, tmp_path: Pat
 def test_series_received_again_is_swept_again_and_empty_dirs_pruned(world: World) -> None:
     month_ago = NOW - dt.timedelta(days=30)
     i, _ = world.series("ignored-old", "ignored", completed_at=month_ago, received_at=month_ago)
-    first = sweep(world.sessions, world.settings, now=NOW - dt.timedelta(days=20))
+    first = sweep(world.sessions, world.settings, now=NOW - dt.timedelta(days=20), prune_dirs=False)
     assert [(p.id, p.files) for p in first.series] == [(i, 3)]
     series_dir = world.spool_files["ignored-old"][0].parent
-    assert series_dir.is_dir() and not any(series_dir.iterdir())  # kept by default
+    assert series_dir.is_dir() and not any(series_dir.iterdir())  # kept: prune_dirs=False
+    with world.sessions() as s:
+        assert s.scalars(select(Instance).where(Instance.series_id == i)).all() == []
     # a late instance arrives after the purge (and the series is decided again)
     late = series_dir / "late.dcm"
     late.write_bytes(b"DICM late")
@@ -350,13 +362,13 @@ def test_series_received_again_is_swept_again_and_empty_dirs_pruned(world: World
         series = s.get(Series, i)
         assert series is not None
         series.completed_at = NOW - dt.timedelta(days=9)
-    again = sweep(world.sessions, world.settings, prune_dirs=True)
+    again = sweep(world.sessions, world.settings)
     assert [(p.id, p.files) for p in again.series] == [(i, 1)]
     assert not late.exists()
-    # the series and study directories went; the spool root stays
+    # the series and study directories went (by default); the spool root stays
     assert not series_dir.exists() and not series_dir.parent.exists()
     assert world.spool.is_dir()
-    assert sweep(world.sessions, world.settings, prune_dirs=True).series == []
+    assert sweep(world.sessions, world.settings).series == []
 
 
 def test_node_runs_retention_on_a_timer(node_factory: NodeFactory) -> None:

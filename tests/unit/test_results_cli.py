@@ -27,6 +27,7 @@ from ketanode.db.models import (
     Series,
     Study,
 )
+from ketanode.db.results import requeue
 from ketanode.db.session import make_engine, make_session_factory
 from ketanode.model.files import DEMO_LABEL
 
@@ -389,6 +390,45 @@ def test_dispatch_list_and_retry(node: Node) -> None:
         kinds = [e.kind for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
     engine.dispose()
     assert kinds.count("requeue") == 4
+
+
+def test_dispatch_retry_skips_rows_whose_file_was_purged(node: Node) -> None:
+    """Retention removed the report image of r2 (its pacs row is dead): re-queueing it could
+    only fail, so it is skipped and counted; the other dead row is re-queued."""
+    ob = node.outbox
+    engine = make_engine(node.url)
+    sessions = make_session_factory(engine)
+    with sessions.begin() as s:
+        obj = s.scalar(
+            select(EmittedObject).where(
+                EmittedObject.sop_instance_uid == node.uids["r2_report_image"]
+            )
+        )
+        assert obj is not None
+        obj.purged_at = _when(28)
+    before = outbox_states(node)
+
+    res = run(node, "dispatch", "retry", str(ob["r2_img_pacs"]), code=1)
+    assert "nothing re-queued" in res.output and "skipped 1" in res.output
+    assert "purged" in res.output
+    assert outbox_states(node) == before
+
+    res = run(node, "dispatch", "retry", "--dead")
+    assert "re-queued 1 outbox row(s); skipped 1" in res.stdout and "purged" in res.stdout
+    after = outbox_states(node)
+    assert after["r2_img_pacs"] == before["r2_img_pacs"]  # still dead
+    assert after["r4_sr_archive"] == ("pending", 0, "association rejected")
+    with sessions() as s:
+        (event,) = s.scalars(select(AuditEvent).where(AuditEvent.kind == "requeue"))
+        assert event.detail is not None
+        assert (event.detail["requeued"], event.detail["skipped_purged"]) == (1, 1)
+
+    # the library call says so too; nothing else changes
+    with sessions.begin() as s:
+        outcome = requeue(s, ids=[ob["r2_img_pacs"], ob["r3_sr_pacs"]])
+    assert (outcome.requeued, outcome.skipped_purged) == (1, 1)
+    assert outbox_states(node)["r2_img_pacs"] == before["r2_img_pacs"]
+    engine.dispose()
 
 
 @pytest.mark.parametrize(
