@@ -9,8 +9,10 @@ setup:
 demo: setup
 	$(PYTHON) -m ketanode demo
 
+# Two workers, one test file each (module fixtures stay in one process): the imaging steps
+# run one ITK thread each (for repeatable results), so two files use both cores.
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 lint:
 	ruff check ketanode tests bench migrations

@@ -13,7 +13,6 @@ from pathlib import Path
 import dcm2niix
 import nibabel as nib
 import numpy as np
-import pytest
 
 from tests.e2e.conftest import (
     Db,
@@ -158,34 +157,5 @@ def test_ge_series_stored_selected_and_converted(
     assert node.stop() == 0
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_ge_series_measured_and_refused_by_qc_with_reasons(
-    db_url: str, db_reader: Db, tmp_path: Path, node_process: list[NodeProcess]
-) -> None:
-    """With measurement on (the default), the GE series goes through every step.
-
-    The shared GE series is a geometric test object, not a head (see its README): issue 3
-    asks for plausible brain volumes and passing QC on it, which no honest pipeline can give.
-    What the node must do with it is what it does with any non-brain: fail QC, say why, store
-    no features as a result, and stay up for the next series."""
-    node = NodeProcess(tmp_path / "node", db_url, overrides={"pipeline": {"measure": True}})
-    node_process.append(node)
-    node.start()
-    storescu(node.port, ge_files())
-    (listed,) = wait_series_final(node, db_reader, 1, timeout=300)
-    assert listed["state"] == "failed", listed
-    (job,) = cli_json(node, "jobs", "list")
-    # stopped right after registration, before segmentation: nothing to segment
-    assert (job["state"], job["failed_step"]) == ("failed", "qc_registration"), job
-    assert [s["name"] for s in job["steps"]] == [
-        "convert",
-        "qc_input",
-        "preprocess",
-        "qc_registration",
-        "report",  # the "NOT SCORED" SR and page (the job keeps its QC failure)
-    ]
-    assert job["error"].startswith("QC failed: registration = "), job["error"]
-    assert listed["reason"] and "registration = " in listed["reason"], listed
-    # the node is still up and answers
-    assert cli_json(node, "status")
-    assert node.stop() == 0
+# The GE series with measurement on (refused by QC at qc_registration, reported as NOT
+# SCORED, sent to the PACS): tests/e2e/test_pacs_roundtrip.py.

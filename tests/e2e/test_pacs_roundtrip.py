@@ -97,6 +97,27 @@ def test_results_reach_the_pacs_once_through_outage_and_sigkill(
         by_series = {r["series_uid"]: r for r in results}
         ge_uid = str(pydicom.dcmread(ge_files()[0], stop_before_pixels=True).SeriesInstanceUID)
         assert by_series[ge_uid]["status"] == "not_scored"
+        # the GE series is a geometric test object, not a head (see its README): the node
+        # fails it at qc_registration, before segmentation, says why, and reports that
+        (ge_job,) = db_reader.rows(
+            "SELECT j.id, j.state, j.failed_step, j.error, s.state AS series_state, s.reason "
+            "FROM job j JOIN series s ON s.id = j.series_id WHERE s.series_uid = :u",
+            u=ge_uid,
+        )
+        assert (ge_job["state"], ge_job["failed_step"]) == ("failed", "qc_registration")
+        assert ge_job["error"].startswith("QC failed: registration = "), ge_job["error"]
+        assert ge_job["series_state"] == "failed" and "registration = " in ge_job["reason"]
+        steps = db_reader.rows(
+            "SELECT name FROM job_step WHERE job_id = :j ORDER BY id", j=ge_job["id"]
+        )
+        assert [r["name"] for r in steps] == [
+            "convert",
+            "qc_input",
+            "preprocess",
+            "qc_registration",
+            "report",
+        ]
+        assert by_series[ge_uid]["reason"] == ge_job["error"]
         assert by_series[series.series_uid]["status"] == "scored"
         assert by_series[series.series_uid]["predicted_class"] == "responder"
 
