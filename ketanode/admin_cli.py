@@ -16,7 +16,7 @@ import typer
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ketanode.cli_common import JsonOpt, console, err, print_rows, settings_of
+from ketanode.cli_common import JsonOpt, console, err, print_rows, sessions_for, settings_of
 from ketanode.config import Settings
 from ketanode.db.models import AuditEvent, UserRole
 
@@ -36,15 +36,9 @@ def cli_actor() -> str:
 
 
 def _sessions(settings: Settings) -> sessionmaker[Session]:
-    """Sessions on the configured database; the schema is brought up to date first when
-    ``database.auto_upgrade`` (so ``users add`` works before the first ``serve``)."""
-    from ketanode.db.migrate import upgrade
-    from ketanode.db.session import make_engine, make_session_factory
-
-    engine = make_engine(settings.database.url)
-    if settings.database.auto_upgrade:
-        upgrade(engine)
-    return make_session_factory(engine)
+    """Sessions on the configured database, its schema current (so ``users add`` works
+    before the first ``serve``; see :func:`ketanode.cli_common.engine_for`)."""
+    return sessions_for(settings)
 
 
 def _refused(exc: Exception) -> typer.Exit:

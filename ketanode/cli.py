@@ -17,9 +17,10 @@ from rich.table import Table
 
 from ketanode import RESEARCH_USE_ONLY, __version__
 from ketanode.admin_cli import audit_app, retention_app, users_app
+from ketanode.cli_common import sessions_for
 from ketanode.config import ConfigError, Settings, load_settings
 from ketanode.db import queries
-from ketanode.db.session import make_engine, make_session_factory
+from ketanode.db.session import make_engine
 from ketanode.logs import setup_logging
 from ketanode.model_cli import model_app
 from ketanode.results_cli import dispatch_app, results_app
@@ -87,7 +88,7 @@ def _print(rows: list[dict[str, Any]], columns: list[str], as_json: bool, title:
 
 
 def _sessions(settings: Settings) -> Any:
-    return make_session_factory(make_engine(settings.database.url))
+    return sessions_for(settings)
 
 
 @app.command()

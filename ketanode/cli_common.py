@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.config import ConfigError, Settings, load_settings
@@ -36,11 +37,28 @@ def settings_of(ctx: typer.Context) -> Settings:
         raise typer.Exit(2) from exc
 
 
-def sessions_for(settings: Settings) -> sessionmaker[Session]:
-    """A session factory on the configured database (the schema is not touched)."""
-    from ketanode.db.session import make_engine, make_session_factory
+def engine_for(settings: Settings) -> Engine:
+    """The configured database with a current schema: upgraded first when
+    ``database.auto_upgrade`` (as the node does at start), else an old schema exits 2 with
+    the command that fixes it (never a traceback from a missing column)."""
+    from ketanode.db.migrate import SchemaOutOfDate, ensure_current
+    from ketanode.db.session import make_engine
 
-    return make_session_factory(make_engine(settings.database.url))
+    engine = make_engine(settings.database.url)
+    try:
+        ensure_current(engine, settings.database.auto_upgrade)
+    except SchemaOutOfDate as exc:
+        engine.dispose()
+        err.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
+    return engine
+
+
+def sessions_for(settings: Settings) -> sessionmaker[Session]:
+    """A session factory on the configured database, its schema current (:func:`engine_for`)."""
+    from ketanode.db.session import make_session_factory
+
+    return make_session_factory(engine_for(settings))
 
 
 def print_rows(

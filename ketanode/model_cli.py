@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from ketanode import RESEARCH_USE_ONLY
-from ketanode.cli_common import JsonOpt, console, err
+from ketanode.cli_common import JsonOpt, console, engine_for, err
 from ketanode.cli_common import settings_of as _settings
 from ketanode.config import Settings
 
@@ -32,13 +32,7 @@ CacheOpt = Annotated[
 
 
 def _engine(settings: Settings) -> Any:
-    from ketanode.db.migrate import upgrade
-    from ketanode.db.session import make_engine
-
-    engine = make_engine(settings.database.url)
-    if settings.database.auto_upgrade:
-        upgrade(engine)
-    return engine
+    return engine_for(settings)
 
 
 def _cache(settings: Settings, cache: Path | None) -> Path:

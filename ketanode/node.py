@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.config import Settings
-from ketanode.db.migrate import current_revision, head_revision, upgrade
+from ketanode.db.migrate import ensure_current
 from ketanode.db.session import make_engine, make_session_factory
 from ketanode.dicom.associations import AssociationLog
 from ketanode.dicom.dispatcher import Dispatcher
@@ -30,16 +30,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class SchemaOutOfDate(Exception):
-    pass
-
-
 def prepare_database(settings: Settings) -> Engine:
     engine = make_engine(settings.database.url)
-    if settings.database.auto_upgrade:
-        upgrade(engine)
-    elif current_revision(engine) != head_revision(engine):
-        raise SchemaOutOfDate("the database schema is not current: run `ketanode db upgrade`")
+    ensure_current(engine, settings.database.auto_upgrade)
     return engine
 
 

@@ -33,3 +33,21 @@ def current_revision(engine: Engine) -> str | None:
 
 def head_revision(engine: Engine) -> str | None:
     return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+
+
+class SchemaOutOfDate(Exception):
+    """The database's schema revision is not the one this code needs."""
+
+
+def ensure_current(engine: Engine, auto_upgrade: bool) -> None:
+    """Bring the schema to head when ``auto_upgrade``; otherwise refuse an old schema with
+    the command that fixes it (the node at start, and every CLI command, go through here)."""
+    if auto_upgrade:
+        upgrade(engine)
+        return
+    current, head = current_revision(engine), head_revision(engine)
+    if current != head:
+        raise SchemaOutOfDate(
+            f"the database schema is at revision {current or 'none'}, this ketanode needs "
+            f"{head}: run `ketanode db upgrade` (database.auto_upgrade is false)"
+        )
