@@ -81,22 +81,20 @@ def _volumes(ctx: JobContext) -> dict[str, float]:
 
 
 def _images(ctx: JobContext) -> dict[str, Any]:
-    """The native T1 (bias corrected when available), GM map and atlas territories."""
+    """The native T1 (bias corrected when available), GM map and atlas territories (as the
+    measure step wrote them)."""
     from ketanode.dicom.report_image import region_names_of_default_atlas
 
     pre = ctx.outputs.get("preprocess")
     seg = ctx.outputs.get("segment")
+    meas = ctx.outputs.get("measure")
     conv = ctx.outputs.get("convert")
     t1 = pre["n4_path"] if pre else conv["path"] if conv else None
     out: dict[str, Any] = {"t1_path": Path(t1) if t1 else None}
-    if pre and seg:
-        from ketanode.dicom.report_image import write_native_territories
-
-        gm = Path(seg["gm_path"])
-        out["gm_path"] = gm
-        out["territories_path"] = write_native_territories(
-            pre["registration"], gm, ctx.work_dir / "territories.nii.gz"
-        )
+    if seg:
+        out["gm_path"] = Path(seg["gm_path"])
+    if meas and meas.get("territories_path"):  # the measure step's native territory map
+        out["territories_path"] = Path(meas["territories_path"])
         out["region_names"] = tuple(region_names_of_default_atlas())
     return out
 

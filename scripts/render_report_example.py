@@ -24,7 +24,6 @@ from ketanode.dicom.report_content import ResultForReport
 from ketanode.dicom.report_image import (
     build_report_image,
     region_names_of_default_atlas,
-    write_native_territories,
     write_png,
 )
 from ketanode.dicom.sr import build_sr
@@ -99,7 +98,7 @@ def main() -> None:
     seg = step_segment(pre, out, p)
     meas = step_measure(pre, seg)
     qc = step_qc(t1, pre, seg, meas, p.qc, False)
-    terr = write_native_territories(pre["registration"], seg["gm_path"], out / "territories.nii.gz")
+    terr = Path(meas["territories_path"])  # the measure step's native territory map
 
     loaded = load_model(REPO / "ketanode" / "data" / "models" / "demo.skops")
     pred = predict(loaded.model, [meas["vector"]])[0]

@@ -50,7 +50,7 @@ class ResultForReport:
     pipeline's ``t1.nii.gz`` or ``t1_n4.nii.gz``), the GM posterior (``gm_prob.nii.gz``) and,
     when available, the atlas territories pulled into the same native grid (integer labels,
     k = 1-based index into ``region_names``; see
-    :func:`ketanode.dicom.report_image.write_native_territories`).
+    :func:`ketanode.imaging.analysis.step_measure`, ``territories_path``).
     """
 
     contributions: Mapping[str, float]

@@ -735,36 +735,6 @@ def write_png(result_or_ds: ResultForReport | Dataset, path: str | Path) -> Path
     return out
 
 
-def write_native_territories(
-    registration: Any,
-    reference_path: str | Path,
-    out_path: str | Path,
-) -> Path:
-    """Pull the atlas territories into the native grid of ``reference_path`` (e.g. the
-    pipeline's ``gm_prob.nii.gz``) with the job's registration, as measure.py does, and
-    write them (labels k = 1-based index of the atlas regions, ``default_spec`` order).
-
-    ``registration``: :class:`ketanode.imaging.preprocess.Registration` or its dict form.
-    """
-    import ants
-
-    from ketanode.imaging.measure import territories
-    from ketanode.imaging.preprocess import Registration, pull_to_native, read
-
-    reg = (
-        registration
-        if isinstance(registration, Registration)
-        else (Registration.from_dict(dict(registration)))
-    )
-    ref = read(str(reference_path))
-    terr = pull_to_native(
-        territories(), ref, reg.to_native, reg.invert_to_native, "nearestNeighbor"
-    )
-    out = Path(out_path)
-    ants.image_write(terr, str(out))
-    return out
-
-
 def region_names_of_default_atlas() -> list[str]:
     """The region names whose 1-based index the territory labels are (default atlas)."""
     from ketanode.imaging.templates import load_atlas
@@ -776,7 +746,6 @@ __all__ = [
     "build_report_image",
     "region_names_of_default_atlas",
     "render_report_page",
-    "write_native_territories",
     "write_png",
     "region_of",
 ]

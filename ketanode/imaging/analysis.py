@@ -52,14 +52,18 @@ def step_segment(pre: dict[str, Any], out_dir: Path, p: PipelineSettings) -> dic
 
 
 def step_measure(pre: dict[str, Any], seg: dict[str, Any]) -> dict[str, Any]:
+    """Regional volumes and the feature vector; the native territory map is kept next to
+    the GM map (``territories_path``) for the report page."""
     reg = Registration.from_dict(pre["registration"])
-    m = measure(Segmentation(**seg), reg)
+    terr = Path(seg["gm_path"]).parent / "territories.nii.gz"
+    m = measure(Segmentation(**seg), reg, territories_out=terr)
     spec = default_spec()
     return {
         "spec": spec.as_dict(),
         "names": list(spec.features),
         "vector": spec.vector(m),
         "measurement": m.as_dict(),
+        "territories_path": str(terr),
     }
 
 

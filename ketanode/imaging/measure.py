@@ -140,14 +140,19 @@ def measure(
     seg: Segmentation,
     reg: Registration,
     atlas: Atlas | None = None,
+    territories_out: Path | None = None,
 ) -> Measurement:
-    """Sum each tissue's posterior per atlas territory, in native space."""
+    """Sum each tissue's posterior per atlas territory, in native space. With
+    ``territories_out``, the native territory map is also written there (labels k = 1-based
+    index of the atlas regions; the report page outlines the driving regions with it)."""
     atlas = atlas or load_atlas()
     gm_img = read(seg.gm_path)
     probs = {name: read(seg.path(name)).numpy() for name in CLASSES}
     terr = pull_to_native(
         territories(atlas), gm_img, reg.to_native, reg.invert_to_native, "nearestNeighbor"
     )
+    if territories_out is not None:
+        ants.image_write(terr, str(territories_out))
     t = np.rint(terr.numpy()).astype(np.int64)
     vox = float(np.prod(gm_img.spacing)) / 1000.0
     n = len(atlas.regions) + 1

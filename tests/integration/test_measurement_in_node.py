@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from ketanode import pipeline
 from ketanode.db.models import EmittedObject, Job, Result, Series
+from ketanode.dicom.report_image import region_names_of_default_atlas
 from ketanode.imaging.features import default_spec
 from ketanode.imaging.phantom import PhantomSpec, make_phantom, noise_volume, slab_spec
 from ketanode.imaging.series_writer import SeriesSpec
@@ -101,6 +104,13 @@ def test_node_measures_good_series_and_fails_broken_ones_with_reasons(
     spec = default_spec()
     assert measured["spec"] == {"name": spec.name, "version": spec.version, "sha256": spec.sha256}
     assert measured["names"] == list(spec.features)
+    # the native territory map the report page outlines the driving regions with
+    territories = nib.load(measured["territories_path"])
+    gm_map = nib.load(steps["segment"].detail["gm_path"])  # type: ignore[index]
+    assert territories.shape == gm_map.shape
+    n_regions = len(region_names_of_default_atlas())
+    labels = set(np.unique(np.asarray(territories.dataobj)).astype(int))
+    assert labels == set(range(n_regions + 1)), labels  # background and every region
     values = dict(zip(measured["names"], measured["vector"], strict=True))
     truth = inputs["good"].truth
     assert values["tiv"] == pytest.approx(truth["tiv_ml"], rel=0.05)
