@@ -282,3 +282,32 @@ def test_two_destinations_and_one_that_refuses(
         assert got == uids
     finally:
         scp.stop()
+
+
+def test_series_reported_again_keeps_both_results_newest_current(outbox_factory: Any) -> None:
+    """A series processed again (a new job): both results are kept, the newest is current,
+    and each job's objects have their own UIDs; a job that reports twice (run again after a
+    crash past its commit) returns its stored result and makes no new objects."""
+    from ketanode.db.models import EmittedObject, Result
+
+    box = outbox_factory([])
+    first, second = box.report(), box.report()
+    with box.sessions() as s:
+        rows = {r.id: r.current for r in s.scalars(select(Result))}
+        n_objects = len(s.scalars(select(EmittedObject)).all())
+    assert rows == {first["result_id"]: False, second["result_id"]: True}
+    assert n_objects == 4
+    uids = {o["sop_instance_uid"] for o in first["objects"] + second["objects"]}
+    assert len(uids) == 4
+    assert box.rows() == []  # no destination configured: nothing to send
+    # the same job again: its stored result, nothing new
+    with box.sessions() as s:
+        job_id = s.get(Result, second["result_id"]).job_id  # type: ignore[union-attr]
+    ctx = JobContext(
+        job_id, 1, box.series_id, box.tmp / "again", box.files, box.settings, sessions=box.sessions
+    )
+    again = _emit(ctx, box.result, None)
+    assert again["result_id"] == second["result_id"]
+    assert again["objects"] == second["objects"]
+    with box.sessions() as s:
+        assert len(s.scalars(select(EmittedObject)).all()) == 4
