@@ -407,22 +407,23 @@ def _print_demo_measurement(by_name: dict[str, Any], truth: dict[str, Any]) -> N
 
 
 def _print_demo_reports(results: list[dict[str, Any]]) -> None:
+    """Where the SR and the report image of each result are, and whether they were sent.
+    Paths are printed whole (no wrapping, no markup) so that they can be copied."""
     for r in results:
         console.print(f"[bold]result {r['id']}[/bold] ({r['status']}); what goes back to PACS:")
         for o in r["objects"]:
             kind = "Structured Report" if o["kind"] == "sr" else "report image"
-            console.print(f"  {kind}: {o['path']}")
+            lines = [f"  {kind}: {o['path']}"]
             if o.get("png"):
-                console.print(
-                    f"    the page as PNG (open it to see what the radiologist sees): {o['png']}"
-                )
-            for dest, state in o["dispatch"].items():
-                console.print(f"    sent to {dest}: {state}")
+                lines.append(f"    the page as PNG (what the radiologist sees): {o['png']}")
+            lines += [f"    to {dest}: {state}" for dest, state in o["dispatch"].items()]
             if not o["dispatch"]:
-                console.print(
+                lines.append(
                     "    not sent: no destination configured (add [[destinations]] to a "
                     "settings file and run `ketanode -c FILE demo`)"
                 )
+            for line in lines:
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _settings_for_demo() -> Any:
