@@ -182,7 +182,10 @@ def test_report_objects_reach_the_pacs_in_the_source_study(
 def test_pacs_down_retries_with_backoff_then_delivers_and_resend_keeps_one_copy(
     orthanc: Orthanc, outbox_factory: Any
 ) -> None:
-    box = outbox_factory([_pacs(orthanc)], max_attempts=5)
+    # backoff long enough that "right away" stays before the first retry on a busy machine
+    box = outbox_factory(
+        [_pacs(orthanc)], max_attempts=5, backoff_initial_seconds=1.5, backoff_max_seconds=3.0
+    )
     box.report()
     dispatcher = Dispatcher(box.sessions, box.settings)
     orthanc.stop()
@@ -200,7 +203,9 @@ def test_pacs_down_retries_with_backoff_then_delivers_and_resend_keeps_one_copy(
     dispatcher.run()
     rows = box.rows()
     assert {r.attempts for r in rows} == {2}
-    assert all(r.next_at >= r.updated_at + dt.timedelta(seconds=2 * 0.3 - 0.01) for r in rows)
+    second_wait = backoff_seconds(2, box.settings.dispatch)
+    assert second_wait == 2 * wait
+    assert all(r.next_at >= r.updated_at + dt.timedelta(seconds=second_wait - 0.01) for r in rows)
     # the PACS is back: the next due run delivers both
     orthanc.start()
     _wait_due(box)
