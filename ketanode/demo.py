@@ -20,7 +20,7 @@ from sqlalchemy import select
 from ketanode.config import Destination, Settings
 from ketanode.db import queries
 from ketanode.db.models import DispatchState, OutboxItem, Result, Series, SeriesState
-from ketanode.dicom.sender import send_files
+from ketanode.dicom.sender import store_uncompressed
 from ketanode.imaging.phantom import PhantomSpec, make_phantom, simple_head
 from ketanode.imaging.series_writer import SeriesSpec, write_series
 from ketanode.node import Node
@@ -127,7 +127,13 @@ def run_demo(
                     image_type=("ORIGINAL", "PRIMARY", "LOCALIZER", "NONE"),
                 ),
             )
-            report = send_files("127.0.0.1", port, node.settings.node.ae_title, localizer + t1)
+            outcomes = store_uncompressed(
+                "127.0.0.1", port, node.settings.node.ae_title, localizer + t1
+            )
+        statuses: dict[str, int] = {}
+        for outcome in outcomes:
+            key = "not sent" if outcome.status is None else f"0x{outcome.status:04X}"
+            statuses[key] = statuses.get(key, 0) + 1
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with node.sessions() as session:
@@ -147,7 +153,7 @@ def run_demo(
         return DemoResult(
             data_dir,
             port,
-            {"sent": report.sent, "statuses": report.statuses},
+            {"sent": sum(o.stored for o in outcomes), "statuses": statuses},
             series,
             {
                 k: v

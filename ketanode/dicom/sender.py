@@ -1,4 +1,4 @@
-"""The node as an SCU: C-ECHO to a peer, C-STORE of files (TCP_NODELAY set)."""
+"""The node as an SCU: C-ECHO, and C-STORE of its own uncompressed files (TCP_NODELAY set)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +25,6 @@ DEFAULT_CALLING_AE = "KETANODE_SCU"
 
 class AssociationFailed(Exception):
     pass
-
-
-@dataclass
-class SendReport:
-    sent: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)
-
-    def add(self, status: int) -> None:
-        key = f"0x{status:04X}"
-        self.statuses[key] = self.statuses.get(key, 0) + 1
-        if status == 0:
-            self.sent += 1
 
 
 def _ae(calling_ae: str, timeout: float = 60.0) -> AE:
@@ -93,33 +81,6 @@ def _why(assoc: Any, host: str, port: int) -> str:
     if assoc.is_aborted:
         return "association aborted by the peer"
     return "no association (peer not answering)"
-
-
-def send_files(
-    host: str,
-    port: int,
-    called_ae: str,
-    files: Iterable[Path],
-    calling_ae: str = DEFAULT_CALLING_AE,
-    tls: ssl.SSLContext | None = None,
-) -> SendReport:
-    """C-STORE every file on one association, proposing each file's own transfer syntax."""
-    files = list(files)
-    contexts: dict[tuple[str, str], None] = {}
-    for f in files:
-        meta = dcmread(str(f), stop_before_pixels=True, specific_tags=["SOPClassUID"])
-        contexts[(str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID))] = None
-    ae = _ae(calling_ae)
-    ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in contexts]
-    assoc = _associate(ae, host, port, called_ae, tls)
-    report = SendReport()
-    try:
-        for f in files:
-            rsp = assoc.send_c_store(f)
-            report.add(int(rsp.Status) if "Status" in rsp else -1)
-    finally:
-        assoc.release()
-    return report
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,25 @@ REGIONS = (
 )
 
 
+# the header checks of a 3 mm phantom: one warning, one pass
+HEADER_CHECKS: tuple[dict[str, object], ...] = (
+    {
+        "name": "voxel_size",
+        "value": 3.0,
+        "outcome": "warn",
+        "unit": " mm",
+        "description": "largest voxel dimension",
+    },
+    {
+        "name": "coverage",
+        "value": 175.5,
+        "outcome": "pass",
+        "unit": " mm",
+        "description": "smallest field-of-view extent",
+    },
+)
+
+
 def make_case(root: Path) -> tuple[list[Dataset], ResultForReport]:
     phantom = make_phantom(PhantomSpec(seed=1, voxel_mm=(3.0, 3.0, 3.0)))
     files = phantom.write_dicom(root / "dicom")
@@ -76,22 +95,7 @@ def make_case(root: Path) -> tuple[list[Dataset], ResultForReport]:
         contributions=contributions,
         volumes=volumes,
         qc_outcome="warn",
-        qc_checks=[
-            {
-                "name": "voxel_size",
-                "value": 3.0,
-                "outcome": "warn",
-                "unit": " mm",
-                "description": "largest voxel dimension",
-            },
-            {
-                "name": "coverage",
-                "value": 175.5,
-                "outcome": "pass",
-                "unit": " mm",
-                "description": "smallest field-of-view extent",
-            },
-        ],
+        qc_checks=list(HEADER_CHECKS),
         model_name="ketanode-demo",
         model_version="1",
         model_sha256=SHA,
@@ -159,20 +163,7 @@ def not_scored(result: ResultForReport) -> ResultForReport:
                 "fail": 0.3,
                 "description": "correlation with the template inside its brain",
             },
-            {
-                "name": "voxel_size",
-                "value": 3.0,
-                "outcome": "warn",
-                "unit": " mm",
-                "description": "largest voxel dimension",
-            },
-            {
-                "name": "coverage",
-                "value": 175.5,
-                "outcome": "pass",
-                "unit": " mm",
-                "description": "smallest field-of-view extent",
-            },
+            *HEADER_CHECKS,
         ],
         model_name=None,
         model_version=None,
