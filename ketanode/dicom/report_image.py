@@ -57,6 +57,7 @@ from ketanode.dicom.report_content import (
     not_scored_headline,
     region_of,
 )
+from ketanode.dicom.source_header import clean_source_header
 
 logger = logging.getLogger(__name__)
 
@@ -672,7 +673,8 @@ def build_report_image(
         raise ValueError("source instances belong to more than one study")
     pixels = render_report_page(result)
     now = dt.datetime.now()
-    ref = source[0]
+    # patient and study attributes from the first instance, invalid values left empty
+    ref = clean_source_header(source[0]).dataset
     kwargs: dict[str, Any] = {}
     if "SpecificCharacterSet" in ref:
         kwargs["specific_character_set"] = ref.SpecificCharacterSet

@@ -58,6 +58,7 @@ from ketanode.dicom.report_content import (
     display_name,
     region_of,
 )
+from ketanode.dicom.source_header import clean_source_header
 
 logger = logging.getLogger(__name__)
 
@@ -312,18 +313,20 @@ def build_sr(
     """A Comprehensive 3D SR (TID 1500) for ``result`` in the source series' study.
 
     ``source``: the datasets of the source series (headers suffice: UIDs, patient and study
-    attributes). Patient and study modules are copied from the first one; every instance is
-    listed as evidence. New series and SOP instance UIDs are generated unless given.
+    attributes). Patient and study modules are copied from the first one (values not valid for
+    their VR left empty: :func:`~ketanode.dicom.source_header.clean_source_header`); every
+    instance is listed as evidence. New series and SOP instance UIDs are generated unless given.
     """
     _check_source(source)
-    first = source[0]
+    # patient and study attributes from the first instance, invalid values left empty
+    first = clean_source_header(source[0]).dataset
     now = dt.datetime.now()
     content = measurement_report(result, device_uid or default_device_uid(), device_model_name)
     kwargs: dict[str, Any] = {}
     if "SpecificCharacterSet" in first:
         kwargs["specific_character_set"] = first.SpecificCharacterSet
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(source),
+        evidence=[first, *source[1:]],
         content=content[0],
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
