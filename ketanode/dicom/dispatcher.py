@@ -44,7 +44,11 @@ def _audit(session: Session, row: OutboxItem, outcome: str, dest: str, **extra: 
     """The DISPATCH audit row (sent / dead), in the transaction that updates the outbox row."""
     detail = {"destination": dest, "sop_instance_uid": row.object.sop_instance_uid, **extra}
     record(
-        session, AuditKind.DISPATCH, "node", subject=f"outbox:{row.id}", outcome=outcome,
+        session,
+        AuditKind.DISPATCH,
+        "node",
+        subject=f"outbox:{row.id}",
+        outcome=outcome,
         detail=detail,
     )
 

@@ -89,12 +89,15 @@ _INSTANCE, _SERIES = cast(Table, Instance.__table__), cast(Table, Series.__table
 _KNOWN = select(_INSTANCE.c.series_id).where(_INSTANCE.c.sop_instance_uid == bindparam("b_uid"))
 _BUMP_SERIES = (
     update(_SERIES)
-    .where(_SERIES.c.series_uid == bindparam("b_series_uid"),
-           _SERIES.c.state == SeriesState.RECEIVING)
-    .values(n_instances=_SERIES.c.n_instances + 1,
-            n_frames=_SERIES.c.n_frames + bindparam("b_frames", type_=_SERIES.c.n_frames.type),
-            last_received_at=bindparam("b_now", type_=_SERIES.c.last_received_at.type),
-            last_association_id=bindparam("b_assoc", type_=_SERIES.c.last_association_id.type))
+    .where(
+        _SERIES.c.series_uid == bindparam("b_series_uid"), _SERIES.c.state == SeriesState.RECEIVING
+    )
+    .values(
+        n_instances=_SERIES.c.n_instances + 1,
+        n_frames=_SERIES.c.n_frames + bindparam("b_frames", type_=_SERIES.c.n_frames.type),
+        last_received_at=bindparam("b_now", type_=_SERIES.c.last_received_at.type),
+        last_association_id=bindparam("b_assoc", type_=_SERIES.c.last_association_id.type),
+    )
     .returning(_SERIES.c.id, _SERIES.c.n_instances, _SERIES.c.expected_instances)
 )
 _INSERT_INSTANCE = _INSTANCE.insert()
@@ -124,7 +127,8 @@ class StoreService:
         bind = sessions.kw.get("bind")
         sqlite = getattr(getattr(bind, "dialect", None), "name", "") == "sqlite"
         self.writer_lock: AbstractContextManager[object] = (
-            threading.Lock() if sqlite else contextlib.nullcontext())
+            threading.Lock() if sqlite else contextlib.nullcontext()
+        )
 
     def _lock_for(self, uid: str) -> threading.Lock:
         return self._locks[hash(uid) % len(self._locks)]
@@ -181,14 +185,16 @@ def _part10(event: Event, sop_class: str, sop_uid: str, ts: str) -> bytes:
     """
     dataset = event.encoded_dataset(include_meta=False)
     try:
-        body = b"".join((
-            _meta_element(0x0001, b"OB", b"\x00\x01"),
-            _meta_element(0x0002, b"UI", _padded(sop_class, b"\x00")),
-            _meta_element(0x0003, b"UI", _padded(sop_uid, b"\x00")),
-            _meta_element(0x0010, b"UI", _padded(ts, b"\x00")),
-            _meta_element(0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
-            _meta_element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
-        ))
+        body = b"".join(
+            (
+                _meta_element(0x0001, b"OB", b"\x00\x01"),
+                _meta_element(0x0002, b"UI", _padded(sop_class, b"\x00")),
+                _meta_element(0x0003, b"UI", _padded(sop_uid, b"\x00")),
+                _meta_element(0x0010, b"UI", _padded(ts, b"\x00")),
+                _meta_element(0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+                _meta_element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+            )
+        )
     except (UnicodeEncodeError, struct.error):  # not a UID: let pydicom encode it
         return event.encoded_dataset(include_meta=True)
     group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
@@ -213,13 +219,39 @@ def _encoding(ts: str) -> tuple[bool, bool] | None:
 # Only these elements are decoded on the hot path (the whole file is still walked, so a
 # truncated or malformed dataset is still refused); the spool keeps every byte.
 _NEEDED = (
-    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-    "SeriesInstanceUID", "Modality", "Rows", "Columns", "BitsAllocated", "SamplesPerPixel",
-    "NumberOfFrames", "PixelData", "FloatPixelData", "DoubleFloatPixelData", "InstanceNumber",
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyDate",
-    "StudyDescription", "SeriesNumber", "SeriesDescription", "ProtocolName", "Manufacturer",
-    "ImageType", "MRAcquisitionType", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
-    "ImagesInAcquisition", "SharedFunctionalGroupsSequence",
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "SamplesPerPixel",
+    "NumberOfFrames",
+    "PixelData",
+    "FloatPixelData",
+    "DoubleFloatPixelData",
+    "InstanceNumber",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyDescription",
+    "SeriesNumber",
+    "SeriesDescription",
+    "ProtocolName",
+    "Manufacturer",
+    "ImageType",
+    "MRAcquisitionType",
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "ImagesInAcquisition",
+    "SharedFunctionalGroupsSequence",
 )
 
 
@@ -240,33 +272,48 @@ def _parse(raw: bytes, ts: str) -> Dataset:
             ds = read_dataset(fp, *encoding, specific_tags=_NEEDED_TAGS)
         for _ in ds:  # the elements the node reads must decode now (ds holds only those)
             pass
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, IndexError,
-            NotImplementedError, OverflowError, AttributeError) as exc:
-        raise Refused(CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})",
-                      str(exc)) from exc
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        NotImplementedError,
+        OverflowError,
+        AttributeError,
+    ) as exc:
+        raise Refused(
+            CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})", str(exc)
+        ) from exc
     if len(ds) == 0:
         # pydicom reads almost any byte stream without raising; a "dataset" holding none
         # of the elements every stored object has (UIDs, patient, modality) is not one.
-        raise Refused(CANNOT_UNDERSTAND,
-                      "cannot parse dataset: no DICOM elements the node recognises "
-                      "(not a dataset, or not in its context's transfer syntax)")
+        raise Refused(
+            CANNOT_UNDERSTAND,
+            "cannot parse dataset: no DICOM elements the node recognises "
+            "(not a dataset, or not in its context's transfer syntax)",
+        )
     return ds
 
 
 def _check(ds: Dataset, ts: str, sop_class: str | None, sop_uid: str | None) -> None:
     missing = [
-        k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+        k
+        for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
         if not is_valid_uid(str(ds.get(k, "")) or None)
     ]
     if missing:
-        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                      f"missing or invalid {', '.join(missing)}")
+        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"missing or invalid {', '.join(missing)}")
     if sop_class and str(ds.SOPClassUID) != sop_class:
-        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                      f"dataset SOP Class {ds.SOPClassUID} differs from the request's {sop_class}")
+        raise Refused(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"dataset SOP Class {ds.SOPClassUID} differs from the request's {sop_class}",
+        )
     if sop_uid and str(ds.SOPInstanceUID) != sop_uid:
-        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                      "dataset SOP Instance UID differs from the request's")
+        raise Refused(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset SOP Instance UID differs from the request's"
+        )
     if str(ds.SOPClassUID) in PROCESSED_SOP_CLASSES:
         _check_image(ds, ts)
 
@@ -276,8 +323,9 @@ def _check_image(ds: Dataset, transfer_syntax: str) -> None:
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         absent.append("PixelData")
     if absent:
-        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                      f"MR image without required {', '.join(absent)}")
+        raise Refused(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS, f"MR image without required {', '.join(absent)}"
+        )
     ts = UID(transfer_syntax)
     if ts and not ts.is_compressed:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -285,12 +333,18 @@ def _check_image(ds: Dataset, transfer_syntax: str) -> None:
         expected = int(ds.Rows) * int(ds.Columns) * samples * frames * int(ds.BitsAllocated) // 8
         got = len(ds.get("PixelData") or b"")
         if got < expected:
-            raise Refused(PIXEL_DATA_INCONSISTENT,
-                          f"pixel data has {got} bytes, the header implies {expected}")
+            raise Refused(
+                PIXEL_DATA_INCONSISTENT,
+                f"pixel data has {got} bytes, the header implies {expected}",
+            )
 
 
 def _store(
-    service: StoreService, raw: bytes, ts: str, sop_class: str | None, sop_uid: str | None,
+    service: StoreService,
+    raw: bytes,
+    ts: str,
+    sop_class: str | None,
+    sop_uid: str | None,
     assoc_id: int | None,
 ) -> StoreOutcome:
     try:
@@ -304,8 +358,9 @@ def _store(
         return _store_locked(service, raw, ts, ds, assoc_id)
 
 
-def _store_locked(service: StoreService, raw: bytes, ts: str, ds: Dataset,
-                  assoc_id: int | None) -> StoreOutcome:
+def _store_locked(
+    service: StoreService, raw: bytes, ts: str, ds: Dataset, assoc_id: int | None
+) -> StoreOutcome:
     uid = str(ds.SOPInstanceUID)
     study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
     try:
@@ -332,26 +387,33 @@ def _store_locked(service: StoreService, raw: bytes, ts: str, ds: Dataset,
                     # an orphan from a crash before its row was committed
                     spooled = service.spool.replace(raw, study_uid, series_uid, uid)
                 now = utcnow()
-                bump = {"b_series_uid": series_uid, "b_frames": frames, "b_now": now,
-                        "b_assoc": assoc_id}
+                bump = {
+                    "b_series_uid": series_uid,
+                    "b_frames": frames,
+                    "b_now": now,
+                    "b_assoc": assoc_id,
+                }
                 counts = conn.execute(_BUMP_SERIES, bump).first()
                 if counts is None:  # a new series, or a late instance that reopens one
                     _series_for(session, ds)
                     session.flush()
                     counts = conn.execute(_BUMP_SERIES, bump).one()
-                conn.execute(_INSERT_INSTANCE, {
-                    "series_id": counts.id,
-                    "association_id": assoc_id,
-                    "sop_instance_uid": uid,
-                    "sop_class_uid": str(ds.SOPClassUID),
-                    "transfer_syntax_uid": ts,
-                    "instance_number": _int_or_none(ds.get("InstanceNumber")),
-                    "n_frames": frames,
-                    "spool_path": str(spooled.path),
-                    "size_bytes": spooled.size,
-                    "sha256": spooled.sha256,
-                    "received_at": now,
-                })
+                conn.execute(
+                    _INSERT_INSTANCE,
+                    {
+                        "series_id": counts.id,
+                        "association_id": assoc_id,
+                        "sop_instance_uid": uid,
+                        "sop_class_uid": str(ds.SOPClassUID),
+                        "transfer_syntax_uid": ts,
+                        "instance_number": _int_or_none(ds.get("InstanceNumber")),
+                        "n_frames": frames,
+                        "spool_path": str(spooled.path),
+                        "size_bytes": spooled.size,
+                        "sha256": spooled.sha256,
+                        "received_at": now,
+                    },
+                )
             break
         except IntegrityError:
             with service.sessions.begin() as session:
@@ -362,8 +424,7 @@ def _store_locked(service: StoreService, raw: bytes, ts: str, ds: Dataset,
                 raise
             # Not a duplicate: another association created this study or series row first
             # (PostgreSQL runs those transactions concurrently). It is there now.
-            logger.info("SOP instance %s: its series row was created concurrently; again",
-                        uid)
+            logger.info("SOP instance %s: its series row was created concurrently; again", uid)
         except OperationalError as exc:
             raise Refused(OUT_OF_RESOURCES, "database unavailable", str(exc.orig)) from exc
         except SpoolFull as exc:
@@ -406,8 +467,15 @@ def _series_for(session: Session, ds: Dataset) -> Series:
             )
             session.add(study)
             session.flush()
-        series = Series(study_id=study.id, series_uid=series_uid, n_instances=0, n_frames=0,
-                        state=SeriesState.RECEIVING, generation=1, **series_facts(ds).as_dict())
+        series = Series(
+            study_id=study.id,
+            series_uid=series_uid,
+            n_instances=0,
+            n_frames=0,
+            state=SeriesState.RECEIVING,
+            generation=1,
+            **series_facts(ds).as_dict(),
+        )
         session.add(series)
         session.flush()
         logger.info("new series row %s (study row %s)", series.id, study.id)
@@ -422,8 +490,11 @@ def _reopen(session: Session, series: Series) -> None:
     session.execute(
         update(Job)
         .where(Job.series_id == series.id, Job.state == JobState.QUEUED)
-        .values(state=JobState.SUPERSEDED, finished_at=utcnow(),
-                error="superseded: the series received more instances")
+        .values(
+            state=JobState.SUPERSEDED,
+            finished_at=utcnow(),
+            error="superseded: the series received more instances",
+        )
     )
     series.state = SeriesState.RECEIVING
     series.generation += 1
@@ -432,35 +503,54 @@ def _reopen(session: Session, series: Series) -> None:
     series.completion_trigger = None
 
 
-def _count(session: Session, assoc_id: int | None, duplicate: bool = False,
-           failed: bool = False) -> None:
+def _count(
+    session: Session, assoc_id: int | None, duplicate: bool = False, failed: bool = False
+) -> None:
     if assoc_id is None:
         return
-    column = (Association.n_failed if failed else
-              Association.n_duplicate if duplicate else Association.n_stored)
-    session.execute(update(Association).where(Association.id == assoc_id)
-                    .values({column: column + 1}))
+    column = (
+        Association.n_failed
+        if failed
+        else Association.n_duplicate
+        if duplicate
+        else Association.n_stored
+    )
+    session.execute(
+        update(Association).where(Association.id == assoc_id).values({column: column + 1})
+    )
 
 
 def _record_failure(
-    service: StoreService, assoc_id: int | None, refusal: Refused, raw: bytes,
-    sop_class: str | None, sop_uid: str | None,
+    service: StoreService,
+    assoc_id: int | None,
+    refusal: Refused,
+    raw: bytes,
+    sop_class: str | None,
+    sop_uid: str | None,
 ) -> None:
-    logger.warning("C-STORE refused with 0x%04X (association %s, SOP %s): %s",
-                   refusal.status, assoc_id, sop_uid, refusal.reason)
+    logger.warning(
+        "C-STORE refused with 0x%04X (association %s, SOP %s): %s",
+        refusal.status,
+        assoc_id,
+        sop_uid,
+        refusal.reason,
+    )
     try:
         path = None
         if raw and refusal.status != OUT_OF_RESOURCES:
             path = service.spool.quarantine(raw, refusal.status)
         with service.sessions.begin() as session:
-            session.add(StoreFailure(
-                association_id=assoc_id, status=refusal.status,
-                reason=refusal.stored_reason[:2000],
-                sop_class_uid=sop_class if sop_class and is_valid_uid(sop_class) else None,
-                sop_instance_uid=sop_uid if sop_uid and is_valid_uid(sop_uid) else None,
-                quarantine_path=str(path) if path else None,
-                received_at=dt.datetime.now(dt.UTC),
-            ))
+            session.add(
+                StoreFailure(
+                    association_id=assoc_id,
+                    status=refusal.status,
+                    reason=refusal.stored_reason[:2000],
+                    sop_class_uid=sop_class if sop_class and is_valid_uid(sop_class) else None,
+                    sop_instance_uid=sop_uid if sop_uid and is_valid_uid(sop_uid) else None,
+                    quarantine_path=str(path) if path else None,
+                    received_at=dt.datetime.now(dt.UTC),
+                )
+            )
             _count(session, assoc_id, failed=True)
     except Exception:
         logger.exception("could not record the refusal of SOP %s", sop_uid)

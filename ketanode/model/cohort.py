@@ -211,9 +211,7 @@ OPERATIONAL_SETTINGS = frozenset(
 def settings_key(settings: PipelineSettings) -> dict[str, Any]:
     """Every pipeline setting that can change the numbers (all but the operational ones)."""
     return {
-        k: v
-        for k, v in settings.model_dump(mode="json").items()
-        if k not in OPERATIONAL_SETTINGS
+        k: v for k, v in settings.model_dump(mode="json").items() if k not in OPERATIONAL_SETTINGS
     }
 
 
