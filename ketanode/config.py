@@ -171,8 +171,9 @@ class QCSettings(_Section):
     min_snr_fail: float = Field(default=4.0, ge=0)
     min_gm_wm_contrast_warn: float = Field(default=0.12, ge=0)
     min_gm_wm_contrast_fail: float = Field(default=0.05, ge=0)
-    min_registration_corr_warn: float = Field(default=0.85, ge=-1, le=1)
-    min_registration_corr_fail: float = Field(default=0.70, ge=-1, le=1)
+    min_brain_volume_ml_fail: float = Field(default=300.0, ge=0)
+    min_registration_dice_warn: float = Field(default=0.90, ge=0, le=1)
+    min_registration_dice_fail: float = Field(default=0.85, ge=0, le=1)
     gm_fraction_warn: tuple[float, float] = (0.35, 0.58)
     gm_fraction_fail: tuple[float, float] = (0.25, 0.68)
     wm_fraction_warn: tuple[float, float] = (0.25, 0.45)
@@ -191,8 +192,11 @@ class PipelineSettings(_Section):
     # off: convert only (the ingest tests run that way).
     measure: bool = True
     registration: Literal["affine", "syn"] = "affine"
+    # Voxels finer than this (mm) are resampled to it before the heavy steps.
+    grid_mm: float = Field(default=1.0, ge=0.5, le=2.0)
     registration_resolution_mm: float = Field(default=2.0, ge=1.0, le=6.0)
     syn_iterations: list[int] = Field(default_factory=lambda: [40, 20, 10])
+    segmentation: Literal["em", "atropos"] = "em"
     prior_weight: float = Field(default=0.25, ge=0, le=1)
     atropos_iterations: int = Field(default=5, ge=1, le=50)
     qc: QCSettings = Field(default_factory=QCSettings)

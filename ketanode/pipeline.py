@@ -23,6 +23,7 @@ from ketanode.dicom.sop import PROCESSED_SOP_CLASSES
 from ketanode.imaging import analysis
 from ketanode.imaging.convert import convert_series
 from ketanode.imaging.qc import QCFailed
+from ketanode.imaging.scratch import scratch_dir
 from ketanode.jobqueue import finish
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,19 @@ def run_job(
         len(ctx.files),
     )
     chosen = steps or steps_for(settings)
+    # every temporary file a library writes stays in the job's folder, removed at the end
+    with scratch_dir(ctx.work_dir / "tmp"):
+        return _run_steps(sessions, settings, ctx, owner, chosen)
+
+
+def _run_steps(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    ctx: JobContext,
+    owner: str,
+    chosen: list[tuple[str, Step]],
+) -> bool:
+    job_id = ctx.job_id
     reports = settings.reports.not_scored and any(n == "report" for n, _ in chosen)
     for name, fn in chosen:
         started = time.perf_counter()

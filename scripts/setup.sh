@@ -21,5 +21,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PYTHON=${PYTHON:-python3}
+# deepbet (brain extraction) runs on torch; the CPU build is all it needs. Installed first
+# and pinned, so the range in pyproject.toml installs nothing more (a plain 'torch' from PyPI
+# is a CUDA build of several GB).
+if ! $PYTHON -c "import torch" >/dev/null 2>&1; then
+  echo "setup: installing torch (CPU) for brain extraction"
+  $PYTHON -m pip install -q --disable-pip-version-check "torch==2.13.0"
+fi
 echo "setup: installing ketanode and its test extras with $($PYTHON --version)"
 $PYTHON -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -17,7 +17,8 @@ from ketanode.config import PipelineSettings, QCSettings
 from ketanode.imaging import qc as qcmod
 from ketanode.imaging.features import default_spec
 from ketanode.imaging.measure import Measurement, measure
-from ketanode.imaging.preprocess import Registration, preprocess
+from ketanode.imaging.preprocess import NoBrainFound, Registration, preprocess
+from ketanode.imaging.scratch import scratch_dir
 from ketanode.imaging.segment import Segmentation, segment
 
 
@@ -29,17 +30,31 @@ def step_qc_input(t1_path: str | Path, qc: QCSettings) -> dict[str, Any]:
 
 
 def step_preprocess(t1_path: str | Path, out_dir: Path, p: PipelineSettings) -> dict[str, Any]:
-    pre = preprocess(
-        t1_path, out_dir, p.registration, p.registration_resolution_mm, tuple(p.syn_iterations)
-    )
+    """Working grid, brain extraction, N4, registration; raises QCFailed when the brain
+    extraction finds no brain (nothing to register)."""
+    try:
+        pre = preprocess(
+            t1_path,
+            out_dir,
+            p.registration,
+            p.registration_resolution_mm,
+            tuple(p.syn_iterations),
+            p.grid_mm,
+            p.qc.min_brain_volume_ml_fail,
+        )
+    except NoBrainFound as exc:
+        raise qcmod.QCFailed([qcmod.brain_volume_check(exc.brain_ml, p.qc)]) from exc
     return pre.as_dict()
 
 
+def _registration_checks(pre: dict[str, Any], qc: QCSettings) -> list[qcmod.Check]:
+    reg = Registration.from_dict(pre["registration"])
+    return qcmod.registration_checks(pre["mask_path"], reg, float(pre["brain_ml"]), qc)
+
+
 def step_qc_registration(pre: dict[str, Any], qc: QCSettings) -> dict[str, Any]:
-    """Brain in field of view and registration quality; raises QCFailed before segmentation."""
-    checks = qcmod.registration_checks(
-        pre["n4_path"], Registration.from_dict(pre["registration"]), qc
-    )
+    """Brain found, in the field of view, registered; raises QCFailed before segmentation."""
+    checks = _registration_checks(pre, qc)
     qcmod.raise_on_fail(checks)
     return {"outcome": qcmod.outcome(checks), "checks": qcmod.table(checks)}
 
@@ -47,7 +62,13 @@ def step_qc_registration(pre: dict[str, Any], qc: QCSettings) -> dict[str, Any]:
 def step_segment(pre: dict[str, Any], out_dir: Path, p: PipelineSettings) -> dict[str, Any]:
     reg = Registration.from_dict(pre["registration"])
     return segment(
-        pre["n4_path"], pre["mask_path"], reg, out_dir, p.prior_weight, p.atropos_iterations
+        pre["n4_path"],
+        pre["mask_path"],
+        reg,
+        out_dir,
+        p.prior_weight,
+        p.atropos_iterations,
+        p.segmentation,
     ).as_dict()
 
 
@@ -76,10 +97,10 @@ def step_qc(
     raise_on_fail: bool = True,
 ) -> dict[str, Any]:
     """All checks (header, image, measurement); raises QCFailed when one fails."""
-    reg = Registration.from_dict(pre["registration"])
     checks = (
         qcmod.geometry_checks(t1_path, qc)
-        + qcmod.image_checks(pre["n4_path"], reg, Segmentation(**seg), qc)
+        + _registration_checks(pre, qc)
+        + qcmod.tissue_checks(pre["n4_path"], Segmentation(**seg), qc)
         + qcmod.measurement_checks(Measurement.from_dict(meas["measurement"]), qc)
     )
     if raise_on_fail:
@@ -90,9 +111,13 @@ def step_qc(
 def analyse(
     t1_path: str | Path, out_dir: str | Path, settings: PipelineSettings | None = None
 ) -> dict[str, Any]:
-    """Run every step on a NIfTI file; never raises on QC failure (the result says so)."""
-    p = settings or PipelineSettings()
-    out = Path(out_dir)
+    """Run every step on a NIfTI file; never raises on QC failure (the result says so).
+    The libraries' temporary files live in ``out_dir/tmp``, removed at the end."""
+    with scratch_dir(Path(out_dir) / "tmp"):
+        return _analyse(t1_path, Path(out_dir), settings or PipelineSettings())
+
+
+def _analyse(t1_path: str | Path, out: Path, p: PipelineSettings) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     result: dict[str, Any] = {"input": str(t1_path), "seconds": seconds}
 
@@ -114,13 +139,15 @@ def analyse(
         timed("qc_input", step_qc_input, t1_path, p.qc)
     except qcmod.QCFailed as exc:
         return failed(geometry, exc)
-    pre = timed("preprocess", step_preprocess, t1_path, out, p)
+    try:
+        pre = timed("preprocess", step_preprocess, t1_path, out, p)
+    except qcmod.QCFailed as exc:
+        return failed(geometry + exc.all_checks, exc)
     result["preprocess_seconds"] = pre["seconds"]
     try:
         timed("qc_registration", step_qc_registration, pre, p.qc)
     except qcmod.QCFailed as exc:
-        reg = Registration.from_dict(pre["registration"])
-        return failed(geometry + qcmod.registration_checks(pre["n4_path"], reg, p.qc), exc)
+        return failed(geometry + exc.all_checks, exc)
     seg = timed("segment", step_segment, pre, out, p)
     meas = timed("measure", step_measure, pre, seg)
     qc = timed("qc", step_qc, t1_path, pre, seg, meas, p.qc, False)

@@ -15,7 +15,11 @@ from ketanode.imaging.measure import Measurement
 from ketanode.imaging.templates import Atlas, load_atlas
 
 SPEC_NAME = "ketanode-regional-volumes"
-SPEC_VERSION = "1"
+# The version changes whenever the same scan would give other numbers, so that a model
+# trained on older features is refused: 1 = whole-head registration + Atropos;
+# 2 = CNN brain mask (deepbet), 1 mm working grid, brain-to-brain registration, EM
+# segmentation with priors (issue 11).
+SPEC_VERSION = "2"
 TOTALS = ("gm_total", "wm_total", "csf_total", "tiv")
 
 

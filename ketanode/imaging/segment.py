@@ -1,8 +1,20 @@
-"""Three-class tissue segmentation (CSF, GM, WM) with Atropos and template tissue priors.
+"""Three-class tissue segmentation (CSF, GM, WM) inside the brain mask, with tissue priors.
 
 The template GM/WM maps and CSF = intracranial - GM - WM are pulled into native space with the
-registration and used as prior probability images; a plain Gaussian mixture underestimated
-cerebellar GM by about 35 % (DESIGN.md section 7), priors fix that.
+registration and used as prior probabilities; a plain Gaussian mixture underestimated
+cerebellar GM by about 35 %, priors fix that.
+
+Two methods (``pipeline.segmentation``):
+
+- ``em`` (default): a Gaussian mixture fitted by expectation-maximisation in which each
+  voxel's class probability is ``(1 - w) * pi_k + w * prior_k(x)`` (``w`` = ``prior_weight``,
+  ``pi_k`` the global class fractions), then a partial-volume (mixel) model that counts a
+  boundary voxel by its tissue fractions (:func:`em`); no spatial (MRF) term. A few seconds
+  on a 1 mm brain.
+- ``atropos``: ANTs Atropos with the same priors and an MRF (about 35-50 s on a 1 mm brain on
+  one ITK thread). Measured on the same inputs (docs/architecture.md, "Segmentation"), its
+  MRF moves partial-volume CSF into GM (real UIH head: GM 911 mL with the MRF, 718 mL
+  without; phantom with truth: +6 % total GM), and it is ten times slower; kept for comparison.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from typing import Any
 
 import ants
 import numpy as np
+from numpy.typing import NDArray
 
 from ketanode.imaging.preprocess import Registration, pull_to_native, read, template_priors
 
@@ -79,6 +92,117 @@ def atropos(
     return [p.new_image_like(np.where(m, p.numpy(), 0.0).astype(np.float32)) for p in probs]
 
 
+def _normalised_priors(priors: list[ants.ANTsImage], m: NDArray[np.bool_]) -> NDArray[np.float32]:
+    pr = np.stack([np.clip(p.numpy()[m], 0.0, None) for p in priors], axis=1).astype(np.float32)
+    total = pr.sum(axis=1, keepdims=True)
+    # voxels no prior covers (mask beyond the template's brain) start as "any class"
+    return np.where(total > 1e-3, pr / np.maximum(total, 1e-3), np.float32(1.0 / 3.0))
+
+
+def _gaussians(
+    y: NDArray[np.float32], mu: NDArray[np.float32], var: NDArray[np.float32], mix: Any
+) -> NDArray[np.float32]:
+    """Normalised class posteriors ``mix * N(y; mu, var)`` (voxels x classes)."""
+    d = y[:, None] - mu
+    p = np.exp(-0.5 * d * d / var) * (mix / np.sqrt(var))
+    p /= np.maximum(p.sum(axis=1, keepdims=True), np.float32(1e-30))
+    out: NDArray[np.float32] = p.astype(np.float32)
+    return out
+
+
+def _moments(
+    post: NDArray[np.float32], y: NDArray[np.float32]
+) -> tuple[NDArray[np.float64], NDArray[np.float32], NDArray[np.float32]]:
+    nk = np.maximum(post.sum(axis=0, dtype=np.float64), 1e-6)
+    mu = ((post.T @ y) / nk).astype(np.float32)
+    d = y[:, None] - mu
+    var = np.einsum("ij,ij->j", post, d * d, dtype=np.float64) / nk
+    floor = 1e-4 * float(np.var(mu)) + 1e-6
+    return nk, mu, np.maximum(var, floor).astype(np.float32)
+
+
+def em(
+    native: ants.ANTsImage,
+    mask: ants.ANTsImage,
+    priors: list[ants.ANTsImage],
+    prior_weight: float = 0.25,
+    max_iterations: int = 30,
+    tol: float = 1e-4,
+) -> list[ants.ANTsImage]:
+    """Tissue fractions (CSF, GM, WM; zero outside the mask) by a Gaussian mixture with
+    priors, then a partial-volume (mixel) model. Deterministic: initialised from the
+    priors, no random sampling.
+
+    1. Three pure classes, each voxel's class probability ``(1 - w) * pi_k + w * prior_k``
+       (``w`` = ``prior_weight``), fitted by EM: the class means and variances.
+    2. Five classes: the three pure ones and the CSF/GM and GM/WM mixtures, whose intensity
+       is a uniform mix of the two pure means (mean halfway, variance the pure ones' plus
+       the spread of the mix); the pure means and variances are refitted from the pure
+       posteriors only, so boundary voxels no longer widen the GM class. A mixture voxel
+       counts by its linear unmixing ``alpha = (y - mu_b) / (mu_a - mu_b)``.
+    Without step 2, boundary voxels between GM and WM intensity were counted mostly as GM
+    (GM +9.5 % on a phantom with truth; an +8 % frontal change measured +4.9 % to +5.8 %);
+    with it, +5.9 % and +6.1 % to +6.8 %, and a change in one region leaks less into
+    the others (occipital -2.1 % -> -0.2 %)."""
+    m = mask.numpy() > 0
+    if m.sum() < 1000:
+        raise SegmentationError("the brain mask is (nearly) empty")
+    y = native.numpy()[m].astype(np.float32)
+    pr = _normalised_priors(priors, m)
+    post = pr.copy()
+    for _ in range(max_iterations):
+        nk, mu, var = _moments(post, y)
+        mix = (1.0 - prior_weight) * (nk / nk.sum()).astype(np.float32) + prior_weight * pr
+        new = _gaussians(y, mu, var, mix)
+        change = float(np.abs(new - post).mean())
+        post = new
+        if change < tol:
+            break
+    if not (mu[0] < mu[1] < mu[2]):
+        raise SegmentationError(
+            "tissue intensities are not in T1 order (CSF < GM < WM): "
+            + ", ".join(f"{c} {v:.4g}" for c, v in zip(CLASSES, mu, strict=True))
+        )
+    # step 2: the mixel model; mixtures take the geometric mean of their two priors
+    pr5 = np.concatenate(
+        [pr, np.sqrt(pr[:, 0:1] * pr[:, 1:2]), np.sqrt(pr[:, 1:2] * pr[:, 2:3])], axis=1
+    )
+    pi = np.full(5, 0.2, dtype=np.float32)
+    for _ in range(max_iterations):
+        mu5 = np.array([*mu, (mu[0] + mu[1]) / 2, (mu[1] + mu[2]) / 2], dtype=np.float32)
+        var5 = np.array(
+            [
+                *var,
+                (var[0] + var[1]) / 2 + (mu[1] - mu[0]) ** 2 / 12,
+                (var[1] + var[2]) / 2 + (mu[2] - mu[1]) ** 2 / 12,
+            ],
+            dtype=np.float32,
+        )
+        post5 = _gaussians(y, mu5, var5, (1.0 - prior_weight) * pi + prior_weight * pr5)
+        nk5 = post5.sum(axis=0, dtype=np.float64)
+        pi = (nk5 / nk5.sum()).astype(np.float32)
+        _, new_mu, var = _moments(post5[:, :3], y)
+        change = float(np.abs(new_mu - mu).max() / max(float(mu[2] - mu[0]), 1e-6))
+        mu = new_mu
+        if change < tol or not (mu[0] < mu[1] < mu[2]):
+            break
+    if not (mu[0] < mu[1] < mu[2]):
+        raise SegmentationError("tissue intensities left T1 order in the partial-volume fit")
+    csf_in_cg = np.clip((y - mu[1]) / (mu[0] - mu[1]), 0.0, 1.0)
+    gm_in_gw = np.clip((y - mu[2]) / (mu[1] - mu[2]), 0.0, 1.0)
+    fractions = (
+        post5[:, 0] + post5[:, 3] * csf_in_cg,
+        post5[:, 1] + post5[:, 3] * (1.0 - csf_in_cg) + post5[:, 4] * gm_in_gw,
+        post5[:, 2] + post5[:, 4] * (1.0 - gm_in_gw),
+    )
+    out = []
+    for frac in fractions:
+        arr = np.zeros(m.shape, dtype=np.float32)
+        arr[m] = frac
+        out.append(native.new_image_like(arr))
+    return out
+
+
 def crop_to_mask(
     img: ants.ANTsImage, mask: ants.ANTsImage, margin: int = 2
 ) -> tuple[ants.ANTsImage, ants.ANTsImage, tuple[slice, ...]]:
@@ -107,8 +231,10 @@ def segment(
     out_dir: str | Path,
     prior_weight: float = 0.25,
     iterations: int = 5,
+    method: str = "em",
 ) -> Segmentation:
-    """Segment the bias-corrected image inside the brain mask; writes
+    """Segment the bias-corrected image inside the brain mask (``method``: ``em`` or
+    ``atropos``, whose ``iterations`` it takes); writes
     ``{csf,gm,wm}_prob.nii.gz`` (on the input's grid) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +242,12 @@ def segment(
     mask = ants.image_read(str(mask_path), pixeltype="float")
     box_img, box_mask, box = crop_to_mask(native, mask)
     priors = native_priors(box_img, reg)
-    probs = atropos(box_img, box_mask, priors, prior_weight=prior_weight, iterations=iterations)
+    if method == "atropos":
+        probs = atropos(box_img, box_mask, priors, prior_weight=prior_weight, iterations=iterations)
+    elif method == "em":
+        probs = em(box_img, box_mask, priors, prior_weight=prior_weight)
+    else:
+        raise ValueError(f"unknown segmentation method {method!r}")
     paths = []
     for name, img in zip(CLASSES, probs, strict=True):
         full = np.zeros(native.shape, dtype=np.float32)

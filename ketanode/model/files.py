@@ -211,6 +211,25 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _spec_difference(model_spec: dict[str, Any], spec: FeatureSpec) -> str:
+    """What differs between a model's feature spec and the pipeline's, in words."""
+    parts = []
+    for key in ("name", "version", "atlas"):
+        theirs, ours = model_spec.get(key), getattr(spec, key)
+        if theirs is not None and str(theirs) != str(ours):
+            parts.append(f"{key} {theirs!r} != {ours!r}")
+    features = model_spec.get("features")
+    if isinstance(features, list) and features != list(spec.features):
+        missing = [f for f in spec.features if f not in features]
+        extra = [f for f in features if f not in spec.features]
+        parts.append(
+            f"features: missing {missing}, extra {extra}"
+            if missing or extra
+            else "features in another order"
+        )
+    return ": " + "; ".join(parts) if parts else ""
+
+
 def load_model(path: str | Path, spec: FeatureSpec | None = None) -> LoadedModel:
     """Check and load a model file (see the module docstring for the refusal rules)."""
     p = Path(path)
@@ -234,7 +253,7 @@ def load_model(path: str | Path, spec: FeatureSpec | None = None) -> LoadedModel
             f"refused {p}: feature spec mismatch: the model was trained on "
             f"{model_spec.get('name')} v{model_spec.get('version')} "
             f"({str(model_spec.get('sha256'))[:12]}), this pipeline emits {spec.name} "
-            f"v{spec.version} ({spec.sha256[:12]})",
+            f"v{spec.version} ({spec.sha256[:12]}){_spec_difference(model_spec, spec)}",
         )
     untrusted = set(sio.get_untrusted_types(file=p)) - set(TRUSTED_TYPES)
     if untrusted:
