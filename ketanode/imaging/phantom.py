@@ -133,6 +133,10 @@ class PhantomSpec:
         out["grid_shape"] = list(self.grid_shape())
         return out
 
+    def default_series(self) -> SeriesSpec:
+        """The DICOM series header :meth:`Phantom.write_dicom` uses by default."""
+        return SeriesSpec()
+
 
 def slab_spec(
     seed: int = 0, slice_mm: float = 5.0, n_slices: int | None = None, **kw: Any
@@ -595,7 +599,7 @@ class Phantom:
 
     def write_dicom(self, out_dir: Path, series_spec: SeriesSpec | None = None) -> list[Path]:
         """Write the volume as an MR series whose geometry matches :attr:`image`."""
-        series = replace(series_spec) if series_spec is not None else SeriesSpec()
+        series = replace(series_spec) if series_spec is not None else self.spec.default_series()
         series.orientation = self.spec.orientation
         lps_origin = self.affine[:3, 3] * np.array([-1.0, -1.0, 1.0])
         series.origin_mm = (float(lps_origin[0]), float(lps_origin[1]), float(lps_origin[2]))
@@ -633,7 +637,14 @@ def _truth_dict(sums: F64, names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def make_phantom(spec: PhantomSpec, atlas: Atlas | None = None) -> Phantom:
-    """A realistic T1 head with known regional volumes (see the module docstring)."""
+    """A realistic T1 head with known regional volumes (see the module docstring).
+
+    A :class:`ketanode.imaging.realistic_phantom.RealisticSpec` gives the non-circular
+    whole-head phantom of that module instead."""
+    from ketanode.imaging import realistic_phantom
+
+    if isinstance(spec, realistic_phantom.RealisticSpec):
+        return realistic_phantom.make_realistic_phantom(spec, atlas)
     if spec.orientation not in ORIENTATIONS:
         raise ValueError(f"unknown orientation {spec.orientation!r}")
     model = _template_model(atlas or load_atlas())
