@@ -171,7 +171,6 @@ class QCSettings(_Section):
     min_snr_fail: float = Field(default=4.0, ge=0)
     min_gm_wm_contrast_warn: float = Field(default=0.12, ge=0)
     min_gm_wm_contrast_fail: float = Field(default=0.05, ge=0)
-    min_brain_volume_ml_fail: float = Field(default=300.0, ge=0)
     min_registration_dice_warn: float = Field(default=0.90, ge=0, le=1)
     min_registration_dice_fail: float = Field(default=0.85, ge=0, le=1)
     gm_fraction_warn: tuple[float, float] = (0.35, 0.58)

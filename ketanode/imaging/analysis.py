@@ -17,7 +17,7 @@ from ketanode.config import PipelineSettings, QCSettings
 from ketanode.imaging import qc as qcmod
 from ketanode.imaging.features import default_spec
 from ketanode.imaging.measure import Measurement, measure
-from ketanode.imaging.preprocess import NoBrainFound, Registration, preprocess
+from ketanode.imaging.preprocess import ImplausibleBrain, Registration, preprocess
 from ketanode.imaging.scratch import scratch_dir
 from ketanode.imaging.segment import Segmentation, segment
 
@@ -30,8 +30,8 @@ def step_qc_input(t1_path: str | Path, qc: QCSettings) -> dict[str, Any]:
 
 
 def step_preprocess(t1_path: str | Path, out_dir: Path, p: PipelineSettings) -> dict[str, Any]:
-    """Working grid, brain extraction, N4, registration; raises QCFailed when the brain
-    extraction finds no brain (nothing to register)."""
+    """Working grid, brain extraction, N4, registration; raises QCFailed when the extracted
+    brain's volume is outside the TIV limits (no head: nothing to register)."""
     try:
         pre = preprocess(
             t1_path,
@@ -40,9 +40,9 @@ def step_preprocess(t1_path: str | Path, out_dir: Path, p: PipelineSettings) -> 
             p.registration_resolution_mm,
             tuple(p.syn_iterations),
             p.grid_mm,
-            p.qc.min_brain_volume_ml_fail,
+            p.qc.tiv_ml_fail,
         )
-    except NoBrainFound as exc:
+    except ImplausibleBrain as exc:
         raise qcmod.QCFailed([qcmod.brain_volume_check(exc.brain_ml, p.qc)]) from exc
     return pre.as_dict()
 

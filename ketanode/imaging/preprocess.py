@@ -47,13 +47,13 @@ class PreprocessError(RuntimeError):
     pass
 
 
-# Below this the mask holds no brain (an adult intracranial volume is 1.1-2 L): noise, a
-# test object, a slab that misses the head; nothing to register. Quality control reports it
-# (``brain_volume``, ``[pipeline.qc] min_brain_volume_ml_fail``).
-MIN_BRAIN_ML = 300.0
+# Outside these limits the mask holds no brain (an adult intracranial volume is 1.1-2 L):
+# noise, a test object, a slab that misses the head; nothing to register. Quality control
+# reports it (``brain_volume``, judged by ``[pipeline.qc] tiv_ml_fail``).
+BRAIN_ML_RANGE = (800.0, 2400.0)
 
 
-class NoBrainFound(PreprocessError):
+class ImplausibleBrain(PreprocessError):
     def __init__(self, brain_ml: float) -> None:
         self.brain_ml = brain_ml
         super().__init__(f"brain extraction found {brain_ml:.0f} mL of brain")
@@ -294,7 +294,7 @@ def preprocess(
     resolution_mm: float = 2.0,
     syn_iterations: tuple[int, ...] = (40, 20, 10),
     grid_mm: float = 1.0,
-    min_brain_ml: float = MIN_BRAIN_ML,
+    brain_ml_range: tuple[float, float] = BRAIN_ML_RANGE,
 ) -> Preprocessed:
     """Working grid, brain extraction, N4 and registration; writes t1_n4.nii.gz (the
     bias-corrected head on the working grid), brain_mask.nii.gz and the transforms into
@@ -310,8 +310,8 @@ def preprocess(
     mask = extract_brain(img, mask_path)
     brain_ml = float(mask.sum()) * float(np.prod(mask.spacing)) / 1000.0
     seconds["brain_extraction"] = round(time.perf_counter() - t, 3)
-    if brain_ml < min_brain_ml:
-        raise NoBrainFound(brain_ml)
+    if not brain_ml_range[0] <= brain_ml <= brain_ml_range[1]:
+        raise ImplausibleBrain(brain_ml)
     t = time.perf_counter()
     corrected = n4(img, mask)
     seconds["n4"] = round(time.perf_counter() - t, 3)

@@ -121,14 +121,16 @@ def geometry_checks(t1_path: str | Path, qc: QCSettings) -> list[Check]:
 
 
 def brain_volume_check(brain_ml: float, qc: QCSettings) -> Check:
-    """The brain mask's volume: nearly nothing means no head (noise, a test object)."""
-    return check_min(
+    """The extracted brain's volume, judged by the TIV limits (the mask is intracranial):
+    nearly nothing, or a blob that fills the field of view, means no head (noise, a test
+    object, a slab that misses the brain)."""
+    return check_range(
         "brain_volume",
         brain_ml,
-        qc.min_brain_volume_ml_fail,
-        qc.min_brain_volume_ml_fail,
+        qc.tiv_ml_warn,
+        qc.tiv_ml_fail,
         " mL",
-        "volume of the extracted brain",
+        "volume of the extracted brain (intracranial)",
     )
 
 

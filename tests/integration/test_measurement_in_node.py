@@ -63,7 +63,7 @@ def test_node_measures_good_series_and_fails_broken_ones_with_reasons(
     # -- broken inputs: failed at QC, each with its reason ----------------------------------
     expected = {
         "half_out_of_fov": ("qc_registration", "brain_in_fov = "),
-        "noise": ("qc_registration", "registration = "),
+        "noise": ("preprocess", "brain_volume = "),
         "slab": ("qc_input", "voxel_size = 5 mm"),
     }
     for name, (step, reason) in expected.items():

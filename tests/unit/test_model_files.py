@@ -87,10 +87,16 @@ def test_replaced_file_is_refused(saved: tuple[Path, np.ndarray], tmp_path: Path
 
 def test_mismatched_spec_is_refused(saved: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     path = _copy(saved[0], tmp_path)
+    spec = default_spec()
     with pytest.raises(ModelRefused) as exc:
-        load_model(path, replace(default_spec(), version="2"))
+        load_model(path, replace(spec, version="99"))
     assert exc.value.reason == "spec_mismatch"
     assert "feature spec mismatch" in str(exc.value)
+    # the message names the difference: the pipeline's features changed (version)
+    assert f"version '{spec.version}' != '99'" in str(exc.value)
+    with pytest.raises(ModelRefused) as exc:
+        load_model(path, replace(spec, features=spec.features[:-1] + ("gm_new_region",)))
+    assert "features: missing ['gm_new_region'], extra ['tiv']" in str(exc.value)
     # and a metadata file that records another spec
     meta = json.loads(metadata_path(path).read_text())
     meta["feature_spec"]["sha256"] = "0" * 64
