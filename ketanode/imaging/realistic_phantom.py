@@ -71,6 +71,14 @@ recovers fully at a short TR), inflowing blood bright in the sinuses and neck ve
 dura 0.70. The T1 values behind these orders at 3 T: WM ~1080 ms, GM ~1820 ms, muscle
 ~1410 ms, blood ~1930 ms (Stanisz et al., MRM 2005), fat ~300-400 ms, CSF ~4000 ms.
 
+API: :class:`RealisticSpec`; :func:`make_realistic_phantom` (also reached through
+``make_phantom``); :func:`realistic_specs` / :func:`realistic_phantoms` (the three accuracy
+phantoms: MPRAGE sagittal, IR-FSPGR axial, IR-FSPGR sagittal); :func:`tissue_map` (the tissue
+of every voxel); :func:`truth_maps` (true fractions and territories on any grid). The result
+is a :class:`~ketanode.imaging.phantom.Phantom`: ``write_nifti``, ``write_dicom`` (a Siemens
+MPRAGE or a GE BRAVO header by default), ``write_truth``. Seeded: the same spec gives the same
+phantom; the head model is built once (~15 s) and cached on disk with the template model.
+
 Coordinates: world = scanner RAS mm (NIfTI); template = MNI mm.
 """
 
@@ -1296,4 +1304,34 @@ def tissue_map(spec: RealisticSpec, atlas: Atlas | None = None) -> NDArray[np.ui
             fr[:, brain].argmax(axis=0)
         ]
         out[k0:k1] = labels.reshape(k1 - k0, shape[1], shape[2])
+    return out
+
+
+def truth_maps(
+    spec: RealisticSpec,
+    affine: F64,
+    shape: tuple[int, int, int],
+    atlas: Atlas | None = None,
+) -> dict[str, NDArray[Any]]:
+    """The phantom's true GM, WM, CSF fractions and territories (k = 1-based atlas region,
+    0 none) on any grid (RAS ``affine``, ``shape``), e.g. a pipeline's working grid: summing
+    the node's GM posterior by the true territories, or the true GM by the node's territories,
+    splits a regional error into its segmentation and its registration parts."""
+    ctx = _prepare(spec, atlas)
+    to_model = np.asarray(np.linalg.inv(ctx.model.affine), dtype=np.float64)
+    out: dict[str, NDArray[Any]] = {
+        "gm": np.zeros(shape, dtype=np.float32),
+        "wm": np.zeros(shape, dtype=np.float32),
+        "csf": np.zeros(shape, dtype=np.float32),
+        "territory": np.zeros(shape, dtype=np.int16),
+    }
+    chunk = max(1, 1_000_000 // (shape[1] * shape[2]))
+    for k0 in range(0, shape[0], chunk):
+        k1 = min(shape[0], k0 + chunk)
+        pts = _world(np.asarray(affine, dtype=np.float64), _grid_indices(shape, k0, k1))
+        vox = _world(to_model, ctx.ind.to_template(pts))
+        part = (k1 - k0, shape[1], shape[2])
+        for key, volume in (("gm", ctx.gm), ("wm", ctx.wm), ("csf", ctx.csf)):
+            out[key][k0:k1] = _sample(volume, vox, 1).reshape(part)
+        out["territory"][k0:k1] = _sample(ctx.model.territory, vox, 0).reshape(part)
     return out

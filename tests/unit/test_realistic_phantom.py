@@ -206,6 +206,13 @@ def test_dicom_and_nifti(tmp_path: Path) -> None:
     assert back.shape == mine.shape
     assert np.allclose(back.affine, mine.affine, atol=1e-3)
     assert np.max(np.abs(np.asarray(back.dataobj, dtype=np.float64) - mine.get_fdata())) <= 1.0
+    # the true maps on any grid (here the image's): their sums are the truth
+    img = phantom.image
+    maps = rp.truth_maps(spec, img.affine, img.shape)
+    voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+    gm = np.bincount(maps["territory"].ravel(), weights=maps["gm"].ravel().astype(np.float64))
+    frontal = gm[1 + list(phantom.truth["regions"]).index("left_frontal")] * voxel_ml
+    assert frontal == pytest.approx(phantom.truth["regions"]["left_frontal"]["gm_ml"], rel=0.1)
     nifti = phantom.write_nifti(tmp_path / "phantom.nii.gz")
     written = nib.load(str(nifti))
     assert isinstance(written, nib.Nifti1Image)
