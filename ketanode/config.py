@@ -190,11 +190,13 @@ class PipelineSettings(_Section):
     # Measure every selected series (N4, registration, segmentation, regional volumes, QC);
     # off: convert only (the ingest tests run that way).
     measure: bool = True
-    registration: Literal["affine", "syn"] = "affine"
+    # affine at registration_resolution_mm, then (syn) SyN at syn_resolution_mm
+    registration: Literal["affine", "syn"] = "syn"
     # Voxels finer than this (mm) are resampled to it before the heavy steps.
     grid_mm: float = Field(default=1.0, ge=0.5, le=2.0)
     registration_resolution_mm: float = Field(default=2.0, ge=1.0, le=6.0)
-    syn_iterations: list[int] = Field(default_factory=lambda: [40, 20, 10])
+    syn_resolution_mm: float = Field(default=4.0, ge=1.0, le=8.0)
+    syn_iterations: list[int] = Field(default_factory=lambda: [40, 20])
     segmentation: Literal["em", "atropos"] = "em"
     prior_weight: float = Field(default=0.25, ge=0, le=1)
     atropos_iterations: int = Field(default=5, ge=1, le=50)

@@ -13,11 +13,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ants
+import numpy as np
+
 from ketanode.config import PipelineSettings, QCSettings
 from ketanode.imaging import qc as qcmod
 from ketanode.imaging.features import default_spec
-from ketanode.imaging.measure import Measurement, measure
-from ketanode.imaging.preprocess import ImplausibleBrain, Registration, preprocess
+from ketanode.imaging.measure import (
+    Measurement,
+    cerebellar_labels,
+    measure,
+    native_territories,
+)
+from ketanode.imaging.preprocess import ImplausibleBrain, Registration, preprocess, read
 from ketanode.imaging.scratch import scratch_dir
 from ketanode.imaging.segment import Segmentation, segment
 
@@ -41,6 +49,7 @@ def step_preprocess(t1_path: str | Path, out_dir: Path, p: PipelineSettings) -> 
             tuple(p.syn_iterations),
             p.grid_mm,
             p.qc.tiv_ml_fail,
+            p.syn_resolution_mm,
         )
     except ImplausibleBrain as exc:
         raise qcmod.QCFailed([qcmod.brain_volume_check(exc.brain_ml, p.qc)]) from exc
@@ -60,7 +69,13 @@ def step_qc_registration(pre: dict[str, Any], qc: QCSettings) -> dict[str, Any]:
 
 
 def step_segment(pre: dict[str, Any], out_dir: Path, p: PipelineSettings) -> dict[str, Any]:
+    """Tissue fractions; the native territory map is written first (``territories.nii.gz``
+    next to the fractions), because the segmentation fits the cerebellum apart."""
     reg = Registration.from_dict(pre["registration"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    terr = native_territories(reg, read(pre["n4_path"]))
+    ants.image_write(terr, str(out_dir / "territories.nii.gz"))
+    cerebellum = np.isin(np.rint(terr.numpy()).astype(np.int64), cerebellar_labels())
     return segment(
         pre["n4_path"],
         pre["mask_path"],
@@ -69,6 +84,7 @@ def step_segment(pre: dict[str, Any], out_dir: Path, p: PipelineSettings) -> dic
         p.prior_weight,
         p.atropos_iterations,
         p.segmentation,
+        compartments=cerebellum.astype(np.int8),
     ).as_dict()
 
 
@@ -77,7 +93,7 @@ def step_measure(pre: dict[str, Any], seg: dict[str, Any]) -> dict[str, Any]:
     the GM map (``territories_path``) for the report page."""
     reg = Registration.from_dict(pre["registration"])
     terr = Path(seg["gm_path"]).parent / "territories.nii.gz"
-    m = measure(Segmentation(**seg), reg, territories_out=terr)
+    m = measure(Segmentation(**seg), reg, territories_path=terr)
     spec = default_spec()
     return {
         "spec": spec.as_dict(),

@@ -136,23 +136,45 @@ def template_truth(atlas: Atlas | None = None) -> dict[str, float]:
     return out
 
 
+def native_territories(
+    reg: Registration, reference: ants.ANTsImage, atlas: Atlas | None = None
+) -> ants.ANTsImage:
+    """The territory map pulled onto ``reference``'s grid (nearest neighbour): labels k =
+    1-based index of the atlas regions, 0 outside them."""
+    return pull_to_native(
+        territories(atlas or load_atlas()),
+        reference,
+        reg.to_native,
+        reg.invert_to_native,
+        "nearestNeighbor",
+    )
+
+
+def cerebellar_labels(atlas: Atlas | None = None) -> list[int]:
+    """Territory labels (1-based region indices) of the cerebellar regions."""
+    atlas = atlas or load_atlas()
+    return [k for k, r in enumerate(atlas.regions, start=1) if "cerebell" in r.name]
+
+
 def measure(
     seg: Segmentation,
     reg: Registration,
     atlas: Atlas | None = None,
-    territories_out: Path | None = None,
+    territories_path: Path | None = None,
 ) -> Measurement:
-    """Sum each tissue's posterior per atlas territory, in native space. With
-    ``territories_out``, the native territory map is also written there (labels k = 1-based
-    index of the atlas regions; the report page outlines the driving regions with it)."""
+    """Sum each tissue's fraction per atlas territory, in native space. ``territories_path``:
+    the native territory map (labels k = 1-based index of the atlas regions; the report page
+    outlines the driving regions with it), read when the file exists (the segment step
+    writes it), else pulled through the registration and written there."""
     atlas = atlas or load_atlas()
     gm_img = read(seg.gm_path)
     probs = {name: read(seg.path(name)).numpy() for name in CLASSES}
-    terr = pull_to_native(
-        territories(atlas), gm_img, reg.to_native, reg.invert_to_native, "nearestNeighbor"
-    )
-    if territories_out is not None:
-        ants.image_write(terr, str(territories_out))
+    if territories_path is not None and Path(territories_path).is_file():
+        terr = ants.image_read(str(territories_path), pixeltype="float")
+    else:
+        terr = native_territories(reg, gm_img, atlas)
+        if territories_path is not None:
+            ants.image_write(terr, str(territories_path))
     t = np.rint(terr.numpy()).astype(np.int64)
     vox = float(np.prod(gm_img.spacing)) / 1000.0
     n = len(atlas.regions) + 1
