@@ -81,8 +81,9 @@ def _volumes(ctx: JobContext) -> dict[str, float]:
 
 
 def _images(ctx: JobContext) -> dict[str, Any]:
-    """The native T1 (bias corrected when available), GM map and atlas territories (as the
-    measure step wrote them)."""
+    """The T1 the page draws (the preprocess step's bias-corrected head on the working grid,
+    else the converted image), its brain mask, the GM map and the atlas territories (as the
+    measure step wrote them), all on the working grid when preprocessing ran."""
     from ketanode.dicom.report_image import region_names_of_default_atlas
 
     pre = ctx.outputs.get("preprocess")
@@ -91,6 +92,8 @@ def _images(ctx: JobContext) -> dict[str, Any]:
     conv = ctx.outputs.get("convert")
     t1 = pre["n4_path"] if pre else conv["path"] if conv else None
     out: dict[str, Any] = {"t1_path": Path(t1) if t1 else None}
+    if pre and pre.get("mask_path"):  # the slices are cropped to the brain and placed in it
+        out["brain_mask_path"] = Path(pre["mask_path"])
     if seg:
         out["gm_path"] = Path(seg["gm_path"])
     if meas and meas.get("territories_path"):  # the measure step's native territory map

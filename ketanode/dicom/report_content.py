@@ -50,7 +50,10 @@ class ResultForReport:
     pipeline's ``t1.nii.gz`` or ``t1_n4.nii.gz``), the GM posterior (``gm_prob.nii.gz``) and,
     when available, the atlas territories pulled into the same native grid (integer labels,
     k = 1-based index into ``region_names``; see
-    :func:`ketanode.imaging.analysis.step_measure`, ``territories_path``).
+    :func:`ketanode.imaging.analysis.step_measure`, ``territories_path``) and the brain
+    (intracranial) mask of the preprocess step (``brain_mask.nii.gz``, ``mask_path``): with
+    a mask, the slices are cropped to the brain and placed within it (a real head's neck
+    and face stay off the page).
     """
 
     contributions: Mapping[str, float]
@@ -72,6 +75,7 @@ class ResultForReport:
     t1_path: Path | None = None
     gm_path: Path | None = None
     territories_path: Path | None = None
+    brain_mask_path: Path | None = None
     region_names: Sequence[str] = field(default_factory=tuple)
 
     @property

@@ -11,14 +11,22 @@ drawn (the viewer shows them from the header).
 
 Images come from :class:`~ketanode.dicom.report_content.ResultForReport`: ``t1_path``,
 ``gm_path`` and, when given, ``territories_path`` (an integer map on a native grid, region k =
-``region_names[k-1]``; :func:`write_native_territories` writes it from the pipeline's
-registration). Without territories the slices show the GM map and the driving regions are
-listed in text only. Without a T1 the page has no slices.
+``region_names[k-1]``; the measure step writes it) and ``brain_mask_path`` (the preprocess
+step's intracranial mask). Every map is resampled onto the T1's grid (the pipeline writes
+them all on its working grid, so they are usually on it already). With a brain mask the
+panels are cropped to the brain plus :data:`BRAIN_MARGIN_MM` (a real head's neck, face and
+shoulders stay off the page) and every slice passes through the brain (a driving region's
+slices through its part inside the mask); without one, to the head. Without territories the
+slices show the GM map and the driving regions are listed in text only. Without a T1 the
+page has no slices. :func:`slice_geometry` gives the crop and the slice positions a page
+draws.
 
 A *not scored* result (no prediction: e.g. quality control failed) gets its own page: the
 title, a red "NOT SCORED" headline with its cause ("quality control failed"), the reason, the
 failing and warning QC checks, the software (and model, if any), the T1 slices (with the GM
-map when given) and the disclaimer; no result, no contributions.
+map when given) and the disclaimer; no result, no contributions. Its slices show the image
+as received, cropped to the head, not to the brain mask: the mask is outlined instead (the
+failure may be that mask), and the slices pass through it.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +87,21 @@ TOWARD_RESPONDER = "#4aa3ff"
 TOWARD_NON = "#ff8c42"
 REGION_COLOURS = ("#00e5ff", "#ff3df5", "#b6ff00", "#ffffff", "#ffe600", "#ff5e5e")
 QC_COLOURS = {"pass": OK, "warn": WARN, "fail": FAIL}
+MASK_COLOUR = "#4aa3ff"  # the brain mask's outline on a not-scored page
 
 
 # --- volumes -----------------------------------------------------------------------------
 
 
 class _Volumes:
-    """T1, GM and territories on one closest-canonical (RAS) grid, plus voxel size."""
+    """T1, GM, territories and brain mask on one closest-canonical (RAS) grid (the T1's),
+    cropped to the brain (mask plus :data:`BRAIN_MARGIN_MM`) when a mask is given and
+    ``crop_to_brain``, else to the head; ``box`` is that crop, in voxels of the uncropped
+    grid. Without the brain crop, a given mask is outlined on the slices (``outline_mask``):
+    a page that quality control stopped shows the image as received and what the node took
+    for the brain, which may be what went wrong."""
 
-    def __init__(self, result: ResultForReport) -> None:
+    def __init__(self, result: ResultForReport, crop_to_brain: bool = True) -> None:
         assert result.t1_path is not None
         t1 = _canonical(result.t1_path)
         self.zooms = tuple(float(z) for z in t1.header.get_zooms()[:3])
@@ -95,34 +110,91 @@ class _Volumes:
             self.t1 = np.ascontiguousarray(self.t1.reshape(*self.t1.shape[:3], -1)[..., 0])
         self.gm: F32 | None = None
         self.terr: NDArray[np.int16] | None = None
+        self.mask: NDArray[np.bool_] | None = None
         if result.gm_path is not None and Path(result.gm_path).is_file():
             gm = _on_grid(_canonical(result.gm_path), t1, order=1)
             self.gm = np.clip(gm, 0.0, 1.0).astype(np.float32)
         if result.territories_path is not None and Path(result.territories_path).is_file():
             terr = _on_grid(_canonical(result.territories_path), t1, order=0)
             self.terr = np.rint(terr).astype(np.int16)
-        lo, hi = np.percentile(self.t1[self.t1 > 0], (1.0, 99.5)) if np.any(self.t1 > 0) else (0, 1)
-        self.t1n = np.clip((self.t1 - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
-        # crop every volume to the head (plus a margin) so the slices fill their panels
-        head = np.argwhere(self.t1n > 0.08)
-        if len(head):
-            a = np.maximum(head.min(axis=0) - 3, 0)
-            b = np.minimum(head.max(axis=0) + 4, self.t1.shape)
-            box = tuple(slice(int(i), int(j)) for i, j in zip(a, b, strict=True))
-            self.t1, self.t1n = self.t1[box], self.t1n[box]
-            if self.gm is not None:
-                self.gm = self.gm[box]
-            if self.terr is not None:
-                self.terr = self.terr[box]
+        if result.brain_mask_path is not None and Path(result.brain_mask_path).is_file():
+            mask = _on_grid(_canonical(result.brain_mask_path), t1, order=0) > 0.5
+            self.mask = mask if mask.any() else None
+        # crop every volume to the brain (or the head) plus a margin, so the slices fill their
+        # panels and a real head's neck and shoulders stay off the page; the grey levels of a
+        # brain crop come from what is drawn (the neck's fat would set them otherwise)
+        brain_crop = crop_to_brain and self.mask is not None
+        self.outline_mask = self.mask is not None and not brain_crop
+        if brain_crop:
+            self.box = _crop_box(self.t1, self.mask, self.zooms)
+        else:
+            t1n = _window(self.t1)
+            self.box = _crop_box(t1n, None, self.zooms)
+        box = tuple(slice(a, b) for a, b in self.box)
+        self.t1 = self.t1[box]
+        self.t1n = _window(self.t1) if brain_crop else t1n[box]
+        if self.gm is not None:
+            self.gm = self.gm[box]
+        if self.terr is not None:
+            self.terr = self.terr[box]
+        if self.mask is not None:
+            self.mask = self.mask[box]
 
     def centroid(self, mask: NDArray[np.bool_]) -> tuple[int, int, int]:
         idx = np.argwhere(mask)
         if len(idx) == 0:
-            idx = np.argwhere(self.t1n > 0.2)
+            idx = np.argwhere(self.mask if self.mask is not None else self.t1n > 0.2)
         if len(idx) == 0:
             return tuple(int(s // 2) for s in self.t1.shape)  # type: ignore[return-value]
         c = np.rint(idx.mean(axis=0)).astype(int)
         return int(c[0]), int(c[1]), int(c[2])
+
+    def in_brain(
+        self, c: tuple[int, int, int], near: NDArray[np.bool_] | None = None
+    ) -> tuple[int, int, int]:
+        """``c`` clipped to the grid and, with a brain mask, moved to the nearest voxel (in
+        mm) of the brain (of ``near`` within the brain, when that is not empty) if it lies
+        outside it: every slice through it then cuts the brain."""
+        p = np.clip(np.asarray(c, dtype=int), 0, np.array(self.t1.shape[:3]) - 1)
+        point = (int(p[0]), int(p[1]), int(p[2]))
+        if self.mask is None or self.mask[point]:
+            return point
+        target = self.mask & near if near is not None else self.mask
+        idx = np.argwhere(target if target.any() else self.mask)
+        d = np.sum(((idx - p) * np.asarray(self.zooms[:3])) ** 2, axis=1)
+        q = idx[int(np.argmin(d))]
+        return int(q[0]), int(q[1]), int(q[2])
+
+
+BRAIN_MARGIN_MM = 10.0
+
+
+def _window(t1: F32) -> F32:
+    """``t1`` scaled to [0, 1] between the 1st and 99.5th percentiles of its voxels > 0."""
+    values = t1[t1 > 0]
+    lo, hi = np.percentile(values, (1.0, 99.5)) if values.size else (0.0, 1.0)
+    out: F32 = np.clip((t1 - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
+    return out
+
+
+def _crop_box(
+    t1n: F32, mask: NDArray[np.bool_] | None, zooms: tuple[float, ...]
+) -> tuple[tuple[int, int], ...]:
+    """(start, stop) per axis: the brain mask's bounding box plus BRAIN_MARGIN_MM, or, without
+    a mask, what is brighter than the background (``t1n`` > 0.08, ``t1n`` scaled to [0, 1])
+    plus 3-4 voxels; the whole grid if that is empty."""
+    shape = t1n.shape[:3]
+    if mask is not None:
+        idx = np.argwhere(mask)
+        margin = np.ceil(BRAIN_MARGIN_MM / np.asarray(zooms[:3], dtype=float)).astype(int)
+        a, b = idx.min(axis=0) - margin, idx.max(axis=0) + 1 + margin
+    else:
+        idx = np.argwhere(t1n > 0.08)
+        if not len(idx):
+            return tuple((0, int(n)) for n in shape)
+        a, b = idx.min(axis=0) - 3, idx.max(axis=0) + 4
+    a, b = np.maximum(a, 0), np.minimum(b, shape)
+    return tuple((int(i), int(j)) for i, j in zip(a, b, strict=True))
 
 
 def _canonical(path: str | Path) -> nib.Nifti1Image:
@@ -180,20 +252,67 @@ def _slice_centres(
     vols: _Volumes, drivers: Sequence[tuple[str, float, int | None]]
 ) -> list[tuple[int, int, int]]:
     """Two slice positions: through the top driver, and through the next driver whose
-    territory centre is >= 25 mm away (or above/below the brain centre)."""
-    brain = vols.gm > 0.3 if vols.gm is not None else vols.t1n > 0.3
+    territory centre is >= 25 mm away (or above/below the brain centre). A territory's
+    centre is taken within the brain mask when there is one, and every position is moved
+    into the brain if it falls outside it (a C-shaped territory, a label that spills)."""
+    if vols.mask is not None:
+        brain = vols.mask
+    else:
+        brain = vols.gm > 0.3 if vols.gm is not None else vols.t1n > 0.3
     if vols.terr is None or not any(k for _, _, k in drivers):
         c = vols.centroid(brain)
         dz = int(round(20.0 / vols.zooms[2]))
-        return [(c[0], c[1], c[2] + dz), (c[0], c[1], c[2] - dz)]
-    centres = [vols.centroid(vols.terr == k) for _, _, k in drivers if k]
+        return [vols.in_brain((c[0], c[1], c[2] + dz)), vols.in_brain((c[0], c[1], c[2] - dz))]
+    centres = []
+    for _, _, k in drivers:
+        if not k:
+            continue
+        region = vols.terr == k
+        inside = region & vols.mask if vols.mask is not None else region
+        centres.append(vols.in_brain(vols.centroid(inside if inside.any() else region), region))
     first = centres[0]
     mm = np.array(vols.zooms)
     for c in centres[1:]:
         if np.linalg.norm((np.array(c) - np.array(first)) * mm) >= 25.0:
             return [first, c]
-    c = vols.centroid(brain)
-    return [first, c if c != first else (c[0], c[1], max(0, c[2] - 10))]
+    c = vols.in_brain(vols.centroid(brain))
+    return [first, c if c != first else vols.in_brain((c[0], c[1], max(0, c[2] - 10)))]
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where the page's slices are, in voxels of the T1 it draws after reorientation to the
+    closest canonical (RAS) grid: ``box`` is the (start, stop) crop of each axis, ``centres``
+    the points the axial, coronal and sagittal slices of each row pass through (uncropped
+    grid), ``brain_box`` the brain mask's (start, stop) bounding box (``None`` without one)."""
+
+    box: tuple[tuple[int, int], ...]
+    centres: tuple[tuple[int, int, int], ...]
+    brain_box: tuple[tuple[int, int], ...] | None
+    zooms: tuple[float, ...]
+
+
+def slice_geometry(result: ResultForReport) -> SliceGeometry:
+    """The crop and the slice positions that :func:`render_report_page` draws for ``result``
+    (the two rows of three views; a thin slab's page draws its own plane instead): a scored
+    page is cropped to the brain mask, a not-scored page to the head (its slices still pass
+    through the brain mask)."""
+    if result.t1_path is None:
+        raise ValueError("no T1: the page has no slices")
+    vols = _Volumes(result, crop_to_brain=result.scored)
+    drivers = _driver_regions(result) if result.scored else []
+    start = np.array([a for a, _ in vols.box])
+    centres = tuple(
+        (int(c[0] + start[0]), int(c[1] + start[1]), int(c[2] + start[2]))
+        for c in _slice_centres(vols, drivers)
+    )
+    brain_box = None
+    if vols.mask is not None:
+        idx = np.argwhere(vols.mask) + start
+        brain_box = tuple(
+            (int(a), int(b) + 1) for a, b in zip(idx.min(axis=0), idx.max(axis=0), strict=True)
+        )
+    return SliceGeometry(vols.box, centres, brain_box, vols.zooms)
 
 
 def _draw_slices(
@@ -252,6 +371,10 @@ def _draw_panel(
         rgba = gm_cmap(gm)
         rgba[..., 3] = np.where(gm > 0.25, 0.55 * gm, 0.0)
         ax.imshow(rgba, aspect=aspect, interpolation="bilinear")
+    if vols.outline_mask and vols.mask is not None:
+        brain = _slice(vols.mask, view, idx).astype(np.float32)
+        if brain.any():
+            ax.contour(brain, levels=[0.5], colors=[MASK_COLOUR], linewidths=2.0)
     if vols.terr is not None:
         terr = _slice(vols.terr, view, idx)
         for i, (_, _, k) in enumerate(drivers):
@@ -606,7 +729,7 @@ def _not_scored_page(fig: Figure, result: ResultForReport) -> None:
     vols: _Volumes | None = None
     if result.t1_path is not None and Path(result.t1_path).is_file():
         try:  # the series failed QC: its image may be odd; the page must still be made
-            vols = _Volumes(result)
+            vols = _Volumes(result, crop_to_brain=False)
             axis = _thin_axis(vols)
             if axis is None:
                 _draw_slices(fig, vols, [], top=y, height=y - legend_y - 0.005)
@@ -619,7 +742,8 @@ def _not_scored_page(fig: Figure, result: ResultForReport) -> None:
             vols = None
     if vols is not None:
         gm = " with grey-matter probability (yellow-red)" if vols.gm is not None else ""
-        legend = f"T1 as received{gm}; {not_scored_headline(result)}, no prediction was made"
+        brain = ", brain mask in blue" if vols.outline_mask else ""
+        legend = f"T1 as received{gm}{brain}; {not_scored_headline(result)}, no prediction was made"
         fig.text(0.03, legend_y, _fit(legend, 140), fontsize=16, color=DIM, va="top")
     else:
         fig.text(0.5, (y + legend_y) / 2, "no image available", ha="center", fontsize=24, color=DIM)
@@ -745,9 +869,11 @@ def region_names_of_default_atlas() -> list[str]:
 
 
 __all__ = [
+    "SliceGeometry",
     "build_report_image",
     "region_names_of_default_atlas",
     "render_report_page",
+    "slice_geometry",
     "write_png",
     "region_of",
 ]

@@ -19,6 +19,7 @@ from tests.unit._report_case import DCIODVFY, clinical, dciodvfy, have, make_cas
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 WARN_RGB = (0xFF, 0xB0, 0x00)  # the demonstration-model banner
 FAIL_RGB = (0xFF, 0x4D, 0x4D)  # the NOT SCORED headline box
+MASK_RGB = (0x4A, 0xA3, 0xFF)  # the brain mask's outline on a not-scored page
 HEADLINE_ROWS = slice(0, 400)  # title, (banner,) headline
 
 
@@ -178,3 +179,99 @@ def test_not_scored_thin_slab_and_png(
     out = write_png(thin, tmp_path / "not_scored.png")
     with Image.open(out) as im:
         assert im.mode == "RGB" and min(im.size) >= 1024
+
+
+# --- a real head: neck and shoulders in the field of view -------------------------------------
+
+
+def _head_with_neck(root: Path) -> dict[str, Path]:
+    """A 2 mm RAS volume: a brain (its intracranial mask given) in the upper part of the
+    field of view and, below it, a larger and brighter "neck"; territories: label 6 (the top
+    driver of the case, right deep grey) spills from the bottom of the brain far into the
+    neck, label 1 (left frontal) lies in the front of the brain."""
+    import nibabel as nib
+
+    shape = (60, 70, 110)
+    idx = np.indices(shape, dtype=np.float32)
+
+    def ellipsoid(centre: tuple[float, float, float], radii: tuple[float, float, float]):
+        return sum(((idx[i] - centre[i]) / radii[i]) ** 2 for i in range(3)) <= 1.0
+
+    brain = ellipsoid((30, 35, 80), (20, 24, 18))
+    neck = ellipsoid((30, 35, 32), (26, 30, 28)) & ~ellipsoid((30, 35, 80), (23, 27, 21))
+    t1 = np.where(brain, 0.6, 0.0) + np.where(neck, 1.0, 0.0)
+    t1 += 0.3 * ellipsoid((30, 35, 80), (12, 14, 10))  # some "white matter"
+    terr = np.zeros(shape, dtype=np.int16)
+    terr[(brain & (idx[2] < 70)) | ellipsoid((30, 35, 30), (20, 24, 24))] = 6
+    terr[brain & (idx[1] > 45)] = 1
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    paths = {}
+    for name, data in (
+        ("t1", t1.astype(np.float32)),
+        ("mask", brain.astype(np.uint8)),
+        ("terr", terr),
+    ):
+        paths[name] = root / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), str(paths[name]))
+    return paths
+
+
+def _mask_pixels(pixels: np.ndarray) -> int:
+    return int(np.all(pixels == np.array(MASK_RGB, dtype=np.uint8), axis=-1).sum())
+
+
+def _brain_box(mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    idx = np.argwhere(np.asarray(nib.load(str(mask_path)).get_fdata()) > 0.5)
+    return idx.min(axis=0), idx.max(axis=0) + 1
+
+
+def test_a_head_with_a_neck_is_drawn_at_the_brain(
+    case: tuple[list[Dataset], ResultForReport], tmp_path: Path
+) -> None:
+    from ketanode.dicom.report_image import BRAIN_MARGIN_MM, slice_geometry
+
+    _, result = case
+    paths = _head_with_neck(tmp_path)
+    lo, hi = _brain_box(paths["mask"])
+    margin = int(np.ceil(BRAIN_MARGIN_MM / 2.0))
+    scored = replace(
+        result,
+        t1_path=paths["t1"],
+        gm_path=None,
+        territories_path=paths["terr"],
+        brain_mask_path=paths["mask"],
+    )
+    unscored = replace(not_scored(result), t1_path=paths["t1"], brain_mask_path=paths["mask"])
+
+    def inside_the_brain(centres: tuple[tuple[int, int, int], ...]) -> bool:
+        return len(centres) == 2 and all(
+            np.all(np.array(c) >= lo) and np.all(np.array(c) < hi) for c in centres
+        )
+
+    # a scored page: the panels show the brain plus the margin, not the neck below it, and
+    # every row's three slices cut the brain
+    geo = slice_geometry(scored)
+    assert geo.brain_box == tuple((int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    for (a, b), m0, m1, n in zip(geo.box, lo, hi, (60, 70, 110), strict=True):
+        assert a == max(m0 - margin, 0) and b == min(m1 + margin, n)
+    assert inside_the_brain(geo.centres), (geo.centres, lo, hi)
+    # the top driver's slices go through its part inside the brain (its territory's centre,
+    # neck included, lies below the brain), the next driver's through the front of the brain
+    assert geo.centres[0][2] < 80 and geo.centres[1][1] > 45
+    # a not-scored page shows the image as received (the mask may be what went wrong: it is
+    # outlined), its slices through the brain all the same
+    geo = slice_geometry(unscored)
+    assert geo.box[2][0] < lo[2] - margin and inside_the_brain(geo.centres), geo
+    for variant in (scored, unscored):
+        assert render_report_page(variant)[900:1700].std() > 10
+    outlined = render_report_page(unscored)[600:1800]
+    plain = render_report_page(replace(unscored, brain_mask_path=None))[600:1800]
+    assert _mask_pixels(outlined) > 500 and _mask_pixels(plain) == 0
+    # without a mask (a series stopped before preprocessing) the page keeps the head crop:
+    # this head's neck then draws the slices, which is what the mask prevents
+    for variant in (replace(scored, brain_mask_path=None), replace(unscored, brain_mask_path=None)):
+        geo = slice_geometry(variant)
+        assert geo.brain_box is None and geo.box[2][0] < lo[2] - margin
+        assert not inside_the_brain(geo.centres), geo
