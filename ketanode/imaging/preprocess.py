@@ -203,6 +203,22 @@ def extract_brain(img: ants.ANTsImage, path: Path) -> ants.ANTsImage:
     return img.new_image_like(read_back.numpy().astype(np.float32))
 
 
+def crop_to_brain(
+    img: ants.ANTsImage, mask: ants.ANTsImage, margin_mm: float = 20.0
+) -> tuple[ants.ANTsImage, ants.ANTsImage]:
+    """``img`` and ``mask`` cropped to the mask's bounding box plus ``margin_mm`` (within
+    the image)."""
+    m = mask.numpy() > 0
+    nz = np.argwhere(m)
+    margin = np.ceil(margin_mm / np.asarray(mask.spacing)).astype(int)
+    lo = np.maximum(nz.min(axis=0) - margin, 0)
+    hi = np.minimum(nz.max(axis=0) + 1 + margin, m.shape)
+    return (
+        ants.crop_indices(img, lo.tolist(), hi.tolist()),
+        ants.crop_indices(mask, lo.tolist(), hi.tolist()),
+    )
+
+
 def n4(
     img: ants.ANTsImage, mask: ants.ANTsImage, shrink_factor: int = 4, tol: float = 1e-3
 ) -> ants.ANTsImage:
@@ -326,6 +342,11 @@ def preprocess(
     seconds["brain_extraction"] = round(time.perf_counter() - t, 3)
     if not brain_ml_range[0] <= brain_ml <= brain_ml_range[1]:
         raise ImplausibleBrain(brain_ml)
+    # every later step works on the brain's box: the neck, shoulders and the field of view's
+    # extent then change nothing (N4's B-spline spans the image: on the whole field of view
+    # a crop of the neck moved cerebellar GM by 3.4 %), and the steps are faster
+    img, mask = crop_to_brain(img, mask)
+    ants.image_write(mask.astype("uint8"), str(mask_path))
     t = time.perf_counter()
     corrected = n4(img, mask)
     seconds["n4"] = round(time.perf_counter() - t, 3)
