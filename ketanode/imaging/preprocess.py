@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import ants
-import nibabel as nib
 import numpy as np
 
 from ketanode.imaging import brain
@@ -192,15 +191,11 @@ def working_grid(img: ants.ANTsImage, grid_mm: float) -> ants.ANTsImage:
     return img.new_image_like(np.clip(arr, 0.0, None).astype(np.float32))
 
 
-def extract_brain(img: ants.ANTsImage, path: Path) -> ants.ANTsImage:
-    """The brain (intracranial) mask of ``img`` (:mod:`ketanode.imaging.brain`), written to
-    ``path`` and returned on ``img``'s grid."""
-    nifti = ants.to_nibabel_nifti(img)
-    mask = brain.brain_mask(nifti)
-    out = nib.Nifti1Image(mask.astype(np.uint8), nifti.affine)
-    nib.save(out, str(path))
-    read_back = ants.image_read(str(path), pixeltype="float")
-    return img.new_image_like(read_back.numpy().astype(np.float32))
+def extract_brain(img: ants.ANTsImage) -> ants.ANTsImage:
+    """The brain (intracranial) mask of ``img`` (:mod:`ketanode.imaging.brain`) on ``img``'s
+    grid (``to_nibabel_nifti`` keeps ANTs' array order, so the mask needs no resampling)."""
+    mask = brain.brain_mask(ants.to_nibabel_nifti(img))
+    return img.new_image_like(mask.astype(np.float32))
 
 
 def crop_to_brain(
@@ -337,7 +332,7 @@ def preprocess(
     seconds["grid"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     mask_path = out / "brain_mask.nii.gz"
-    mask = extract_brain(img, mask_path)
+    mask = extract_brain(img)
     brain_ml = float(mask.sum()) * float(np.prod(mask.spacing)) / 1000.0
     seconds["brain_extraction"] = round(time.perf_counter() - t, 3)
     if not brain_ml_range[0] <= brain_ml <= brain_ml_range[1]:

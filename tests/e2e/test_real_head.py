@@ -8,6 +8,7 @@ shifted 20 mm; cropped to remove the neck), written back as DICOM series, measur
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,6 @@ def test_real_head_is_scored_and_reported_in_the_pacs(
 
 
 def _detail(row: dict[str, Any]) -> dict[str, Any]:
-    import json
-
     value = row["detail"]
     return json.loads(value) if isinstance(value, str) else dict(value)
 

@@ -22,6 +22,7 @@ from ketanode.imaging.analysis import analyse
 from ketanode.imaging.features import FeatureSpec, default_spec
 from ketanode.imaging.measure import Measurement, RegionVolumes, template_truth
 from ketanode.imaging.phantom import PhantomSpec, make_phantom, noise_volume, slab_spec
+from ketanode.imaging.scratch import scratch_dir
 from ketanode.imaging.templates import TEMPLATE_T1, load_atlas
 
 # --- feature spec ----------------------------------------------------------------------------
@@ -210,7 +211,8 @@ def test_registration_finds_rotated_shifted_heads(seed: int, tmp_path: Path) -> 
 
     spec = PhantomSpec(seed=seed, voxel_mm=(2.0, 2.0, 2.0), rotation_deg=15, translation_mm=15)
     ph = make_phantom(spec)
-    pre = preprocess.preprocess(ph.write_nifti(tmp_path / "t1.nii.gz"), tmp_path)
+    with scratch_dir(tmp_path / "tmp"):  # ANTs' temporaries stay out of /tmp
+        pre = preprocess.preprocess(ph.write_nifti(tmp_path / "t1.nii.gz"), tmp_path)
     checks = {
         c.name: c
         for c in qc.registration_checks(pre.mask_path, pre.registration, pre.brain_ml, QCSettings())

@@ -5,6 +5,9 @@ test_measure.py and on the real head in tests/e2e."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,7 +18,6 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from ketanode.imaging import preprocess, segment
-from ketanode.imaging.analysis import analyse
 from ketanode.imaging.phantom import PhantomSpec, make_phantom
 from ketanode.imaging.scratch import scratch_dir
 
@@ -155,24 +157,37 @@ def test_scratch_dir_keeps_library_temporaries_and_removes_them(tmp_path: Path) 
     assert tempfile.gettempdir() == system
 
 
-def _ants_leftovers() -> set[str]:
-    root = Path(tempfile.gettempdir())
-    patterns = ("antsr*", "tmp*GenericAffine.mat", "tmp*Warp.nii.gz", "tmp*.nii.gz")
-    return {str(p) for pattern in patterns for p in root.glob(pattern)}
+_JOB = """
+import sys
+from pathlib import Path
+from ketanode.config import PipelineSettings
+from ketanode.imaging.analysis import analyse
+nifti, out = Path(sys.argv[1]), Path(sys.argv[2])
+for method in ("em", "atropos"):
+    settings = PipelineSettings(segmentation=method, atropos_iterations=1)
+    result = analyse(nifti, out / method, settings)
+    assert "features" in result, result.get("error")
+    assert not (out / method / "tmp").exists()
+"""
 
 
 def test_a_measured_job_leaves_nothing_in_the_system_temporary_folder(tmp_path: Path) -> None:
     """Every temporary file of a job lives under its work folder (issue 11: ANTs left three
-    prior images and a transform per job in /tmp). Counted before and after, with Atropos
-    (which writes its prior images to temporary files) as well as the default EM."""
-    before = _ants_leftovers()
+    prior images and a transform per job in /tmp). The job runs in its own process whose
+    system temporary folder (TMPDIR) is a fresh folder, so other tests running beside it
+    cannot be counted; with Atropos (which writes its prior images to temporary files) as
+    well as the default EM. Without ketanode.imaging.scratch the folder fills."""
     ph = make_phantom(PhantomSpec(seed=2, voxel_mm=(3.0, 3.0, 3.0)))
     nifti = ph.write_nifti(tmp_path / "t1.nii.gz")
-    from ketanode.config import PipelineSettings
-
-    for method in ("em", "atropos"):
-        out = tmp_path / method
-        result = analyse(nifti, out, PipelineSettings(segmentation=method, atropos_iterations=1))
-        assert "features" in result, result.get("error")
-        assert not (out / "tmp").exists()
-    assert _ants_leftovers() - before == set()
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(system_tmp)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _JOB, str(nifti), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in system_tmp.rglob("*")) == []
