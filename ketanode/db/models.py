@@ -290,6 +290,9 @@ class Prediction(Base):
 class ResultStatus(enum.StrEnum):
     SCORED = "scored"
     NOT_SCORED = "not_scored"  # examined, but quality control stopped it before a prediction
+    # the report could not be built from the source header: a minimal "NOT SCORED: report
+    # could not be built" SR was sent instead (reporting.py)
+    REPORT_FAILED = "report_failed"
 
 
 class Result(Base):
@@ -407,6 +410,21 @@ class User(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_login_at: Mapped[dt.datetime | None]
+
+
+class WebSession(Base):
+    """A dashboard login: the SHA-256 of the random session id the cookie carries (never the
+    id itself). Logout deletes the row, so a cookie saved before it no longer logs in;
+    disabling a user or changing the password deletes all of the user's rows."""
+
+    __tablename__ = "web_session"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user_account.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)
+    address: Mapped[str | None] = mapped_column(String(64))
 
 
 class AuditEvent(Base):
