@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 # chromium: the dashboard's browser tests (Playwright drives it with executablePath);
 # systemd: `systemd-analyze verify` of deploy/ketanode.service.
-DEBS=(dcmtk orthanc dicom3tools openssl chromium systemd)
+# orthanc-dicomweb and npm: the OHIF viewer test (Orthanc's DICOMweb plugin, OHIF from npm).
+DEBS=(dcmtk orthanc orthanc-dicomweb dicom3tools openssl chromium systemd)
 missing=()
 for pkg in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -18,6 +19,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Orthanc's Debian package starts a system service; the tests run their own instances.
   (service orthanc stop || true) >/dev/null 2>&1
+fi
+# npm (for `npm pack` below): the machine's Node.js usually brings it; Debian's otherwise.
+if ! command -v npm >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
 fi
 
 PYTHON=${PYTHON:-python3}
@@ -30,3 +36,23 @@ if ! $PYTHON -c "import torch" >/dev/null 2>&1; then
 fi
 echo "setup: installing ketanode and its test extras with $($PYTHON --version)"
 $PYTHON -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# The OHIF viewer (the published build of @ohif/app, MIT, its LICENSE kept beside it) for the
+# viewer test: fetched once with `npm pack` at a pinned version and checked against the
+# registry's integrity hash; never at test time. tests/peers.py serves it next to Orthanc.
+OHIF_VERSION=3.13.2
+OHIF_INTEGRITY="sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
+OHIF_DIR=${KETANODE_OHIF_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ketanode/ohif-$OHIF_VERSION}
+if [ ! -f "$OHIF_DIR/dist/index.html" ]; then
+  echo "setup: fetching the OHIF viewer $OHIF_VERSION (npm pack) into $OHIF_DIR"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null)
+  got="sha512-$(openssl dgst -sha512 -binary "$tmp/ohif-app-$OHIF_VERSION.tgz" | base64 -w0)"
+  if [ "$got" != "$OHIF_INTEGRITY" ]; then
+    echo "setup: OHIF tarball integrity mismatch ($got)" >&2
+    exit 1
+  fi
+  mkdir -p "$OHIF_DIR"
+  tar xzf "$tmp/ohif-app-$OHIF_VERSION.tgz" -C "$OHIF_DIR" --strip-components=1
+  rm -rf "$tmp"
+fi
