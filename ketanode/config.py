@@ -83,6 +83,9 @@ class NodeSettings(_Section):
     )
     max_associations: int = Field(default=16, ge=1)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Seconds a new connection may take to send its A-ASSOCIATE-RQ (and for the ACSE
+    # exchange): short, so an idle or half-open connection cannot hold a slot.
+    acse_timeout_seconds: float = Field(default=5.0, gt=0)
     dimse_timeout_seconds: float = Field(default=60.0, gt=0)
     max_pdu_bytes: int = Field(default=262144, ge=0)
     tls: TLSSettings = Field(default_factory=TLSSettings)
@@ -94,6 +97,9 @@ class SpoolSettings(_Section):
     path: Path = Path("ketanode-data/spool")
     min_free_mb: float = Field(default=1024.0, ge=0)
     keep_rejected: bool = True
+    # Quota of the refused datasets kept in <spool>/rejected (MiB); past it they are not kept
+    # (the refusal is still recorded). 0: none are kept.
+    rejected_max_mb: float = Field(default=512.0, ge=0)
 
 
 class DatabaseSettings(_Section):
@@ -288,6 +294,8 @@ class RetentionSettings(_Section):
     # The SR / report-image files, this many hours after every outbox row of the object is
     # sent or dead; never while one is pending or retrying.
     reports_hours: float = Field(default=720.0, gt=0)
+    # Refused datasets kept in <spool>/rejected, this many hours after they were refused.
+    rejected_hours: float = Field(default=168.0, gt=0)
     # How often the retention sweep runs.
     interval_minutes: float = Field(default=60.0, gt=0)
 

@@ -43,7 +43,12 @@ class Node:
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self.owner = new_owner()
         self.node_name = f"{socket.gethostname()}/{settings.node.ae_title}"
-        self.spool = Spool(settings.spool.path, int(settings.spool.min_free_mb * 2**20))
+        self.spool = Spool(
+            settings.spool.path,
+            int(settings.spool.min_free_mb * 2**20),
+            keep_rejected=settings.spool.keep_rejected,
+            rejected_max_bytes=int(settings.spool.rejected_max_mb * 2**20),
+        )
         self.timers = Timers()
         self.dispatcher = Dispatcher(self.sessions, settings)
         self.workers = WorkerPool(self.sessions, settings, self.owner, on_job_ended=self._job_ended)

@@ -20,6 +20,10 @@ Two kinds of files go:
   object whose every outbox row is sent or dead, ``retention.reports_hours`` after the last
   of them changed (``created_at`` for an object without rows). ``EmittedObject.purged_at``.
 
+- Refused datasets kept in ``<spool>/rejected`` (``spool.keep_rejected``), by their own age:
+  ``retention.rejected_hours`` after they were written (the file's modification time). Their
+  ``store_failure`` rows stay, with ``quarantine_path`` cleared.
+
 Each series / object is claimed with a conditional UPDATE that re-checks the rules, its files
 are removed, and the claim commits; a crash in between leaves ``purged_at`` unset and the
 next sweep finishes the job (missing files are fine). Only files under the configured spool
@@ -54,6 +58,7 @@ from ketanode.db.models import (
     Result,
     Series,
     SeriesState,
+    StoreFailure,
     utcnow,
 )
 from ketanode.db.session import rowcount
@@ -80,6 +85,8 @@ class RetentionReport:
     at: dt.datetime
     series: list[Purged] = field(default_factory=list)
     objects: list[Purged] = field(default_factory=list)
+    rejected_files: int = 0
+    rejected_bytes: int = 0
 
     @property
     def spool_files(self) -> int:
@@ -91,11 +98,15 @@ class RetentionReport:
 
     @property
     def bytes(self) -> int:
-        return sum(p.bytes for p in self.series) + sum(p.bytes for p in self.objects)
+        return (
+            sum(p.bytes for p in self.series)
+            + sum(p.bytes for p in self.objects)
+            + self.rejected_bytes
+        )
 
     @property
     def removed_anything(self) -> bool:
-        return bool(self.series or self.objects)
+        return bool(self.series or self.objects or self.rejected_files)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -103,6 +114,7 @@ class RetentionReport:
             "spool_files": self.spool_files,
             "objects": len(self.objects),
             "report_files": self.report_files,
+            "rejected_files": self.rejected_files,
             "bytes": self.bytes,
         }
 
@@ -280,15 +292,20 @@ def sweep(
         report.objects.append(Purged(int(object_id), files, size))
     if prune_dirs and not dry_run:
         _prune(emptied, spool_root)
+    rejected_cutoff = now - dt.timedelta(hours=cfg.rejected_hours)
+    report.rejected_files, report.rejected_bytes = _sweep_rejected(
+        sessions, spool_root / "rejected", rejected_cutoff, dry_run
+    )
 
     if report.removed_anything and not dry_run:
         logger.info(
             "retention: spool files of %d series (%d files), report files of %d objects "
-            "(%d files), %d MiB freed",
+            "(%d files), %d refused datasets, %d MiB freed",
             len(report.series),
             report.spool_files,
             len(report.objects),
             report.report_files,
+            report.rejected_files,
             report.bytes // 2**20,
         )
         record_now(sessions, AuditKind.RETENTION, actor, detail=report.summary())
@@ -331,3 +348,43 @@ def _sweep_series(
 
 def _spool_paths(series_id: int) -> Any:
     return select(Instance.spool_path).where(Instance.series_id == series_id).order_by(Instance.id)
+
+
+def _sweep_rejected(
+    sessions: sessionmaker[Session], directory: Path, cutoff: dt.datetime, dry_run: bool
+) -> tuple[int, int]:
+    """Refused datasets older than ``cutoff`` (by modification time): removed, and their
+    store_failure rows no longer point at them. Returns (files, bytes)."""
+    if not directory.is_dir():
+        return 0, 0
+    limit = cutoff.timestamp()
+    due: list[tuple[Path, int]] = []
+    for path in directory.glob("*.dcm"):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        if stat.st_mtime <= limit:
+            due.append((path, stat.st_size))
+    if dry_run or not due:
+        return len(due), sum(size for _, size in due)
+    files = size = 0
+    removed: list[str] = []
+    for path, n in due:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        files += 1
+        size += n
+        removed.append(str(path))
+    for start in range(0, len(removed), 500):
+        chunk = removed[start : start + 500]
+        with sessions.begin() as session:
+            session.execute(
+                update(StoreFailure)
+                .where(StoreFailure.quarantine_path.in_(chunk))
+                .values(quarantine_path=None)
+                .execution_options(synchronize_session=False)
+            )
+    return files, size

@@ -16,6 +16,7 @@ from ketanode.audit import AuditKind, record
 from ketanode.config import NodeSettings
 from ketanode.db.models import Association, AssociationOutcome, Instance, utcnow
 from ketanode.db.session import rowcount
+from ketanode.logs import exception_summary, safe
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,10 @@ REJECT_PERMANENT = 0x01
 SOURCE_SERVICE_USER = 0x01
 DIAG_CALLING_AE_NOT_RECOGNISED = 0x03
 DIAG_CALLED_AE_NOT_RECOGNISED = 0x07
+# A-ASSOCIATE-RJ source "DUL service provider (presentation related)", diagnostic
+# "local limit exceeded": pynetdicom's answer when max_associations are open.
+SOURCE_PRESENTATION = 0x03
+DIAG_LOCAL_LIMIT = 0x02
 
 
 def set_nodelay(event: Event) -> None:
@@ -131,8 +136,8 @@ class AssociationLog:
         with self.sessions.begin() as session:
             row = Association(
                 node_name=self.node_name,
-                calling_ae=(rq.ae_title or "").strip()[:16],
-                called_ae=str(called or "").strip()[:16],
+                calling_ae=safe(str(rq.ae_title or "").strip(), 16)[:16],
+                called_ae=safe(str(called or "").strip(), 16)[:16],
                 peer_address=str(rq.address)[:64],
                 peer_port=int(rq.port or 0),
                 tls=self.tls,
@@ -160,11 +165,15 @@ class AssociationLog:
             diagnostic = 0
             if called != self.settings.ae_title:
                 reason = (
-                    f"called AE title {called!r} is not this node's ({self.settings.ae_title!r})"
+                    f"called AE title '{safe(called, 32)}' is not this node's "
+                    f"('{self.settings.ae_title}')"
                 )
                 diagnostic = DIAG_CALLED_AE_NOT_RECOGNISED
             elif not caller_allowed(self.settings, calling, peer):
-                reason = f"calling AE title {calling!r} from {peer} is not on the allow-list"
+                reason = (
+                    f"calling AE title '{safe(calling, 32)}' from {safe(peer, 64)} "
+                    "is not on the allow-list"
+                )
                 diagnostic = DIAG_CALLING_AE_NOT_RECOGNISED
             if reason is None:
                 return
@@ -177,8 +186,35 @@ class AssociationLog:
                 # the A-ASSOCIATE-RJ, or the server closes the socket first and the peer
                 # sees an abort instead of the rejection and its reason.
                 event.assoc.kill()
-        except Exception:
-            logger.exception("association request check failed")
+        except Exception as exc:
+            logger.error("association request check failed: %s", exception_summary(exc))
+
+    def handle_rejected(self, event: Event) -> None:
+        """EVT_REJECTED: pynetdicom's own rejections (the association limit, ACSE checks),
+        recorded like the node's: a row, an audit event, a log line."""
+        try:
+            answer = event.assoc.acceptor.primitive
+            source = getattr(answer, "result_source", None)
+            diagnostic = getattr(answer, "diagnostic", None)
+            if (source, diagnostic) == (SOURCE_PRESENTATION, DIAG_LOCAL_LIMIT):
+                reason = (
+                    f"association limit reached ({self.settings.max_associations} "
+                    "associations open; node.max_associations)"
+                )
+            else:
+                reason = (
+                    f"rejected by the DICOM layer (result {getattr(answer, 'result', None)}, "
+                    f"source {source}, diagnostic {diagnostic})"
+                )
+            logger.warning(
+                "association from %s (%s) rejected: %s",
+                safe(event.assoc.requestor.ae_title, 16),
+                safe(event.assoc.requestor.address, 64),
+                reason,
+            )
+            self._insert(event, AssociationOutcome.REJECTED, reason)
+        except Exception as exc:
+            logger.error("could not record a rejected association: %s", exception_summary(exc))
 
     def handle_accepted(self, event: Event) -> None:
         try:
@@ -188,11 +224,11 @@ class AssociationLog:
             logger.info(
                 "association %s accepted from %s (%s)",
                 row_id,
-                event.assoc.requestor.ae_title,
-                event.assoc.requestor.address,
+                safe(event.assoc.requestor.ae_title, 16),
+                safe(event.assoc.requestor.address, 64),
             )
-        except Exception:
-            logger.exception("could not record an accepted association")
+        except Exception as exc:
+            logger.error("could not record an accepted association: %s", exception_summary(exc))
 
     def _end(self, event: Event, outcome: AssociationOutcome) -> None:
         with self._lock:
@@ -210,13 +246,15 @@ class AssociationLog:
                 if row is not None:
                     _audit(session, row)
             logger.info("association %s %s", row_id, outcome)
-        except Exception:
-            logger.exception("could not record the end of association %s", row_id)
+        except Exception as exc:
+            logger.error(
+                "could not record the end of association %s: %s", row_id, exception_summary(exc)
+            )
         if self.on_ended is not None:
             try:
                 self.on_ended(row_id)
-            except Exception:
-                logger.exception("association end notification failed")
+            except Exception as exc:
+                logger.error("association end notification failed: %s", exception_summary(exc))
 
     def handle_released(self, event: Event) -> None:
         self._end(event, AssociationOutcome.RELEASED)
@@ -227,6 +265,15 @@ class AssociationLog:
     def handle_conn_closed(self, event: Event) -> None:
         # A peer that drops the connection without A-RELEASE or A-ABORT.
         self._end(event, AssociationOutcome.ABORTED)
+        assoc = event.assoc
+        if assoc.is_acceptor and assoc.requestor.primitive is None and not assoc.is_established:
+            # Closed before its A-ASSOCIATE-RQ: pynetdicom's acceptor would wait for one until
+            # the ACSE timeout, holding a slot of max_associations. An empty item wakes it as
+            # that timeout would; it then closes the association at once.
+            try:
+                assoc.dul.to_user_queue.put(None)
+            except Exception as exc:  # pragma: no cover (a queue put does not fail)
+                logger.error("could not free a closed connection: %s", exception_summary(exc))
 
     def close_stale(self) -> int:
         """At start: associations this node left open when it died are aborted."""

@@ -44,7 +44,9 @@ def build_ae(settings: NodeSettings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.network_timeout = settings.network_timeout_seconds
-    ae.acse_timeout = settings.network_timeout_seconds
+    # Its own, short: a connection that sends no A-ASSOCIATE-RQ (idle, half-open) is closed
+    # after it, so it cannot hold one of max_associations for long.
+    ae.acse_timeout = settings.acse_timeout_seconds
     ae.dimse_timeout = settings.dimse_timeout_seconds
     ae.maximum_pdu_size = settings.max_pdu_bytes
     # The allow-list and the called-AE check are ours (EVT_REQUESTED), so they are recorded.
@@ -68,6 +70,7 @@ class Listener:
             (evt.EVT_CONN_OPEN, set_nodelay),
             (evt.EVT_REQUESTED, self.log.handle_requested),
             (evt.EVT_ACCEPTED, self.log.handle_accepted),
+            (evt.EVT_REJECTED, self.log.handle_rejected),
             (evt.EVT_RELEASED, self.log.handle_released),
             (evt.EVT_ABORTED, self.log.handle_aborted),
             (evt.EVT_CONN_CLOSE, self.log.handle_conn_closed),

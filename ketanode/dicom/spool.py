@@ -2,17 +2,21 @@
 
 Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, with
 ``<spool>/.tmp`` for files being written and ``<spool>/rejected`` for datasets the node
-refused (kept for an admin to inspect).
+refused (kept for an admin to inspect when ``spool.keep_rejected``, up to a quota of their
+own, ``spool.rejected_max_mb``; retention removes them after ``retention.rejected_hours``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
 import os
 import re
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +26,9 @@ from typing import TypeVar
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# How often the size of the rejected files is read again from the directory.
+_REJECTED_REREAD_SECONDS = 60.0
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -51,14 +58,42 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Spool:
-    def __init__(self, root: Path, min_free_bytes: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        min_free_bytes: int,
+        *,
+        keep_rejected: bool = True,
+        rejected_max_bytes: int | None = None,
+    ) -> None:
         self.root = root.resolve()
         self.min_free_bytes = min_free_bytes
+        self.keep_rejected = keep_rejected
+        # None: no quota of their own (only the free-space floor)
+        self.rejected_max_bytes = rejected_max_bytes
         self.tmp = self.root / ".tmp"
         self.rejected = self.root / "rejected"
         for d in (self.root, self.tmp, self.rejected):
             d.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self._rejected_lock = threading.Lock()
+        self._rejected_bytes = self.rejected_usage()
+        self._rejected_read_at = time.monotonic()
+
+    def rejected_usage(self) -> int:
+        """Bytes held in ``rejected/`` now (read from the directory)."""
+        total = 0
+        for path in self.rejected.glob("*.dcm"):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
+
+    def resync_rejected(self) -> int:
+        """Re-read the rejected files' size (after retention removed some). Returns it."""
+        with self._rejected_lock:
+            self._rejected_bytes = self.rejected_usage()
+            self._rejected_read_at = time.monotonic()
+            return self._rejected_bytes
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -160,17 +195,44 @@ class Spool:
             tmp.unlink(missing_ok=True)
         return SpooledFile(final, len(data), hashlib.sha256(data).hexdigest(), created=True)
 
-    def quarantine(self, data: bytes, status: int) -> Path | None:
-        """Keep a refused dataset for inspection; best effort (never raises)."""
+    def quarantine(self, data: bytes, status: int) -> tuple[Path | None, str | None]:
+        """Keep a refused dataset for inspection; best effort (never raises).
+
+        Returns (path, None) when kept, else (None, why not) - None when keeping is off."""
+        if not self.keep_rejected:
+            return None, None
         try:
-            if self.free_bytes() - len(data) < self.min_free_bytes:
-                return None
-            path = self.rejected / f"{status:04X}-{uuid.uuid4().hex}.dcm"
-            path.write_bytes(data)
-            return path
+            with self._rejected_lock:
+                if time.monotonic() - self._rejected_read_at > _REJECTED_REREAD_SECONDS:
+                    # retention (or an admin) may have removed some since
+                    self._rejected_bytes = self.rejected_usage()
+                    self._rejected_read_at = time.monotonic()
+                if self.rejected_max_bytes is not None and (
+                    self._rejected_bytes + len(data) > self.rejected_max_bytes
+                ):
+                    return None, (
+                        f"the rejected files' quota of {self.rejected_max_bytes / 2**20:g} MiB "
+                        "is full"
+                    )
+                if self.free_bytes() - len(data) < self.min_free_bytes:
+                    return None, "spool free space below its floor"
+                path = self.rejected / f"{status:04X}-{uuid.uuid4().hex}.dcm"
+                path.write_bytes(data)
+                self._rejected_bytes += len(data)
+            return path, None
+        except OSError as exc:
+            logger.warning(
+                "could not keep a refused dataset in %s: %s", self.rejected, exc.strerror
+            )
+            return None, f"could not be written ({exc.strerror})"
+
+    def discard(self, path: Path) -> None:
+        """Remove a file this process linked into the spool but whose row was not committed."""
+        try:
+            path.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
         except OSError:
-            logger.warning("could not keep a refused dataset in %s", self.rejected, exc_info=True)
-            return None
+            logger.warning("could not remove an uncommitted spool file %s", path)
 
     def clean_tmp(self) -> int:
         """Remove partial files a dead process left behind. Returns how many."""

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import hashlib
 import io
 import logging
 import struct
 import threading
+import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -46,6 +48,8 @@ from ketanode.db.models import (
 from ketanode.dicom.facts import series_facts
 from ketanode.dicom.sop import PROCESSED_SOP_CLASSES
 from ketanode.dicom.spool import Spool, SpoolFull, is_valid_uid
+from ketanode.dicom.structure import Malformed, ShortValue, check_structure, inflate
+from ketanode.logs import exception_summary, safe
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PIXEL_DATA_INCONSISTENT = 0xC001
 PROCESSING_FAILURE = 0xC002
+#: PS3.7 Annex C: a SOP Instance UID the node already holds, with other content.
+DUPLICATE_SOP_INSTANCE = 0x0111
 
 
 class Refused(Exception):
@@ -86,7 +92,9 @@ SeriesCallback = Callable[[int, bool], None]
 # cache key. Building four ad hoc statements per instance cost about 2 ms of CPU; these
 # take about 0.4 ms (bench/ingest.py, docs/architecture.md).
 _INSTANCE, _SERIES = cast(Table, Instance.__table__), cast(Table, Series.__table__)
-_KNOWN = select(_INSTANCE.c.series_id).where(_INSTANCE.c.sop_instance_uid == bindparam("b_uid"))
+_KNOWN = select(
+    _INSTANCE.c.id, _INSTANCE.c.series_id, _INSTANCE.c.sha256, _INSTANCE.c.transfer_syntax_uid
+).where(_INSTANCE.c.sop_instance_uid == bindparam("b_uid"))
 _BUMP_SERIES = (
     update(_SERIES)
     .where(
@@ -151,15 +159,28 @@ def handle_store(event: Event, service: StoreService) -> int:
         _record_failure(service, assoc_id, refusal, raw, sop_class, sop_uid)
         return refusal.status
     except Exception as exc:  # a bug or an unexpected fault must not end the association
-        logger.exception("C-STORE failed unexpectedly (association %s, SOP %s)", assoc_id, sop_uid)
-        failure = Refused(PROCESSING_FAILURE, f"internal error ({type(exc).__name__})", str(exc))
+        # One line: the exception's type and where it happened, never its text (which can
+        # quote the dataset); the text is stored with the refusal.
+        logger.error(
+            "C-STORE failed unexpectedly (association %s, SOP %s): %s",
+            assoc_id,
+            safe(sop_uid),
+            exception_summary(exc),
+        )
+        failure = Refused(
+            PROCESSING_FAILURE, f"internal error ({type(exc).__name__})", safe(str(exc), 1000)
+        )
         _record_failure(service, assoc_id, failure, raw, sop_class, sop_uid)
         return failure.status
     if outcome.series_id is not None and service.on_series_stored is not None:
         try:
             service.on_series_stored(outcome.series_id, outcome.expected_reached)
-        except Exception:
-            logger.exception("series notification failed for series %s", outcome.series_id)
+        except Exception as exc:
+            logger.error(
+                "series notification failed for series %s: %s",
+                outcome.series_id,
+                exception_summary(exc),
+            )
     return outcome.status
 
 
@@ -195,8 +216,29 @@ def _part10(event: Event, sop_class: str, sop_uid: str, ts: str) -> bytes:
                 _meta_element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
             )
         )
-    except (UnicodeEncodeError, struct.error):  # not a UID: let pydicom encode it
-        return event.encoded_dataset(include_meta=True)
+    except (UnicodeEncodeError, struct.error):
+        # Not ASCII, or too long for a meta element: not a UID (the checks refuse the
+        # dataset). Its bytes are kept after a meta that names no SOP instance.
+        return _part10_without_uids(dataset, ts)
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"".join((_PREAMBLE, group_length, body, dataset))
+
+
+def _part10_without_uids(dataset: bytes, ts: str) -> bytes:
+    try:
+        transfer_syntax = _padded(ts, b"\x00")
+    except UnicodeEncodeError:
+        transfer_syntax = b""
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", b""),
+            _meta_element(0x0003, b"UI", b""),
+            _meta_element(0x0010, b"UI", transfer_syntax),
+            _meta_element(0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+            _meta_element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
+    )
     group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
     return b"".join((_PREAMBLE, group_length, body, dataset))
 
@@ -258,7 +300,39 @@ _NEEDED = (
 _NEEDED_TAGS: list[BaseTag | int] = [BaseTag(tag_for_keyword(k) or 0) for k in _NEEDED]
 
 
+_PIXEL_DATA_TAG = 0x7FE00010
+
+
+def _walk(raw: bytes, ts: str) -> None:
+    """Every element of the dataset must parse to its declared length (any SOP class);
+    a fixed-width value (US, UL, FD...) of another length is an invalid attribute."""
+    uid = UID(ts)
+    offset = _dataset_offset(raw)
+    try:
+        if uid.is_deflated:
+            structure = check_structure(inflate(raw[offset:]), 0, False, True)
+        elif uid.is_transfer_syntax:
+            structure = check_structure(raw, offset, uid.is_implicit_VR, uid.is_little_endian)
+        else:  # pragma: no cover (the listener accepts only the syntaxes in dicom/sop.py)
+            raise Malformed("unknown transfer syntax")
+    except ShortValue as exc:
+        if exc.tag == _PIXEL_DATA_TAG:
+            raise Refused(
+                PIXEL_DATA_INCONSISTENT,
+                f"pixel data has {exc.remaining} bytes, its element declares {exc.declared}",
+            ) from exc
+        raise Refused(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}") from exc
+    except Malformed as exc:
+        raise Refused(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}") from exc
+    if structure.bad_widths:
+        raise Refused(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "invalid attribute: " + "; ".join(b.describe() for b in structure.bad_widths[:3]),
+        )
+
+
 def _parse(raw: bytes, ts: str) -> Dataset:
+    _walk(raw, ts)
     ds: Dataset
     try:
         encoding = _encoding(ts)
@@ -272,19 +346,13 @@ def _parse(raw: bytes, ts: str) -> Dataset:
             ds = read_dataset(fp, *encoding, specific_tags=_NEEDED_TAGS)
         for _ in ds:  # the elements the node reads must decode now (ds holds only those)
             pass
-    except (
-        InvalidDicomError,
-        EOFError,
-        ValueError,
-        TypeError,
-        KeyError,
-        IndexError,
-        NotImplementedError,
-        OverflowError,
-        AttributeError,
-    ) as exc:
+    except (InvalidDicomError, EOFError, RecursionError, zlib.error, struct.error) as exc:
+        raise Refused(CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})") from exc
+    except Exception as exc:
+        # pydicom raises many kinds of exception on bytes it cannot decode; all of them are
+        # about the input. Their text can quote values: it is stored, never logged.
         raise Refused(
-            CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})", str(exc)
+            CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})", safe(str(exc), 500)
         ) from exc
     if len(ds) == 0:
         # pydicom reads almost any byte stream without raising; a "dataset" holding none
@@ -301,24 +369,106 @@ def _check(ds: Dataset, ts: str, sop_class: str | None, sop_uid: str | None) -> 
     missing = [
         k
         for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        if not is_valid_uid(str(ds.get(k, "")) or None)
+        if not is_valid_uid(_text_value(ds, k))
     ]
     if missing:
         raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"missing or invalid {', '.join(missing)}")
     if sop_class and str(ds.SOPClassUID) != sop_class:
         raise Refused(
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            f"dataset SOP Class {ds.SOPClassUID} differs from the request's {sop_class}",
+            f"dataset SOP Class {ds.SOPClassUID} differs from the request's {safe(sop_class)}",
         )
     if sop_uid and str(ds.SOPInstanceUID) != sop_uid:
         raise Refused(
             DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset SOP Instance UID differs from the request's"
         )
+    _check_image_attributes(ds, ts)
     if str(ds.SOPClassUID) in PROCESSED_SOP_CLASSES:
-        _check_image(ds, ts)
+        _check_mr_image(ds)
 
 
-def _check_image(ds: Dataset, transfer_syntax: str) -> None:
+def _text_value(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or not isinstance(value, str):
+        return None
+    return str(value)
+
+
+def _whole(value: object) -> int | None:
+    """A single integer value (IS as text or a number), or None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, (str, bytes)):
+        text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+        text = text.strip(" \x00")
+        if text[:1] in "+-":
+            sign, digits = text[:1], text[1:]
+        else:
+            sign, digits = "", text
+        return int(sign + digits) if digits.isdigit() and len(digits) <= 12 else None
+    return None
+
+
+#: Image Pixel attributes checked in every dataset that has them: (keyword, lowest, highest).
+_IMAGE_LIMITS = (
+    ("Rows", 1, 65535),
+    ("Columns", 1, 65535),
+    ("SamplesPerPixel", 1, 4),
+    ("BitsAllocated", 1, 64),
+    ("NumberOfFrames", 1, 2**31 - 1),
+)
+
+
+def _image_value(ds: Dataset, keyword: str) -> int | None:
+    """The attribute's integer value, None when absent or empty; Refused when invalid."""
+    if keyword not in ds:
+        return None
+    value = ds[keyword].value
+    if value is None or value == "" or value == b"":
+        return None
+    number = _whole(value)
+    low, high = next((lo, hi) for k, lo, hi in _IMAGE_LIMITS if k == keyword)
+    if number is None or not low <= number <= high:
+        shown = safe(value if isinstance(value, (str, int)) else repr(value), 24)
+        raise Refused(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"invalid {keyword}: not a single integer from {low} to {high}",
+            f"{keyword} = {shown}",
+        )
+    if keyword == "BitsAllocated" and number != 1 and number % 8:
+        raise Refused(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"invalid BitsAllocated {number}: must be 1 or a multiple of 8",
+        )
+    return number
+
+
+def _check_image_attributes(ds: Dataset, transfer_syntax: str) -> None:
+    """Whatever the SOP class: the image attributes present are valid, and native pixel
+    data holds at least what they describe."""
+    values = {k: _image_value(ds, k) for k, _, _ in _IMAGE_LIMITS}
+    rows, cols, bits = values["Rows"], values["Columns"], values["BitsAllocated"]
+    if "PixelData" not in ds or rows is None or cols is None or bits is None:
+        return
+    ts = UID(transfer_syntax)
+    if ts.is_compressed:
+        return
+    frames = values["NumberOfFrames"] or 1
+    samples = values["SamplesPerPixel"] or 1
+    expected = (rows * cols * samples * frames * bits + 7) // 8
+    got = len(ds.PixelData or b"")
+    if got < expected:
+        raise Refused(
+            PIXEL_DATA_INCONSISTENT,
+            f"pixel data has {got} bytes, the header implies {expected}",
+        )
+
+
+def _check_mr_image(ds: Dataset) -> None:
     absent = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) in (None, "")]
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         absent.append("PixelData")
@@ -326,17 +476,6 @@ def _check_image(ds: Dataset, transfer_syntax: str) -> None:
         raise Refused(
             DATASET_DOES_NOT_MATCH_SOP_CLASS, f"MR image without required {', '.join(absent)}"
         )
-    ts = UID(transfer_syntax)
-    if ts and not ts.is_compressed:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        expected = int(ds.Rows) * int(ds.Columns) * samples * frames * int(ds.BitsAllocated) // 8
-        got = len(ds.get("PixelData") or b"")
-        if got < expected:
-            raise Refused(
-                PIXEL_DATA_INCONSISTENT,
-                f"pixel data has {got} bytes, the header implies {expected}",
-            )
 
 
 def _store(
@@ -363,6 +502,16 @@ def _store_locked(
 ) -> StoreOutcome:
     uid = str(ds.SOPInstanceUID)
     study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    digest = hashlib.sha256(raw).hexdigest()
+    # A SOP Instance UID already stored is answered before anything is written: the same
+    # bytes are a duplicate (success, first copy kept); other content is refused.
+    try:
+        with service.sessions() as session:
+            known = session.connection().execute(_KNOWN, {"b_uid": uid}).first()
+        if known is not None:
+            return _known_instance(service, uid, known, digest, ts, assoc_id)
+    except OperationalError as exc:
+        raise Refused(OUT_OF_RESOURCES, "database unavailable", safe(str(exc.orig), 500)) from exc
     try:
         # Never overwrites: a file already there is either a duplicate or a crash orphan.
         spooled = service.spool.store(raw, study_uid, series_uid, uid)
@@ -371,62 +520,75 @@ def _store_locked(
     except OSError as exc:
         raise Refused(OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}") from exc
 
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _whole(ds.get("NumberOfFrames")) or 1
     counts: Row[Any] | None = None
     for attempt in range(1, _ATTEMPTS + 1):
         try:
             # One short transaction. The common case is two prebuilt statements: count the
-            # instance into its receiving series, insert its row. A duplicate is caught by
-            # the unique SOP Instance UID (the whole transaction then rolls back).
+            # instance into its receiving series, insert its row. The same UID stored by
+            # another process since the check above is caught by the unique SOP Instance
+            # UID (the whole transaction then rolls back).
             with service.writer_lock, service.sessions.begin() as session:
                 conn = session.connection()
                 if not spooled.created:
-                    known = conn.execute(_KNOWN, {"b_uid": uid}).scalar()
-                    if known is not None:
-                        return _duplicate(session, uid, known, assoc_id)
-                    # an orphan from a crash before its row was committed
-                    spooled = service.spool.replace(raw, study_uid, series_uid, uid)
-                now = utcnow()
-                bump = {
-                    "b_series_uid": series_uid,
-                    "b_frames": frames,
-                    "b_now": now,
-                    "b_assoc": assoc_id,
-                }
-                counts = conn.execute(_BUMP_SERIES, bump).first()
-                if counts is None:  # a new series, or a late instance that reopens one
-                    _series_for(session, ds)
-                    session.flush()
-                    counts = conn.execute(_BUMP_SERIES, bump).one()
-                conn.execute(
-                    _INSERT_INSTANCE,
-                    {
-                        "series_id": counts.id,
-                        "association_id": assoc_id,
-                        "sop_instance_uid": uid,
-                        "sop_class_uid": str(ds.SOPClassUID),
-                        "transfer_syntax_uid": ts,
-                        "instance_number": _int_or_none(ds.get("InstanceNumber")),
-                        "n_frames": frames,
-                        "spool_path": str(spooled.path),
-                        "size_bytes": spooled.size,
-                        "sha256": spooled.sha256,
-                        "received_at": now,
-                    },
-                )
+                    known = conn.execute(_KNOWN, {"b_uid": uid}).first()
+                    if known is None:
+                        # an orphan from a crash before its row was committed
+                        spooled = service.spool.replace(raw, study_uid, series_uid, uid)
+                if spooled.created:
+                    known = None
+                    now = utcnow()
+                    bump = {
+                        "b_series_uid": series_uid,
+                        "b_frames": frames,
+                        "b_now": now,
+                        "b_assoc": assoc_id,
+                    }
+                    counts = conn.execute(_BUMP_SERIES, bump).first()
+                    if counts is None:  # a new series, or a late instance that reopens one
+                        _series_for(session, ds)
+                        session.flush()
+                        counts = conn.execute(_BUMP_SERIES, bump).one()
+                    conn.execute(
+                        _INSERT_INSTANCE,
+                        {
+                            "series_id": counts.id,
+                            "association_id": assoc_id,
+                            "sop_instance_uid": uid,
+                            "sop_class_uid": str(ds.SOPClassUID),
+                            "transfer_syntax_uid": ts,
+                            "instance_number": _int_or_none(ds.get("InstanceNumber")),
+                            "n_frames": frames,
+                            "spool_path": str(spooled.path),
+                            "size_bytes": spooled.size,
+                            "sha256": spooled.sha256,
+                            "received_at": now,
+                        },
+                    )
+            if known is not None:
+                return _known_instance(service, uid, known, digest, ts, assoc_id)
             break
         except IntegrityError:
-            with service.sessions.begin() as session:
-                known = session.connection().execute(_KNOWN, {"b_uid": uid}).scalar()
-                if known is not None:  # stored concurrently by another association
-                    return _duplicate(session, uid, known, assoc_id)
+            with service.sessions() as session:
+                known = session.connection().execute(_KNOWN, {"b_uid": uid}).first()
+                stored_path = _spool_path(session, known.id) if known is not None else None
+            if known is not None:  # stored concurrently by another process
+                if spooled.created and str(spooled.path) != stored_path:
+                    service.spool.discard(spooled.path)  # ours has no row: no orphan
+                return _known_instance(service, uid, known, digest, ts, assoc_id)
             if attempt == _ATTEMPTS:
+                if spooled.created:
+                    service.spool.discard(spooled.path)
                 raise
             # Not a duplicate: another association created this study or series row first
             # (PostgreSQL runs those transactions concurrently). It is there now.
             logger.info("SOP instance %s: its series row was created concurrently; again", uid)
         except OperationalError as exc:
-            raise Refused(OUT_OF_RESOURCES, "database unavailable", str(exc.orig)) from exc
+            if spooled.created:
+                service.spool.discard(spooled.path)
+            raise Refused(
+                OUT_OF_RESOURCES, "database unavailable", safe(str(exc.orig), 500)
+            ) from exc
         except SpoolFull as exc:
             raise Refused(OUT_OF_RESOURCES, str(exc)) from exc
     assert counts is not None  # the last attempt has returned or raised otherwise
@@ -436,10 +598,40 @@ def _store_locked(
     return StoreOutcome(SUCCESS, series_id=series_id, expected_reached=reached)
 
 
-def _duplicate(session: Session, uid: str, series_id: int, assoc_id: int | None) -> StoreOutcome:
-    _count(session, assoc_id, duplicate=True)
-    logger.info("duplicate SOP instance %s: kept the first copy (series row %s)", uid, series_id)
-    return StoreOutcome(SUCCESS, duplicate=True)
+def _spool_path(session: Session, instance_id: int) -> str:
+    return str(session.scalar(select(Instance.spool_path).where(Instance.id == instance_id)))
+
+
+def _known_instance(
+    service: StoreService,
+    uid: str,
+    known: Row[Any, Any, Any, Any],
+    digest: str,
+    ts: str,
+    assoc_id: int | None,
+) -> StoreOutcome:
+    """A SOP Instance UID the node holds: the same bytes (same transfer syntax and dataset)
+    are a duplicate, answered with success; other content is refused with 0x0111 (the first
+    copy stays; the refusal keeps the other in spool/rejected like any refused dataset)."""
+    if known.sha256 == digest:
+        if assoc_id is not None:
+            with service.writer_lock, service.sessions.begin() as session:
+                _count(session, assoc_id, duplicate=True)
+        logger.info(
+            "duplicate SOP instance %s: kept the first copy (series row %s)", uid, known.series_id
+        )
+        return StoreOutcome(SUCCESS, duplicate=True)
+    other = (
+        "in another transfer syntax"
+        if known.transfer_syntax_uid != ts
+        else "with other content (same transfer syntax)"
+    )
+    raise Refused(
+        DUPLICATE_SOP_INSTANCE,
+        f"SOP Instance UID already stored (instance row {known.id}, series row "
+        f"{known.series_id}) {other}; the stored copy is kept",
+        f"stored sha256 {known.sha256}, received {digest}",
+    )
 
 
 def _int_or_none(value: object) -> int | None:
@@ -532,19 +724,22 @@ def _record_failure(
         "C-STORE refused with 0x%04X (association %s, SOP %s): %s",
         refusal.status,
         assoc_id,
-        sop_uid,
-        refusal.reason,
+        safe(sop_uid),
+        safe(refusal.reason, 300),
     )
     try:
         path = None
+        reason = refusal.stored_reason
         if raw and refusal.status != OUT_OF_RESOURCES:
-            path = service.spool.quarantine(raw, refusal.status)
-        with service.sessions.begin() as session:
+            path, not_kept = service.spool.quarantine(raw, refusal.status)
+            if not_kept:
+                reason = f"{reason} [dataset not kept: {not_kept}]"
+        with service.writer_lock, service.sessions.begin() as session:
             session.add(
                 StoreFailure(
                     association_id=assoc_id,
                     status=refusal.status,
-                    reason=refusal.stored_reason[:2000],
+                    reason=reason[:2000],
                     sop_class_uid=sop_class if sop_class and is_valid_uid(sop_class) else None,
                     sop_instance_uid=sop_uid if sop_uid and is_valid_uid(sop_uid) else None,
                     quarantine_path=str(path) if path else None,
@@ -552,5 +747,7 @@ def _record_failure(
                 )
             )
             _count(session, assoc_id, failed=True)
-    except Exception:
-        logger.exception("could not record the refusal of SOP %s", sop_uid)
+    except Exception as exc:
+        logger.error(
+            "could not record the refusal of SOP %s: %s", safe(sop_uid), exception_summary(exc)
+        )

@@ -1,15 +1,21 @@
 """The same SOP Instance UID sent twice is stored once (one row, one file, first copy kept),
 on the same association and on different ones; the duplicate is counted and does not
-reopen a completed series."""
+reopen a completed series. The same UID with other content (other pixels, another series)
+is refused with 0x0111 and its reason, never dropped silently and never left as a file
+without a row."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 
 from tests.integration.conftest import RunningNode
 from tests.integration.dicomtools import association, send, sha256, small_series, write_raw_file
+
+
+DUPLICATE = 0x0111
 
 
 def _uid(path: Path, keyword: str = "SOPInstanceUID") -> str:
@@ -52,15 +58,27 @@ def test_duplicate_on_another_association_keeps_the_first_copy(node: RunningNode
     changed.PixelData = bytes(len(changed.PixelData))
     altered = write_raw_file(tmp_path / "altered.dcm", changed)
     assert sha256(altered) != sha256(files[0])
-    assert send(node.port, [files[0], altered]) == [0, 0]
+    # ... and once moved to another series (its file would go to another directory)
+    moved = dcmread(files[0])
+    moved.SeriesInstanceUID = generate_uid()
+    elsewhere = write_raw_file(tmp_path / "elsewhere.dcm", moved)
+    assert send(node.port, [files[0], altered, elsewhere]) == [0, DUPLICATE, DUPLICATE]
 
     rows = node.instances(sop_uid=_uid(files[0]))
     assert len(rows) == 1 and rows[0].id == original.id
     assert sha256(Path(rows[0].spool_path)) == first_sha == rows[0].sha256  # first copy kept
-    assert len(_spool_files(node)) == 3
+    assert len(_spool_files(node)) == 3  # no file without a row
+    failures = node.failures()
+    assert [f.status for f in failures] == [DUPLICATE, DUPLICATE]
+    for failure in failures:
+        assert failure.sop_instance_uid == _uid(files[0])
+        assert f"already stored (instance row {original.id}" in failure.reason
+        assert "other content" in failure.reason and "stored copy is kept" in failure.reason
+        assert failure.quarantine_path and Path(failure.quarantine_path).is_file()
     first_assoc, second_assoc = node.wait_association_ended(2)
     assert (first_assoc.n_stored, first_assoc.n_duplicate) == (3, 0)
-    assert (second_assoc.n_stored, second_assoc.n_duplicate) == (0, 2)
+    assert (second_assoc.n_stored, second_assoc.n_duplicate, second_assoc.n_failed) == (0, 1, 2)
+    assert [s.series_uid for s in node.series()] == [series_uid]
 
     # A duplicate is not a late instance: the completed series is not reopened.
     again = node.one_series(series_uid)
