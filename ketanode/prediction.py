@@ -4,6 +4,12 @@ to one job's measured features, stored as a prediction row.
 The model file is loaded and checked on every job (skops format, SHA-256 against its
 metadata and the registry, feature spec hash against the pipeline's), so a file swapped on
 disk or a model made for another pipeline is refused with its reason, never used.
+
+With no active model the step raises :class:`NoModel` unless ``model.demo_when_none_active``
+is on (off by default; ``ketanode demo`` turns it on): the pipeline then reports the series
+as NOT SCORED with the reason "no active model" (``reports.not_scored``), and the job fails
+with that reason. The demonstration model never scores a scan unless an admin switched it
+on; when it does, its result is marked DEMO everywhere (``demo`` in the step's output).
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from ketanode.model.files import LoadedModel, load_model
 logger = logging.getLogger(__name__)
 
 
+NO_MODEL_REASON = "no active model"
+
+
 class NoModel(RuntimeError):
-    pass
+    """No model to score with: the series is reported NOT SCORED with this reason."""
 
 
 def model_for_node(sessions: sessionmaker[Session], settings: ModelSettings) -> LoadedModel:
@@ -37,8 +46,9 @@ def model_for_node(sessions: sessionmaker[Session], settings: ModelSettings) -> 
         return registry.load_active(engine)
     if not settings.demo_when_none_active:
         raise NoModel(
-            "no active model (ketanode model activate FILE.skops), and "
-            "model.demo_when_none_active is false"
+            f"{NO_MODEL_REASON}: no model is active on this node (ketanode model activate "
+            "FILE.skops) and the demonstration model is not used for real scans "
+            "(model.demo_when_none_active = false)"
         )
     demo = load_model(DEMO_MODEL)  # checked once, then registered (not activated)
     registry.register_loaded(engine, demo)
@@ -68,11 +78,13 @@ def predict_job(
         )
         session.flush()
         prediction_id = row.id
+    rule = model.decision_rule()
     logger.info(
-        "job %s: predicted %s (p=%.3f) with model %s%s",
+        "job %s: predicted %s (p=%.3f, threshold %.3f) with model %s%s",
         job_id,
         result["predicted_class"],
         result["probability"],
+        rule["threshold"],
         model.sha256[:12],
         " (demonstration model, synthetic data)" if model.synthetic else "",
     )
@@ -82,10 +94,14 @@ def predict_job(
         "probability": result["probability"],
         "decision_value": result["decision_value"],
         "contributions": result["contributions"],
+        "decision_rule": rule,
+        # a result of a synthetic (demonstration) model: DEMO in every output
+        "demo": model.synthetic,
         "model": {
             "sha256": model.sha256,
             "name": str(model.metadata.get("name") or model.path.stem),
             "synthetic": model.synthetic,
+            "synthetic_reasons": list(model.synthetic_reasons),
             "label": model.label,
         },
     }

@@ -19,18 +19,34 @@ Steps (:func:`build_pipeline`):
 3. ``svc``: :class:`~sklearn.svm.SVC` with a linear kernel and ``class_weight="balanced"``.
 
 The trained model (:func:`fit_model`) picks C by an inner stratified CV (grid search,
-balanced accuracy) and then wraps the pipeline in
-:class:`~sklearn.calibration.CalibratedClassifierCV` (``method="sigmoid"``,
+balanced accuracy) and then wraps the pipeline in :class:`PriorAnchoredCalibratedCV` (a
+:class:`~sklearn.calibration.CalibratedClassifierCV`, ``method="sigmoid"``,
 ``ensemble=False``): one SVC is fitted on every training subject and Platt's sigmoid is
 fitted on the *held-out* decision values of a stratified k-fold, so probabilities come from
-folds the SVC did not see.
+folds the SVC did not see; its intercept is fixed so that P at decision value 0 equals the
+training cohort's response rate, and only its slope is fitted (:func:`anchored_sigmoid`).
 
-A prediction (:func:`predict`) gives, per subject: the class from the sign of the SVC
-decision value (responder when >= 0; this is the balanced decision the metrics are computed
-on), the calibrated probability of response, the decision value, and the contribution of
-each input (``coef * scaled value``); contributions plus the intercept equal the decision
-value. Near the boundary class and probability can disagree (the sigmoid's 0.5 point need
-not be at decision 0): both are reported as they are.
+A prediction (:func:`predict`) gives, per subject: the calibrated probability of response,
+the class, the decision value, and the contribution of each input (``coef * scaled value``;
+contributions plus the intercept equal the decision value).
+
+**The decision rule** (one rule, stated in the model's metadata, ``decision_rule``): the class
+follows the calibrated probability P. The threshold ``t`` is the probability the fitted
+sigmoid gives at SVC decision value 0 (:func:`decision_threshold`): the balanced decision
+boundary on which the cross-validated metrics are computed, and, with the anchored sigmoid,
+the training cohort's response rate. The sigmoid is monotone, so ``P >= t`` is the same
+subject set as ``decision >= 0`` whenever P rises with the decision value (Platt's
+``a < 0``, the normal case; the metadata records it). A result with ``|P - t| < margin``
+(:data:`INDETERMINATE_MARGIN`, 0.05 unless the model records another) is
+``indeterminate``; above, ``responder``; below, ``non-responder``. So class and probability
+never contradict each other: a responder always has a higher P than any non-responder of
+the same model.
+
+P depends on the training cohort's response rate: a model trained where 30 % responded
+gives P = 0.30 on its boundary, one trained at 50 % gives 0.50, for the same evidence.
+"Responder" means "more likely to respond than the training cohort's average patient".
+Every output shows ``t`` and that rate. (A model calibrated by plain Platt, e.g. the
+demonstration model of format 1, keeps its own ``t``, recorded when it was sealed.)
 """
 
 from __future__ import annotations
@@ -42,9 +58,10 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.optimize import minimize_scalar
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
@@ -56,7 +73,16 @@ TIVMode = Literal["proportion", "regress", "none"]
 TIV_MODES: tuple[str, ...] = ("proportion", "regress", "none")
 DEFAULT_C_GRID: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0)
 RESPONDER, NON_RESPONDER = "responder", "non-responder"
+INDETERMINATE = "indeterminate"
 CLASS_NAMES = {1: RESPONDER, 0: NON_RESPONDER}
+#: Half-width of the band around the threshold (in probability) whose results are
+#: "indeterminate" (recorded in each model's metadata; a model may record another).
+INDETERMINATE_MARGIN = 0.05
+DECISION_RULE_TEXT = (
+    "class from the calibrated probability P: responder when P >= threshold + margin, "
+    "non-responder when P <= threshold - margin, indeterminate in between; the threshold is "
+    "P at SVC decision value 0 (the balanced boundary the cross-validated metrics use)"
+)
 TIV_DESCRIPTION = {
     "proportion": "regional GM divided by total intracranial volume (TIV), no fitted parameters",
     "regress": "regional GM residualised on TIV (line fitted on training subjects) plus mean",
@@ -195,9 +221,56 @@ def _n_folds(y: NDArray[np.int_], folds: int) -> int:
     return max(2, min(folds, smallest))
 
 
+def anchored_sigmoid(decision: F64, y: NDArray[np.int_]) -> tuple[float, float]:
+    """Platt's sigmoid ``P = 1 / (1 + exp(a * d + b))`` with its intercept fixed so that
+    P at decision value 0 is the cohort's response rate ``r`` (``b = log((1 - r) / r)``);
+    only the slope ``a`` is fitted (maximum likelihood on Platt's smoothed targets).
+
+    Why: the SVC's classes are weighted to balance, so decision value 0 is where the model
+    cannot tell the classes apart, and there the probability of response is the cohort's
+    rate. Fitting the intercept too (plain Platt) spent a parameter on 50-100 subjects and
+    moved that point at random (0.37 and 0.57 in two demonstration models trained at 50 %).
+    """
+    y = np.asarray(y, dtype=np.int_)
+    d = np.asarray(decision, dtype=np.float64)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("calibration needs both classes")
+    b = float(np.log(n_neg / n_pos))
+    target = np.where(y == 1, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
+
+    def loss(a: float) -> float:
+        z = a * d + b  # P = expit(-z)
+        return float(np.sum(target * np.logaddexp(0, z) + (1 - target) * np.logaddexp(0, -z)))
+
+    res = minimize_scalar(loss, bounds=(-1e4, 1e4), method="bounded", options={"xatol": 1e-8})
+    return float(res.x), b
+
+
+class PriorAnchoredCalibratedCV(CalibratedClassifierCV):  # type: ignore[misc]
+    """:class:`~sklearn.calibration.CalibratedClassifierCV` (sigmoid, ``ensemble=False``)
+    whose sigmoid is refitted by :func:`anchored_sigmoid` on the same held-out decision
+    values: P at decision value 0 is the training cohort's response rate, so the decision
+    rule's threshold is that rate."""
+
+    def fit(self, X: Any, y: Any, **params: Any) -> PriorAnchoredCalibratedCV:
+        super().fit(X, y, **params)
+        yy = np.asarray(y, dtype=np.int_)
+        held_out = cross_val_predict(
+            clone(self.estimator), X, yy, cv=self.cv, method="decision_function"
+        )
+        a, b = anchored_sigmoid(np.asarray(held_out, dtype=np.float64), yy)
+        calibrator = _sigmoid(self)
+        calibrator.a_, calibrator.b_ = a, b
+        self.response_rate_ = float(yy.mean())
+        return self
+
+
 def calibrated(pipeline: Pipeline, y: NDArray[np.int_], folds: int, seed: int) -> Any:
-    """The pipeline wrapped for probabilities from held-out folds (Platt, one SVC)."""
-    return CalibratedClassifierCV(
+    """The pipeline wrapped for probabilities from held-out folds (one SVC; Platt's sigmoid
+    anchored at the cohort's response rate, :class:`PriorAnchoredCalibratedCV`)."""
+    return PriorAnchoredCalibratedCV(
         pipeline,
         method="sigmoid",
         cv=StratifiedKFold(_n_folds(y, folds), shuffle=True, random_state=seed),
@@ -214,6 +287,7 @@ class TrainedModel:
     inputs: list[str]
     tiv: str
     C: float
+    margin: float = INDETERMINATE_MARGIN
 
     @property
     def pipeline(self) -> Pipeline:
@@ -225,6 +299,26 @@ class TrainedModel:
         """The SVC weight of each input (on the standardised, TIV-adjusted scale)."""
         svc = self.pipeline.named_steps["svc"]
         return {n: float(w) for n, w in zip(self.inputs, np.ravel(svc.coef_), strict=True)}
+
+    @property
+    def threshold(self) -> float:
+        """P(response) at SVC decision value 0 (see :func:`decision_threshold`)."""
+        return decision_threshold(self.estimator)
+
+    def decision_rule(self, training_response_rate: float | None = None) -> dict[str, Any]:
+        """The rule as the metadata records it (and every output states it)."""
+        slope = sigmoid_slope(self.estimator)
+        return {
+            "rule": DECISION_RULE_TEXT,
+            "threshold": round(self.threshold, 6),
+            "margin": self.margin,
+            "training_response_rate": (
+                None if training_response_rate is None else round(training_response_rate, 6)
+            ),
+            "sigmoid_slope": round(slope, 6),
+            # P rises with the decision value: "P >= threshold" is "decision value >= 0"
+            "same_as_svc_sign": slope > 0,
+        }
 
 
 def fit_model(
@@ -249,6 +343,35 @@ def fit_model(
     return TrainedModel(est, list(feature_names), used, tiv, c)
 
 
+def _sigmoid(estimator: Any) -> Any:
+    calibrators = estimator.calibrated_classifiers_[0].calibrators
+    if len(calibrators) != 1 or not hasattr(calibrators[0], "a_"):
+        raise ValueError("the model is not a binary Platt-calibrated classifier")
+    return calibrators[0]
+
+
+def decision_threshold(estimator: Any) -> float:
+    """P(response) that the fitted Platt sigmoid gives at SVC decision value 0.
+
+    Platt: ``P = 1 / (1 + exp(a * d + b))``, so at ``d = 0``, ``P = 1 / (1 + exp(b))``.
+    """
+    return float(1.0 / (1.0 + np.exp(float(_sigmoid(estimator).b_))))
+
+
+def sigmoid_slope(estimator: Any) -> float:
+    """The sigmoid's slope ``-a`` (positive: P rises with the decision value)."""
+    return -float(_sigmoid(estimator).a_)
+
+
+def classify(probability: float, threshold: float, margin: float) -> str:
+    """The class of one calibrated probability under the decision rule (module docstring)."""
+    if probability >= threshold + margin:
+        return RESPONDER
+    if probability <= threshold - margin:
+        return NON_RESPONDER
+    return INDETERMINATE
+
+
 def decision_and_probability(estimator: Any, X: F64) -> tuple[F64, F64]:
     """SVC decision values and calibrated P(responder) of a fitted calibrated pipeline."""
     pipe = estimator.calibrated_classifiers_[0].estimator
@@ -258,7 +381,8 @@ def decision_and_probability(estimator: Any, X: F64) -> tuple[F64, F64]:
 
 
 def predict(model: TrainedModel, X: Sequence[Sequence[float]] | F64) -> list[dict[str, Any]]:
-    """Class, probability, decision value and per-input contributions for each row of X."""
+    """Class (by the decision rule), probability, threshold, margin, decision value and
+    per-input contributions for each row of X."""
     x = np.atleast_2d(np.asarray(X, dtype=np.float64))
     if x.shape[1] != len(model.feature_names):
         raise ValueError(
@@ -271,14 +395,18 @@ def predict(model: TrainedModel, X: Sequence[Sequence[float]] | F64) -> list[dic
     scaled = pipe.named_steps["scale"].transform(pipe.named_steps["tiv"].transform(x))
     svc = pipe.named_steps["svc"]
     contributions = np.ravel(svc.coef_)[None, :] * scaled
+    threshold = round(model.threshold, 6)
     out = []
     for d, p, c in zip(decision, proba, contributions, strict=True):
-        label = 1 if d >= 0 else 0
+        probability = round(float(p), 6)  # the class follows the value that is shown
         out.append(
             {
-                "predicted_class": CLASS_NAMES[label],
-                "label": label,
-                "probability": round(float(p), 6),
+                "predicted_class": classify(probability, threshold, model.margin),
+                # the side of the threshold (1: P >= threshold), indeterminate or not
+                "label": 1 if probability >= threshold else 0,
+                "probability": probability,
+                "threshold": threshold,
+                "margin": model.margin,
                 "decision_value": round(float(d), 6),
                 "intercept": round(float(np.ravel(svc.intercept_)[0]), 6),
                 "contributions": {

@@ -4,6 +4,9 @@ A model is registered only after :func:`ketanode.model.files.load_model` accepte
 SHA-256 matching its metadata, the pipeline's feature spec); activation re-checks the file
 and makes it the only active row in one statement. :func:`load_active` loads the active
 model and refuses it when the file on disk no longer has the registered SHA-256.
+The registry's ``synthetic`` flag only ever goes from false to true (a model once seen as
+synthetic stays so), and :func:`load_active` adds it to the loaded model, so a prediction is
+synthetic when the file, the known demonstration hashes or the registry say so.
 :func:`record_prediction` writes a prediction row (with the model's SHA-256 and the
 synthetic flag and label) in the caller's transaction.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +87,8 @@ def register_loaded(engine: Engine, loaded: LoadedModel) -> dict[str, Any]:
             s.add(row)
         else:
             row.path = str(loaded.path.resolve())
+            if loaded.synthetic and not row.synthetic:  # never the other way round
+                row.synthetic, row.label = True, loaded.label
         s.flush()
         out = _row(row)
     logger.info("model registered: sha256 %s", loaded.sha256[:12])
@@ -163,6 +169,8 @@ def load_active(engine: Engine) -> LoadedModel:
             f"refused {record['path']}: its SHA-256 is {loaded.sha256}, the registry records "
             f"{record['sha256']}",
         )
+    if record["synthetic"] and "registry" not in loaded.synthetic_reasons:
+        loaded = replace(loaded, synthetic_reasons=(*loaded.synthetic_reasons, "registry"))
     return loaded
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ketanode.model.classifier import TIVAdjust, build_pipeline, fit_model, predict
+from ketanode.model.classifier import (
+    TIVAdjust,
+    anchored_sigmoid,
+    build_pipeline,
+    fit_model,
+    predict,
+)
 from ketanode.model.synthetic import SyntheticCohort, feature_cohort
 from ketanode.model.validation import Protocol, external_validation, nested_cv
 
@@ -50,9 +56,8 @@ def test_prediction_contributions_add_up_to_the_decision_value() -> None:
     for row in predict(model, X[:5]):
         total = sum(row["contributions"].values()) + row["intercept"]
         assert total == pytest.approx(row["decision_value"], abs=1e-4)
-        assert row["predicted_class"] == (
-            "responder" if row["decision_value"] >= 0 else "non-responder"
-        )
+        # the side of the threshold is the side of the SVC's balanced boundary
+        assert row["label"] == (1 if row["decision_value"] >= 0 else 0)
         assert 0 <= row["probability"] <= 1
     w = model.weights()
     # the study's direction: frontal GM for response, cerebellar GM against it
@@ -83,3 +88,46 @@ def test_external_validation_metrics() -> None:
     bad = external_validation(y, rng.normal(size=60), n_permutations=500)
     lo, hi = bad["metrics"]["balanced_accuracy"]["ci95"]
     assert lo <= 0.5 <= hi
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.5, 0.7])
+def test_class_and_probability_never_contradict_each_other(rate: float) -> None:
+    """One decision rule over 1,000 generated subjects: the class follows the calibrated
+    probability at the model's threshold (the training cohort's response rate), results
+    within the margin are indeterminate. (Before issue 12 the class was the sign of the
+    decision value and P came from a free Platt fit: 7-12 % of such subjects disagreed.)"""
+    seed = int(rate * 10)
+    X, y, names = feature_cohort(
+        SyntheticCohort(n=60, responder_rate=rate, effect_d=1.0, seed=seed)
+    )
+    model = fit_model(X, y, names, seed=seed)
+    assert model.threshold == pytest.approx(y.mean(), abs=1e-9)  # anchored at the rate
+    rule = model.decision_rule(float(y.mean()))
+    assert rule["same_as_svc_sign"] and rule["threshold"] == pytest.approx(y.mean())
+    new, _, _ = feature_cohort(
+        SyntheticCohort(n=1000, responder_rate=rate, effect_d=1.0, seed=seed + 100)
+    )
+    rows = predict(model, new)
+    t, m = model.threshold, model.margin
+    classes = {r["predicted_class"] for r in rows}
+    assert classes <= {"responder", "non-responder", "indeterminate"}
+    assert {"responder", "non-responder"} <= classes
+    for r in rows:
+        p = r["probability"]
+        expected = "responder" if p >= t + m else "non-responder" if p <= t - m else "indeterminate"
+        assert r["predicted_class"] == expected, r
+        assert r["threshold"] == round(t, 6) and r["margin"] == m
+        assert r["label"] == (1 if r["decision_value"] >= 0 else 0)  # same side as the SVC
+    # every responder is more likely to respond than every non-responder
+    resp = [r["probability"] for r in rows if r["predicted_class"] == "responder"]
+    non = [r["probability"] for r in rows if r["predicted_class"] == "non-responder"]
+    assert min(resp) > max(non)
+
+
+def test_anchored_sigmoid_puts_the_rate_at_decision_zero() -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random(200) < 0.3).astype(np.int_)
+    d = np.where(y == 1, 1.0, -1.0) + rng.normal(0, 1.0, 200)
+    a, b = anchored_sigmoid(d, y)
+    assert a < 0  # P rises with the decision value
+    assert 1 / (1 + np.exp(b)) == pytest.approx(y.mean())
