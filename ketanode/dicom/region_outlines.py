@@ -129,14 +129,18 @@ def region_outlines(
     territories_path: str | Path,
     region_names: Sequence[str],
     wanted: Sequence[str],
+    *,
+    binary: bool = False,
 ) -> dict[str, RegionOutline]:
     """Outline of each of ``wanted`` (names in ``region_names``; label k is
     ``region_names[k - 1]``) on the source instance where its cross-section is largest.
+    ``binary``: every non-zero voxel is label 1 (a mask, or the union of the territories).
 
     Regions that appear on no instance (or a series without plane geometry) are left out.
     """
     img: Any = nib.load(str(territories_path))
-    labels = np.asarray(img.dataobj).astype(np.int32)
+    labels = np.asarray(img.dataobj)
+    labels = (labels > 0).astype(np.int32) if binary else labels.astype(np.int32)
     if labels.ndim != 3:
         return {}
     ras_to_vox: NDArray[np.float64] = np.linalg.inv(np.asarray(img.affine, dtype=np.float64))

@@ -22,6 +22,19 @@ Layout of the content tree::
           TEXT Not scored reason                                            (not scored only)
           TEXT Quality control check, one per failing or warning check
           TEXT Model label, TEXT Research use only notice, TEXT demonstration-model notice
+        CONTAINER Measurement Group (TID 1410), for each model input       (scored only)
+          Tracking Identifier "<region> GM" / Tracking Unique Identifier
+          SCOORD POLYLINE: the region's outline on the source instance where its
+            cross-section is largest (:mod:`ketanode.dicom.region_outlines`)
+          Finding = Grey matter volume, Finding Site (+ Laterality)
+          NUM Grey matter volume (ml), NUM Contribution to decision value (1)
+
+Viewers that draw TID 1500 (OHIF, for one) draw a measurement group only through an image
+region, so each model input has a planar ROI group whose polyline is the region's outline on
+a slice of the T1; the probability in the first group is INFERRED FROM the brain's outline
+on its largest slice (OHIF 3.13 stops with an error on a group without any coordinates).
+Outlines need the native territory map (``territories_path``) and single-frame source
+instances with plane geometry; without them the SR has the first group only.
 
 A *not scored* result (no prediction was made, e.g. quality control failed) has no predicted
 class, probability, decision value, volumes or contributions: the group holds the QC outcome,
@@ -37,7 +50,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +60,7 @@ from pydicom import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+from ketanode.dicom.region_outlines import RegionOutline, region_outlines
 from ketanode.dicom.report_content import (
     DEMO_TEXT,
     DISCLAIMER,
@@ -193,12 +207,30 @@ def algorithm_identification(result: ResultForReport) -> hd.sr.AlgorithmIdentifi
     )
 
 
-def _measurements(result: ResultForReport) -> list[hd.sr.Measurement]:
+def _source_image(outline: RegionOutline) -> hd.sr.SourceImageForRegion:
+    return hd.sr.SourceImageForRegion(outline.sop_class_uid, outline.sop_instance_uid)
+
+
+def _measurements(
+    result: ResultForReport, brain: RegionOutline | None = None
+) -> list[hd.sr.Measurement]:
     if result.probability is None or result.decision_value is None:
         return []  # not scored: neither the prediction nor the (unchecked) measurements
+    coordinates = None
+    if brain is not None:
+        coordinates = [
+            hd.sr.CoordinatesForMeasurement(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=brain.points,
+                source_image=_source_image(brain),
+            )
+        ]
     out = [
         hd.sr.Measurement(
-            name=_concept(PROBABILITY), value=float(result.probability), unit=_concept(NO_UNITS)
+            name=_concept(PROBABILITY),
+            value=float(result.probability),
+            unit=_concept(NO_UNITS),
+            referenced_coordinates=coordinates,
         ),
         hd.sr.Measurement(
             name=_concept(DECISION), value=float(result.decision_value), unit=_concept(NO_UNITS)
@@ -252,12 +284,77 @@ def _texts(result: ResultForReport) -> list[hd.sr.TextContentItem]:
     return items
 
 
+def region_groups(
+    result: ResultForReport, outlines: Mapping[str, RegionOutline]
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 planar ROI group per model input with an outline (drivers first)."""
+    if result.probability is None:
+        return []
+    groups = []
+    for feature, contribution in result.drivers():
+        outline = outlines.get(region_of(feature))
+        if outline is None or feature not in result.volumes:
+            continue
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=outline.points,
+            source_image=_source_image(outline),
+        )
+        label = region_of(feature).replace("_", " ")
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=generate_uid(), identifier=f"{label} GM"
+                ),
+                referenced_region=region,
+                finding_type=_concept(GM_VOLUME),
+                finding_sites=[_finding_site(feature)],
+                measurements=[
+                    hd.sr.Measurement(
+                        name=_concept(GM_VOLUME),
+                        value=float(result.volumes[feature]),
+                        unit=_concept(ML),
+                    ),
+                    hd.sr.Measurement(
+                        name=_concept(CONTRIBUTION),
+                        value=float(contribution),
+                        unit=_concept(NO_UNITS),
+                    ),
+                ],
+            )
+        )
+    return groups
+
+
+def outlines_for(
+    source: Sequence[Dataset], result: ResultForReport
+) -> tuple[dict[str, RegionOutline], RegionOutline | None]:
+    """The model inputs' outlines and the brain's, on the source instances; empty when the
+    result has no territory map or the source no plane geometry. Never raises: an SR without
+    outlines is still a complete report."""
+    if result.probability is None or result.territories_path is None:
+        return {}, None
+    try:
+        wanted = [region_of(f) for f, _ in result.drivers()]
+        outlines = region_outlines(source, result.territories_path, result.region_names, wanted)
+        # the brain mask when the result has one, else the union of the territories
+        mask = result.brain_mask_path or result.territories_path
+        brain = region_outlines(source, mask, ["brain"], ["brain"], binary=True).get("brain")
+        return outlines, brain
+    except Exception as exc:  # outlines are an addition; the report stands without them
+        logger.warning("SR without region outlines: %s", type(exc).__name__)
+        return {}, None
+
+
 def measurement_report(
     result: ResultForReport,
     device_uid: str,
     device_model_name: str,
+    outlines: Mapping[str, RegionOutline] | None = None,
+    brain: RegionOutline | None = None,
 ) -> hd.sr.MeasurementReport:
-    """The TID 1500 content tree for one result."""
+    """The TID 1500 content tree for one result (``outlines``: planar ROI groups of the
+    model inputs; ``brain``: the image region the probability is inferred from)."""
     observer = hd.sr.ObserverContext(
         observer_type=_concept(DEVICE),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -279,15 +376,25 @@ def measurement_report(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=TRACKING_ID),
         finding_type=_concept(FINDING),
         algorithm_id=algorithm_identification(result),
-        measurements=_measurements(result) or None,
+        measurements=_measurements(result, brain) or None,
         qualitative_evaluations=evaluations,
     )
     group[0].ContentSequence.extend(_texts(result))
     return hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_concept(PROCEDURE),
-        imaging_measurements=[group],
+        # region groups only beside a probability with coordinates (see the module docstring)
+        imaging_measurements=[group, *region_groups(result, (outlines or {}) if brain else {})],
     )
+
+
+def _separate(node: Dataset) -> None:
+    """Every container SEPARATE: its items are distinct statements, not one running text,
+    so text renderers (DCMTK dsr2html, viewers without SR drawing) name each value."""
+    if node.get("ValueType") == "CONTAINER":
+        node.ContinuityOfContent = "SEPARATE"
+    for item in node.get("ContentSequence", []):
+        _separate(item)
 
 
 def _check_source(source: Sequence[Dataset]) -> None:
@@ -321,7 +428,10 @@ def build_sr(
     # patient and study attributes from the first instance, invalid values left empty
     first = clean_source_header(source[0]).dataset
     now = dt.datetime.now()
-    content = measurement_report(result, device_uid or default_device_uid(), device_model_name)
+    outlines, brain = outlines_for(source, result)
+    content = measurement_report(
+        result, device_uid or default_device_uid(), device_model_name, outlines, brain
+    )
     kwargs: dict[str, Any] = {}
     if "SpecificCharacterSet" in first:
         kwargs["specific_character_set"] = first.SpecificCharacterSet
@@ -353,6 +463,7 @@ def build_sr(
         ],
         **kwargs,
     )
+    _separate(sr)
     logger.info(
         "SR built: SOP instance %s, series %s, study %s, %d evidence instances",
         sr.SOPInstanceUID,
