@@ -5,10 +5,17 @@ commit together. Passwords are never stored, logged or put in an audit row. A re
 looks the same whether the user is unknown, disabled or gave a wrong password: same return
 value, same audit row, and about the same time (an unknown user is checked against a dummy
 hash).
+
+Dashboard sessions live here too (:func:`start_session`, :func:`session_user`,
+:func:`end_session`): the database holds the SHA-256 of each session's random id, so a
+logout, a disabled user or a new password ends the session on the server, whatever copy of
+the cookie is kept.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import logging
 import re
 import secrets
@@ -17,12 +24,12 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ketanode.audit import AuditKind, record
-from ketanode.db.models import User, UserRole, utcnow
+from ketanode.db.models import User, UserRole, WebSession, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +128,7 @@ def set_password(session: Session, username: str, password: str, *, actor: str =
     check_password(password)
     user = _existing(session, username)
     user.password_hash = hash_password(password)
+    end_sessions_of(session, user.id)
     record(
         session,
         AuditKind.USER,
@@ -136,6 +144,7 @@ def disable_user(session: Session, username: str, *, actor: str = "system") -> U
     """Disable a user: logins are refused (rows and audit history are kept)."""
     user = _existing(session, username)
     user.disabled = True
+    end_sessions_of(session, user.id)
     record(
         session,
         AuditKind.USER,
@@ -193,3 +202,60 @@ def authenticate(
     )
     logger.info("user %s logged in (from %s)", user.id, address or "unknown address")
     return user
+
+
+# --- dashboard sessions -------------------------------------------------------------------
+#
+# The session cookie carries a random id; the database keeps its SHA-256 (a copy of the
+# table does not log anyone in), the user and the expiry. A session ends at logout (its row
+# is deleted), at its expiry, or when the user is disabled or their password changes (all
+# of the user's rows are deleted).
+
+
+def session_token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def start_session(session: Session, user: User, hours: float, address: str | None = None) -> str:
+    """A new dashboard session for ``user`` (in ``session``; the caller commits): the random
+    id for the cookie. Expired sessions of any user are removed on the way."""
+    now = utcnow()
+    session.execute(delete(WebSession).where(WebSession.expires_at < now))
+    token = secrets.token_urlsafe(32)
+    session.add(
+        WebSession(
+            token_sha256=session_token_hash(token),
+            user_id=user.id,
+            created_at=now,
+            expires_at=now + dt.timedelta(hours=hours),
+            address=address,
+        )
+    )
+    return token
+
+
+def session_user(session: Session, token: str) -> User | None:
+    """The user of a live session (not ended, not expired, user not disabled), or None."""
+    row = session.scalar(
+        select(WebSession).where(WebSession.token_sha256 == session_token_hash(token))
+    )
+    if row is None or row.expires_at <= utcnow():
+        return None
+    user = session.get(User, row.user_id)
+    if user is None or user.disabled:
+        return None
+    return user
+
+
+def end_session(session: Session, token: str) -> bool:
+    """End one session (logout); False when it had already ended."""
+    gone = session.execute(
+        delete(WebSession).where(WebSession.token_sha256 == session_token_hash(token))
+    )
+    return bool(getattr(gone, "rowcount", 0))
+
+
+def end_sessions_of(session: Session, user_id: int) -> int:
+    """End every session of a user (disabled, new password); how many there were."""
+    gone = session.execute(delete(WebSession).where(WebSession.user_id == user_id))
+    return int(getattr(gone, "rowcount", 0) or 0)

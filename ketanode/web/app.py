@@ -8,7 +8,12 @@ session cookie and three guards:
 - pages without a session redirect to /login, everything else (images, plots, JSON,
   /metrics unless public) answers 401; admin pages answer 403 to viewers;
 - every response carries a strict Content-Security-Policy (no scripts at all, everything
-  from this origin), no-sniff, no-referrer and frame-ancestors 'none'; pages are not cached.
+  from this origin), no-sniff, no-referrer and frame-ancestors 'none', and HSTS when served
+  over HTTPS: error responses too (404, 405, 422, 503, and a 500 made here, whose exception
+  is logged by type and frames only, never its text); pages are not cached.
+
+An id in a path that no id column can hold (``/results/99999999999999999999``, anything
+beyond PostgreSQL's 32-bit INTEGER) answers 404 before any query; a non-numeric one 422.
 
 No OpenAPI / Swagger pages: they would load JavaScript from a CDN.
 """
@@ -16,9 +21,11 @@ No OpenAPI / Swagger pages: they would load JavaScript from a CDN.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
+import traceback
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import SQLAlchemyError
@@ -45,14 +52,36 @@ SECURITY_HEADERS = {
     "referrer-policy": "no-referrer",
     "x-frame-options": "DENY",
 }
+HSTS = ("strict-transport-security", "max-age=31536000")
+# the largest id the id columns hold (INTEGER: 32 bits on PostgreSQL, 64 on SQLite)
+MAX_ID = 2**31 - 1
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """A value from the request, safe for a log line (no control characters, capped)."""
+    return text[:limit].encode("unicode_escape").decode("ascii")
+
+
+def _frames(exc: BaseException) -> str:
+    """Where an exception was raised: file, line and function of each frame, not its text
+    (which may quote a value)."""
+    return " <- ".join(
+        f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+        for f in reversed(traceback.extract_tb(exc.__traceback__))
+    )[:2000]
 
 
 class ReadOnlyGuard:
     """ASGI middleware: 405 for every method but GET/HEAD, except the login/logout forms;
-    and the security headers on every response."""
+    the security headers (and HSTS over HTTPS) on every response; a 500 of its own, with
+    them, for an exception nothing else handled."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, hsts: bool = False) -> None:
         self.app = app
+        self.headers = dict(SECURITY_HEADERS)
+        if hsts:
+            self.headers[HSTS[0]] = HSTS[1]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,16 +94,19 @@ class ReadOnlyGuard:
             response = JSONResponse(
                 {"detail": "the dashboard is read-only"},
                 status_code=405,
-                headers={"Allow": allow, **SECURITY_HEADERS},
+                headers={"Allow": allow, **self.headers},
             )
             await response(scope, receive, send)
             return
+        started = False
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = list(message.get("headers", []))
                 present = {bytes(k).lower() for k, _ in headers}
-                for name, value in SECURITY_HEADERS.items():
+                for name, value in self.headers.items():
                     if name.encode() not in present:
                         headers.append((name.encode(), value.encode()))
                 if not path.startswith("/static/") and b"cache-control" not in present:
@@ -82,7 +114,28 @@ class ReadOnlyGuard:
                 message["headers"] = headers
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception as exc:
+            logger.error(
+                "dashboard: internal error on %s %s (%s at %s)",
+                method,
+                _printable(path),
+                type(exc).__name__,
+                _frames(exc),
+            )
+            if started:  # the answer is under way: nothing better to do than cut it
+                raise
+            response = JSONResponse({"detail": "internal error"}, status_code=500)
+            await response(scope, receive, send_with_headers)
+
+
+def ids_in_range(request: Request) -> None:
+    """Dependency of every route: a path parameter written as an integer that no id column
+    can hold is no id of anything (404), rather than an overflow or a database error."""
+    for value in request.path_params.values():
+        if isinstance(value, str) and _INTEGER.fullmatch(value) and abs(int(value)) > MAX_ID:
+            raise HTTPException(status_code=404, detail="no such id")
 
 
 def _wants_html(request: Request) -> bool:
@@ -107,6 +160,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        dependencies=[Depends(ids_in_range)],
     )
     app.state.ketanode = WebContext(settings, sessions, timers, make_templates(), tls)
     app.state.metrics_registry = metrics.make_registry(sessions)
@@ -120,7 +174,7 @@ def create_app(
         same_site="lax",
         https_only=tls,
     )
-    app.add_middleware(ReadOnlyGuard)
+    app.add_middleware(ReadOnlyGuard, hsts=tls)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     app.include_router(auth.router)
     app.include_router(pages.router)

@@ -32,9 +32,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("web_session", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_web_session_user_id"), ["user_id"], unique=False)
-        batch_op.create_index(
-            batch_op.f("ix_web_session_expires_at"), ["expires_at"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_web_session_expires_at"), ["expires_at"], unique=False)
 
 
 def downgrade() -> None:

@@ -214,8 +214,9 @@ def test_too_many_failed_logins_are_throttled(
         with httpx.Client(base_url=server.url, follow_redirects=False) as client:
             token = csrf_of(client.get("/login").text)
             codes = [
-                client.post(
-                    "/login", data={"username": "nobody", "password": f"guess-{i}", "csrf": token}
+                client.post(  # other accounts each time: the address's own limit
+                    "/login",
+                    data={"username": f"nobody-{i}", "password": f"guess-{i}", "csrf": token},
                 ).status_code
                 for i in range(MAX_FAILURES + 1)
             ]
