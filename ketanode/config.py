@@ -221,9 +221,10 @@ class ModelSettings(_Section):
 
     # Predict for every series that passed QC.
     predict: bool = True
-    # With no active model, use the demonstration model shipped in the package (trained on
-    # synthetic phantoms; every output says so). False: a job without a model fails.
-    demo_when_none_active: bool = True
+    # With no active model, score with the demonstration model shipped in the package
+    # (trained on synthetic phantoms; every output says DEMO). Off by default: a series
+    # then gets a NOT SCORED "no active model" result. `ketanode demo` turns it on.
+    demo_when_none_active: bool = False
 
 
 class Destination(_Section):

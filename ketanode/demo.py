@@ -46,6 +46,7 @@ def demo_settings(data_dir: Path, destinations: list[Destination] | None = None)
     settings.pipeline.work_dir = data_dir / "work"
     settings.database.url = f"sqlite:///{data_dir / 'ketanode.db'}"
     settings.reports.path = data_dir / "reports"
+    settings.model.demo_when_none_active = True  # the demo scores its phantom with it
     settings.dispatch.interval_seconds = 1.0
     settings.dispatch.backoff_initial_seconds = 2.0
     return settings

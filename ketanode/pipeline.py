@@ -176,10 +176,11 @@ def steps_for(settings: Settings) -> list[tuple[str, Step]]:
 
 
 def _report_not_scored(
-    sessions: sessionmaker[Session], ctx: JobContext, step: str, exc: QCFailed
+    sessions: sessionmaker[Session], ctx: JobContext, step: str, exc: Exception
 ) -> None:
-    """Quality control stopped the job: report "NOT SCORED" and why (recorded as the
-    ``report`` step). A failure here is logged and recorded; the job keeps its QC reason."""
+    """Quality control stopped the job, or no model is active: report "NOT SCORED" and why
+    (recorded as the ``report`` step). A failure here is logged and recorded; the job keeps
+    its reason."""
     started = time.perf_counter()
     try:
         detail = reporting.report_not_scored(ctx, step, exc)
@@ -240,7 +241,7 @@ def _run_steps(
                 "job %s: step %s failed after %.2f s: %s", job_id, name, seconds, type(exc).__name__
             )
             _record_step(sessions, ctx, name, False, seconds, None, error[:4000])
-            if reports and isinstance(exc, QCFailed):
+            if reports and isinstance(exc, QCFailed | prediction.NoModel):
                 _report_not_scored(sessions, ctx, name, exc)
             finish(sessions, job_id, owner, ok=False, failed_step=name, error=error[:4000])
             return False

@@ -4,8 +4,9 @@ and one outbox row per object per destination, committed in one transaction.
 Two entry points, both run in the job's process:
 
 - :func:`report_scored`: the pipeline's last step, after a prediction;
-- :func:`report_not_scored`: when quality control stopped the job (the radiologist then
-  sees "NOT SCORED" and why in the study, instead of nothing).
+- :func:`report_not_scored`: when quality control stopped the job, or no model was there to
+  score it (:class:`ketanode.prediction.NoModel`: the radiologist then sees "NOT SCORED" and
+  why in the study, instead of nothing).
 
 A job reports at most once: when its result row exists (the job ran again after a crash
 between the commit and the end of the job), the stored result is returned as it is, so the
@@ -243,9 +244,13 @@ def report_scored(ctx: JobContext) -> dict[str, Any]:
     meas = ctx.outputs["measure"]
     qc = ctx.outputs["qc"]
     model = pred["model"]
+    rule = pred.get("decision_rule") or {}
     with ctx.sessions() as session:
         version = _model_version(session, model["sha256"])
     report = ResultForReport(
+        decision_threshold=rule.get("threshold"),
+        indeterminate_margin=rule.get("margin"),
+        training_response_rate=rule.get("training_response_rate"),
         predicted_class=pred["predicted_class"],
         probability=float(pred["probability"]),
         decision_value=float(pred["decision_value"]),
@@ -266,15 +271,17 @@ def report_scored(ctx: JobContext) -> dict[str, Any]:
     return _emit(ctx, report, pred.get("prediction_id"))
 
 
-def report_not_scored(ctx: JobContext, step: str, exc: QCFailed) -> dict[str, Any]:
-    """A job stopped by quality control at ``step``: an SR and page saying "NOT SCORED"."""
+def report_not_scored(ctx: JobContext, step: str, exc: Exception) -> dict[str, Any]:
+    """A job stopped at ``step`` by quality control (:class:`QCFailed`) or for want of a
+    model (``NoModel``, after QC passed): an SR and page saying "NOT SCORED" and why."""
     checks = _qc_checks(ctx)
     names = {c["name"] for c in checks}
-    for check in exc.all_checks:
+    for check in exc.all_checks if isinstance(exc, QCFailed) else []:
         row = check.as_dict()
         if row["name"] in names:
             checks = [c for c in checks if c["name"] != row["name"]]
         checks.append(row)
+    qc_outcome = "fail" if isinstance(exc, QCFailed) else ctx.outputs.get("qc", {}).get("outcome")
     spec = default_spec()
     report = ResultForReport(
         predicted_class=None,
@@ -282,7 +289,7 @@ def report_not_scored(ctx: JobContext, step: str, exc: QCFailed) -> dict[str, An
         decision_value=None,
         contributions={},
         volumes=_volumes(ctx),
-        qc_outcome="fail",
+        qc_outcome=qc_outcome or "pass",
         qc_checks=checks,
         model_name=None,
         model_version=None,

@@ -19,10 +19,18 @@ from pathlib import Path
 from typing import Any
 
 RESPONDER, NON_RESPONDER = "responder", "non-responder"
+INDETERMINATE = "indeterminate"
+CLASSES = (RESPONDER, NON_RESPONDER, INDETERMINATE)
 QC_OUTCOMES = ("pass", "warn", "fail")
 RESEARCH_USE_ONLY = "RESEARCH USE ONLY"
 NOT_SCORED = "NOT SCORED"
 DEMO_TEXT = "DEMONSTRATION MODEL trained on synthetic data - not a clinical prediction"
+#: What marks a result of a synthetic (demonstration) model in series descriptions and text.
+DEMO = "DEMO"
+DEMO_RESULT_TEXT = (
+    "DEMO result: scored by a model trained on synthetic phantoms (the node's demonstration "
+    "model), not on patients. It says nothing about this patient."
+)
 DISCLAIMER = (
     "RESEARCH USE ONLY. Not a medical device; not for diagnosis or treatment decisions. "
     "The estimate comes from regional grey-matter volumes of one T1 MRI and a research "
@@ -40,6 +48,12 @@ class ResultForReport:
     and ``decision_value`` are then ``None`` and ``not_scored_reason`` says why. The model
     fields may be ``None`` when no model was applied. The builders show neither
     contributions nor volumes of a not-scored result.
+
+    The decision rule of a scored result (``decision_threshold``, ``indeterminate_margin``,
+    ``training_response_rate``; see :mod:`ketanode.model.classifier`): when the threshold is
+    given, ``predicted_class`` must be what the rule gives for ``probability`` (responder at
+    or above threshold + margin, non-responder at or below threshold - margin, else
+    indeterminate), so the outputs never show a class that contradicts its probability.
 
     ``contributions`` are the per-input terms of the SVC decision value
     (``coef * scaled value``, model inputs only); ``volumes`` are measured volumes in mL by
@@ -72,6 +86,9 @@ class ResultForReport:
     model_sha256: str | None = None
     model_label: str | None = None
     not_scored_reason: str | None = None
+    decision_threshold: float | None = None
+    indeterminate_margin: float | None = None
+    training_response_rate: float | None = None
     t1_path: Path | None = None
     gm_path: Path | None = None
     territories_path: Path | None = None
@@ -82,6 +99,15 @@ class ResultForReport:
     def scored(self) -> bool:
         """Whether a prediction was made (``predicted_class`` is set)."""
         return self.predicted_class is not None
+
+    @property
+    def demo(self) -> bool:
+        """A result of a synthetic (demonstration) model: marked DEMO in every output."""
+        return self.scored and self.model_synthetic
+
+    @property
+    def indeterminate(self) -> bool:
+        return self.predicted_class == INDETERMINATE
 
     def __post_init__(self) -> None:
         if self.scored:
@@ -98,12 +124,13 @@ class ResultForReport:
                 raise ValueError(f"{name} is not finite")
 
     def _check_scored(self) -> None:
-        if self.predicted_class not in (RESPONDER, NON_RESPONDER):
-            raise ValueError(f"predicted_class must be {RESPONDER!r} or {NON_RESPONDER!r}")
+        if self.predicted_class not in CLASSES:
+            raise ValueError(f"predicted_class must be one of {CLASSES}")
         if self.probability is None or not (
             math.isfinite(self.probability) and 0.0 <= self.probability <= 1.0
         ):
             raise ValueError("probability must be within [0, 1]")
+        self._check_rule(self.probability)
         if self.decision_value is None or not math.isfinite(self.decision_value):
             raise ValueError("decision_value must be finite")
         for name in ("model_name", "model_version", "model_sha256", "model_label"):
@@ -111,6 +138,24 @@ class ResultForReport:
                 raise ValueError(f"a scored result needs {name}")
         if self.not_scored_reason is not None:
             raise ValueError("a scored result has no not_scored_reason")
+
+    def _check_rule(self, p: float) -> None:
+        t, m = self.decision_threshold, self.indeterminate_margin
+        if t is None:
+            if m is not None or self.predicted_class == INDETERMINATE:
+                raise ValueError("an indeterminate class or a margin needs decision_threshold")
+            return
+        if not (0.0 < t < 1.0) or m is None or not (0.0 <= m < 0.5):
+            raise ValueError("decision_threshold in (0, 1) and indeterminate_margin in [0, 0.5)")
+        expected = RESPONDER if p >= t + m else NON_RESPONDER if p <= t - m else INDETERMINATE
+        if self.predicted_class != expected:
+            raise ValueError(
+                f"predicted_class {self.predicted_class!r} contradicts probability {p} "
+                f"(threshold {t}, margin {m}: {expected})"
+            )
+        r = self.training_response_rate
+        if r is not None and not (0.0 < r < 1.0):
+            raise ValueError("training_response_rate must be within (0, 1)")
 
     def _check_not_scored(self) -> None:
         given = [
@@ -131,6 +176,37 @@ class ResultForReport:
         order = {"fail": 0, "warn": 1}
         bad = [c for c in self.qc_checks if str(c.get("outcome")) in order]
         return sorted(bad, key=lambda c: order[str(c.get("outcome"))])
+
+
+def class_text(result: ResultForReport) -> str:
+    """``RESPONDER`` / ``NON-RESPONDER`` / ``INDETERMINATE`` (empty when not scored)."""
+    return (result.predicted_class or "").upper()
+
+
+def percent(value: float) -> str:
+    """A probability as a percentage: ``0.374939`` -> ``37.5 %``."""
+    return f"{value * 100:.1f} %"
+
+
+def rule_text(result: ResultForReport) -> str:
+    """The decision rule in one sentence (empty without a threshold)."""
+    t, m = result.decision_threshold, result.indeterminate_margin
+    if t is None or m is None:
+        return ""
+    return (
+        f"Responder when P(response) >= {percent(t + m)}, non-responder when <= "
+        f"{percent(t - m)}, indeterminate in between (threshold {percent(t)} +- {percent(m)})."
+    )
+
+
+def rate_text(result: ResultForReport) -> str:
+    """Why P depends on the training cohort, with its response rate."""
+    r = result.training_response_rate
+    shown = percent(r) if r is not None else "not recorded"
+    return (
+        f"P(response) depends on the training cohort's response rate ({shown}): it is the "
+        "chance of response among patients like that cohort, not a rate for every population."
+    )
 
 
 def region_of(feature: str) -> str:

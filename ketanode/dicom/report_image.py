@@ -2,8 +2,11 @@
 content poorly.
 
 The page (1536 x 2048, portrait, the shape of a reading-room display) shows, top to bottom:
-a "RESEARCH USE ONLY" title, the demonstration-model warning when the model is synthetic, the
-result (class, probability, decision value), the model (name, version, SHA-256 prefix), the
+a "RESEARCH USE ONLY" title, the "DEMO" demonstration-model warning when the model is
+synthetic (then the series description starts with "DEMO" too), the result (class:
+responder, non-responder or indeterminate; the probability; the decision rule with its
+threshold and margin; the training cohort's response rate, on which the probability
+depends; the decision value), the model (name, version, SHA-256 prefix), the
 QC outcome and flagged checks, two rows of axial/coronal/sagittal slices of the T1 with the
 grey-matter map overlaid and the territories of the regions that drive the decision outlined,
 a bar chart of all regional contributions, and the disclaimer. No patient identifiers are
@@ -54,23 +57,36 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from ketanode.dicom.report_content import (
+    DEMO,
     DEMO_TEXT,
     DISCLAIMER,
+    INDETERMINATE,
     NOT_SCORED,
     RESEARCH_USE_ONLY,
     RESPONDER,
     ResultForReport,
     check_text,
+    class_text,
     display_name,
     not_scored_cause,
     not_scored_headline,
+    percent,
+    rate_text,
     region_of,
+    rule_text,
 )
 from ketanode.dicom.source_header import clean_source_header
 
 logger = logging.getLogger(__name__)
 
 SERIES_DESCRIPTION = f"{RESEARCH_USE_ONLY} ketanode ketamine response report"
+
+
+def series_description(result: ResultForReport) -> str:
+    """The page's series description; ``DEMO ...`` for a demonstration model's result."""
+    return f"{DEMO} {SERIES_DESCRIPTION}" if result.demo else SERIES_DESCRIPTION
+
+
 DEFAULT_SERIES_NUMBER = 9902
 WIDTH, HEIGHT = 1536, 2048
 N_DRIVERS = 4
@@ -514,7 +530,7 @@ def _title(fig: Figure, result: ResultForReport) -> float:
         fig.text(
             0.5,
             y - 0.0215,
-            DEMO_TEXT,
+            f"{DEMO}: {DEMO_TEXT}",
             ha="center",
             va="center",
             fontsize=23,
@@ -534,30 +550,34 @@ def _text_block(
     """Title, warnings, result, model and QC lines; returns the y below them."""
     assert result.probability is not None and result.decision_value is not None
     y = _title(fig, result)
-    cls = "RESPONDER" if result.predicted_class == RESPONDER else "NON-RESPONDER"
-    colour = TOWARD_RESPONDER if result.predicted_class == RESPONDER else TOWARD_NON
+    cls = class_text(result)
+    colour = (
+        WARN
+        if result.predicted_class == INDETERMINATE
+        else TOWARD_RESPONDER
+        if result.predicted_class == RESPONDER
+        else TOWARD_NON
+    )
     fig.text(0.03, y, "Predicted:", fontsize=30, color=DIM, va="top")
     fig.text(0.21, y, cls, fontsize=34, weight="bold", color=colour, va="top")
     fig.text(
         0.60,
         y,
-        f"P(response) = {result.probability * 100:.0f} %",
+        f"P(response) = {percent(result.probability)}",
         fontsize=30,
         weight="bold",
         color=FG,
         va="top",
     )
     y -= 0.032
-    fig.text(
-        0.03,
-        y,
-        f"SVC decision value {result.decision_value:+.3f} (class from its sign; "
-        "the probability is its calibrated estimate)",
-        fontsize=18,
-        color=DIM,
-        va="top",
-    )
-    y -= 0.028
+    rule = rule_text(result) or "Class from the sign of the SVC decision value."
+    for line in (
+        f"{rule} SVC decision value {result.decision_value:+.3f}.",
+        rate_text(result),
+    ):
+        fig.text(0.03, y, _fit(line, 135), fontsize=17, color=DIM, va="top")
+        y -= 0.022
+    y -= 0.006
     fig.text(
         0.03, y, _model_line(result), fontsize=20, color=FG, va="top", family="DejaVu Sans Mono"
     )
@@ -815,7 +835,7 @@ def build_report_image(
         manufacturer="ketanode",
         patient_orientation=("L", "P"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",  # explicit VR little endian
-        series_description=SERIES_DESCRIPTION,
+        series_description=series_description(result),
         manufacturer_model_name=device_model_name,
         software_versions=result.software_version,
         institution_name=institution_name,
@@ -832,8 +852,9 @@ def build_report_image(
     sc.BodyPartExamined = str(ref.get("BodyPartExamined") or "") or "BRAIN"
     sc.BurnedInAnnotation = "NO"  # text is drawn, but no patient identifiers
     comment = "" if result.scored else f": {not_scored_headline(result)}"
+    demo = f"{DEMO}: {DEMO_TEXT}. " if result.demo else ""
     sc.ImageComments = (
-        f"{RESEARCH_USE_ONLY}. ketanode report page{comment}; see the SR of this study."
+        f"{demo}{RESEARCH_USE_ONLY}. ketanode report page{comment}; see the SR of this study."
     )
     sc.DerivationDescription = "Report page rendered from the source series' T1"
     logger.info(

@@ -13,15 +13,21 @@ Layout of the content tree::
           Algorithm Name "ketanode", Version (the node software's), Parameters (model,
             model SHA-256, synthetic demonstration model yes/no, feature spec; the model
             ones only when a model was applied)
-          CODE Predicted response to ketamine = Responder | Non-responder   (scored only)
+          CODE Predicted response to ketamine = Responder | Non-responder | Indeterminate
+            (scored only; the class follows the probability by the model's decision rule)
           CODE Quality control outcome = Pass | Warning | Fail
           NUM Probability of response (1), NUM SVC decision value (1)        (scored only)
+          NUM Decision threshold (1), NUM Indeterminate margin (1), NUM Training cohort
+            response rate (1)                                     (scored, when recorded)
           NUM Grey matter volume (ml) + Finding Site (+ Laterality), for each region
           NUM Contribution to decision value (1) + the same Finding Site, for each model input
           NUM Volume (ml) of white matter / CSF / intracranial structure (when given)
           TEXT Not scored reason                                            (not scored only)
           TEXT Quality control check, one per failing or warning check
-          TEXT Model label, TEXT Research use only notice, TEXT demonstration-model notice
+          TEXT Decision rule, TEXT Probability and training cohort          (scored only)
+          TEXT Model label, TEXT Research use only notice, TEXT demonstration-model notice,
+            TEXT DEMO result (a result of a synthetic model: also "DEMO" at the start of the
+            series description)
         CONTAINER Measurement Group (TID 1410), for each model input       (scored only)
           Tracking Identifier "<region> GM" / Tracking Unique Identifier
           SCOORD POLYLINE: the region's outline on the source instance where its
@@ -62,15 +68,20 @@ from pydicom.uid import generate_uid
 
 from ketanode.dicom.region_outlines import RegionOutline, region_outlines
 from ketanode.dicom.report_content import (
+    DEMO,
+    DEMO_RESULT_TEXT,
     DEMO_TEXT,
     DISCLAIMER,
+    INDETERMINATE,
     NON_RESPONDER,
     RESEARCH_USE_ONLY,
     RESPONDER,
     ResultForReport,
     check_text,
     display_name,
+    rate_text,
     region_of,
+    rule_text,
 )
 from ketanode.dicom.source_header import clean_source_header
 
@@ -79,6 +90,13 @@ logger = logging.getLogger(__name__)
 SCHEME = "99KETANODE"
 SCHEME_NAME = "ketanode private codes"
 SERIES_DESCRIPTION = f"{RESEARCH_USE_ONLY} ketanode ketamine response SR"
+
+
+def series_description(result: ResultForReport) -> str:
+    """The SR's series description; ``DEMO ...`` for a demonstration model's result."""
+    return f"{DEMO} {SERIES_DESCRIPTION}" if result.demo else SERIES_DESCRIPTION
+
+
 DEFAULT_SERIES_NUMBER = 9901
 
 
@@ -92,7 +110,14 @@ PREDICTED_CLASS = _private("KRCLASS", "Predicted response to ketamine")
 CLASS_CODES = {
     RESPONDER: _private("RESPONDER", "Responder"),
     NON_RESPONDER: _private("NONRESPONDER", "Non-responder"),
+    INDETERMINATE: _private("INDETERMINATE", "Indeterminate"),
 }
+THRESHOLD = _private("KRTHRESH", "Decision threshold of probability of response")
+MARGIN = _private("KRMARGIN", "Indeterminate margin of probability of response")
+RESPONSE_RATE = _private("KRTRAINRATE", "Response rate of the training cohort")
+DECISION_RULE = _private("KRRULE", "Decision rule")
+RATE_NOTICE = _private("KRRATENOTE", "Probability and training cohort")
+DEMO_RESULT = _private("DEMORESULT", "DEMO result")
 PROBABILITY = _private("KRPROB", "Probability of response to ketamine")
 DECISION = _private("SVCDEC", "SVC decision value")
 CONTRIBUTION = _private("SVCCONTRIB", "Contribution to SVC decision value")
@@ -236,6 +261,16 @@ def _measurements(
             name=_concept(DECISION), value=float(result.decision_value), unit=_concept(NO_UNITS)
         ),
     ]
+    rule = (
+        (THRESHOLD, result.decision_threshold),
+        (MARGIN, result.indeterminate_margin),
+        (RESPONSE_RATE, result.training_response_rate),
+    )
+    out += [
+        hd.sr.Measurement(name=_concept(c), value=float(v), unit=_concept(NO_UNITS))
+        for c, v in rule
+        if v is not None
+    ]
     for feature in _ordered_volumes(result):
         if feature in TOTALS:
             name, site = TOTALS[feature]
@@ -276,11 +311,16 @@ def _texts(result: ResultForReport) -> list[hd.sr.TextContentItem]:
     if not items:
         n = len(result.qc_checks)
         items.append(_text(QC_CHECK, f"all {n} quality control checks passed"))
+    if result.scored:
+        items.append(_text(DECISION_RULE, rule_text(result) or "class from the sign of the SVC"))
+        items.append(_text(RATE_NOTICE, rate_text(result)))
     if result.model_label:
         items.append(_text(MODEL_LABEL, result.model_label))
     items.append(_text(RUO_NOTICE, DISCLAIMER))
     if result.model_synthetic:
         items.append(_text(DEMO_NOTICE, DEMO_TEXT))
+    if result.demo:
+        items.append(_text(DEMO_RESULT, DEMO_RESULT_TEXT))
     return items
 
 
@@ -447,7 +487,7 @@ def build_sr(
         is_final=False,
         is_verified=False,
         institution_name=institution_name,
-        series_description=SERIES_DESCRIPTION,
+        series_description=series_description(result),
         manufacturer_model_name=device_model_name,
         software_versions=result.software_version,
         content_date=now.date(),
@@ -493,10 +533,18 @@ class SRValues:
     probability: float | None = None
     decision_value: float | None = None
     not_scored_reason: str | None = None
+    decision_threshold: float | None = None
+    indeterminate_margin: float | None = None
+    training_response_rate: float | None = None
 
     @property
     def scored(self) -> bool:
         return self.predicted_class is not None
+
+    @property
+    def demo(self) -> bool:
+        """A demonstration model's result (the SR content says DEMO)."""
+        return bool(self.texts.get(DEMO_RESULT.meaning))
 
     @property
     def model_sha256(self) -> str | None:
@@ -574,6 +622,12 @@ def read_sr(ds: Dataset) -> SRValues:
                 found["probability"] = value
             elif name == _key(DECISION):
                 found["decision_value"] = value
+            elif name == _key(THRESHOLD):
+                found["decision_threshold"] = value
+            elif name == _key(MARGIN):
+                found["indeterminate_margin"] = value
+            elif name == _key(RESPONSE_RATE):
+                found["training_response_rate"] = value
             elif name in (_key(GM_VOLUME), _key(VOLUME), _key(CONTRIBUTION)):
                 site = _site_key(item)
                 lookup = _key(GM_VOLUME) if name == _key(CONTRIBUTION) else name

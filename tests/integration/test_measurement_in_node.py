@@ -41,6 +41,8 @@ def test_node_measures_good_series_and_fails_broken_ones_with_reasons(
     node = node_factory(
         {
             "pipeline": {"measure": True},
+            # the good phantom is scored by the demonstration model: switched on on purpose
+            "model": {"demo_when_none_active": True},
             "series": {"selection": {"max_voxel_mm": 6.0, "min_slices": 4}},
         }
     )

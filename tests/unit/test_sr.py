@@ -63,7 +63,8 @@ def test_study_patient_and_new_series(
     assert ds.PatientBirthDate == src.PatientBirthDate
     assert ds.SeriesInstanceUID != src.SeriesInstanceUID
     assert ds.SOPInstanceUID not in {s.SOPInstanceUID for s in source}
-    assert ds.SeriesDescription.startswith("RESEARCH USE ONLY")
+    # a demonstration model's result says so first
+    assert ds.SeriesDescription == "DEMO RESEARCH USE ONLY ketanode ketamine response SR"
     assert ds.Manufacturer == "ketanode"
     assert ds.CompletionFlag == "COMPLETE"
     assert ds.VerificationFlag == "UNVERIFIED"
@@ -95,6 +96,18 @@ def test_values_read_back_equal_the_input(
     assert values.volumes == pytest.approx(dict(result.volumes), abs=1e-9)
     assert values.contributions == pytest.approx(dict(result.contributions), abs=1e-9)
     assert DEMO_TEXT in values.texts["Demonstration model notice"]
+    assert values.demo and values.texts["DEMO result"][0].startswith("DEMO result:")
+    # the decision rule and the training cohort's response rate, as numbers and in words
+    assert (values.decision_threshold, values.indeterminate_margin) == (0.5, 0.05)
+    assert values.training_response_rate == 0.5
+    assert values.texts["Decision rule"] == [
+        "Responder when P(response) >= 55.0 %, non-responder when <= 45.0 %, "
+        "indeterminate in between (threshold 50.0 % +- 5.0 %)."
+    ]
+    assert (
+        "training cohort's response rate (50.0 %)"
+        in values.texts["Probability and training cohort"][0]
+    )
     assert any("RESEARCH USE ONLY" in t for t in values.texts["Research use only notice"])
     assert values.texts["Quality control check"] == [
         "voxel_size = 3 mm (warn): largest voxel dimension"
@@ -161,8 +174,10 @@ def test_non_synthetic_model_has_no_demo_notice(
     case: tuple[list[Dataset], ResultForReport],
 ) -> None:
     source, result = case
-    values = read_sr(build_sr(source, clinical(result)))
-    assert values.model_synthetic is False
+    ds = build_sr(source, clinical(result))
+    values = read_sr(ds)
+    assert values.model_synthetic is False and not values.demo
+    assert ds.SeriesDescription == "RESEARCH USE ONLY ketanode ketamine response SR"
     assert "Demonstration model notice" not in values.texts
     assert values.texts["Quality control check"] == ["all 0 quality control checks passed"]
     assert values.qc_outcome == "pass"
@@ -234,9 +249,9 @@ def test_not_scored_reads_back_without_a_prediction(
     source, _ = case
     ds = pydicom.dcmread(not_scored_sr_file)
     assert ds.StudyInstanceUID == source[0].StudyInstanceUID
-    assert ds.SeriesDescription.startswith("RESEARCH USE ONLY")
+    assert ds.SeriesDescription.startswith("RESEARCH USE ONLY")  # no model, no DEMO
     values = read_sr(ds)
-    assert values.scored is False
+    assert values.scored is False and not values.demo
     assert values.predicted_class is None
     assert values.probability is None
     assert values.decision_value is None
@@ -323,3 +338,22 @@ def test_scored_and_not_scored_are_validated(
     # a model may be named on a not-scored result; its SHA-256 is still checked and shown
     named = replace(unscored, model_name="ketanode-demo", model_version="1", model_sha256=SHA)
     assert read_sr(build_sr(case[0], named)).model_sha256 == SHA
+
+
+def test_indeterminate_result_and_a_contradiction_refused(
+    case: tuple[list[Dataset], ResultForReport], tmp_path: Path
+) -> None:
+    """Near the threshold the class is "indeterminate" in the SR; a class that contradicts
+    its probability under the model's rule cannot be built at all."""
+    source, result = case
+    near = replace(clinical(result), predicted_class="indeterminate", probability=0.52)
+    ds = build_sr(source, near)
+    values = read_sr(ds)
+    assert (values.predicted_class, values.probability) == ("indeterminate", 0.52)
+    path = tmp_path / "indeterminate.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    if have(DCIODVFY):
+        assert dciodvfy(path)[0] == []
+    for cls, p in (("responder", 0.52), ("non-responder", 0.60), ("responder", 0.40)):
+        with pytest.raises(ValueError, match="contradicts"):
+            replace(result, predicted_class=cls, probability=p)
