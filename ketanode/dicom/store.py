@@ -22,6 +22,7 @@ from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
@@ -64,14 +65,17 @@ DUPLICATE_SOP_INSTANCE = 0x0111
 
 
 class Refused(Exception):
-    """A refusal: ``reason`` is safe to log; ``detail`` (which may quote the dataset) is only
-    stored."""
+    """A refusal: ``reason`` is stored; ``logged`` (the reason unless given) is what the log
+    line says; ``detail`` (which may quote the dataset) is only stored."""
 
-    def __init__(self, status: int, reason: str, detail: str | None = None) -> None:
+    def __init__(
+        self, status: int, reason: str, detail: str | None = None, logged: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.detail = detail
+        self.logged = logged or reason
 
     @property
     def stored_reason(self) -> str:
@@ -321,14 +325,24 @@ def _walk(raw: bytes, ts: str) -> None:
                 PIXEL_DATA_INCONSISTENT,
                 f"pixel data has {exc.remaining} bytes, its element declares {exc.declared}",
             ) from exc
-        raise Refused(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}") from exc
+        raise _unparsable(exc) from exc
     except Malformed as exc:
-        raise Refused(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}") from exc
+        raise _unparsable(exc) from exc
     if structure.bad_widths:
+        widths = structure.bad_widths[:3]
         raise Refused(
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            "invalid attribute: " + "; ".join(b.describe() for b in structure.bad_widths[:3]),
+            "invalid attribute: " + "; ".join(b.describe() for b in widths),
+            logged="invalid attribute: " + "; ".join(b.describe(with_tag=False) for b in widths),
         )
+
+
+def _unparsable(exc: Malformed) -> Refused:
+    return Refused(
+        CANNOT_UNDERSTAND,
+        f"cannot parse dataset: {exc}",
+        logged=f"cannot parse dataset: {exc.summary}",
+    )
 
 
 def _parse(raw: bytes, ts: str) -> Dataset:
@@ -344,6 +358,17 @@ def _parse(raw: bytes, ts: str) -> Dataset:
             fp = io.BytesIO(raw)
             fp.seek(_dataset_offset(raw))
             ds = read_dataset(fp, *encoding, specific_tags=_NEEDED_TAGS)
+    except (InvalidDicomError, EOFError, RecursionError, zlib.error, struct.error) as exc:
+        raise Refused(CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})") from exc
+    except Exception as exc:
+        raise Refused(
+            CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})", safe(str(exc), 500)
+        ) from exc
+    # The image attributes are checked on their bytes first: pydicom's decoding of a bad
+    # value raises (or not, by its validation mode) and would make it a parse failure.
+    for keyword in _IMAGE_LIMITS:
+        _image_value(ds, keyword)
+    try:
         for _ in ds:  # the elements the node reads must decode now (ds holds only those)
             pass
     except (InvalidDicomError, EOFError, RecursionError, zlib.error, struct.error) as exc:
@@ -382,7 +407,7 @@ def _check(ds: Dataset, ts: str, sop_class: str | None, sop_uid: str | None) -> 
         raise Refused(
             DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset SOP Instance UID differs from the request's"
         )
-    _check_image_attributes(ds, ts)
+    _check_pixel_length(ds, ts, {k: _image_value(ds, k) for k in _IMAGE_LIMITS})
     if str(ds.SOPClassUID) in PROCESSED_SOP_CLASSES:
         _check_mr_image(ds)
 
@@ -414,26 +439,52 @@ def _whole(value: object) -> int | None:
 
 
 #: Image Pixel attributes checked in every dataset that has them: (keyword, lowest, highest).
-_IMAGE_LIMITS = (
-    ("Rows", 1, 65535),
-    ("Columns", 1, 65535),
-    ("SamplesPerPixel", 1, 4),
-    ("BitsAllocated", 1, 64),
-    ("NumberOfFrames", 1, 2**31 - 1),
-)
+_IMAGE_LIMITS = {
+    "Rows": (1, 65535),
+    "Columns": (1, 65535),
+    "SamplesPerPixel": (1, 4),
+    "BitsAllocated": (1, 64),
+    "NumberOfFrames": (1, 2**31 - 1),
+}
+_IMAGE_TAGS = {k: BaseTag(tag_for_keyword(k) or 0) for k in _IMAGE_LIMITS}
+
+
+def _raw_number(ds: Dataset, keyword: str) -> tuple[bool, int | None, str]:
+    """(present with a value, its integer or None if not one, a short safe rendering),
+    from the element's bytes when pydicom has not decoded it (its conversion of a bad value
+    raises, or depends on pydicom's validation mode)."""
+    tag = _IMAGE_TAGS[keyword]
+    if tag not in ds:
+        return False, None, ""
+    elem = ds.get_item(tag)
+    if isinstance(elem, RawDataElement):
+        raw = elem.value or b""
+        if not raw:
+            return False, None, ""
+        vr = elem.VR or ("IS" if keyword == "NumberOfFrames" else "US")
+        if vr in ("US", "SS"):
+            if len(raw) != 2:
+                return True, None, f"{len(raw)} bytes"
+            fmt = ("<" if elem.is_little_endian else ">") + ("H" if vr == "US" else "h")
+            number = int(struct.unpack(fmt, raw)[0])
+            return True, number, str(number)
+        text = raw.decode("ascii", "replace").strip(" \x00")
+        if not text:
+            return False, None, ""
+        return True, (None if "\\" in text else _whole(text)), safe(text, 24)
+    value = ds[tag].value
+    if value is None or value == "" or value == b"":
+        return False, None, ""
+    return True, _whole(value), safe(value if isinstance(value, (str, int)) else repr(value), 24)
 
 
 def _image_value(ds: Dataset, keyword: str) -> int | None:
     """The attribute's integer value, None when absent or empty; Refused when invalid."""
-    if keyword not in ds:
+    present, number, shown = _raw_number(ds, keyword)
+    if not present:
         return None
-    value = ds[keyword].value
-    if value is None or value == "" or value == b"":
-        return None
-    number = _whole(value)
-    low, high = next((lo, hi) for k, lo, hi in _IMAGE_LIMITS if k == keyword)
+    low, high = _IMAGE_LIMITS[keyword]
     if number is None or not low <= number <= high:
-        shown = safe(value if isinstance(value, (str, int)) else repr(value), 24)
         raise Refused(
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
             f"invalid {keyword}: not a single integer from {low} to {high}",
@@ -447,10 +498,9 @@ def _image_value(ds: Dataset, keyword: str) -> int | None:
     return number
 
 
-def _check_image_attributes(ds: Dataset, transfer_syntax: str) -> None:
-    """Whatever the SOP class: the image attributes present are valid, and native pixel
-    data holds at least what they describe."""
-    values = {k: _image_value(ds, k) for k, _, _ in _IMAGE_LIMITS}
+def _check_pixel_length(ds: Dataset, transfer_syntax: str, values: dict[str, int | None]) -> None:
+    """Whatever the SOP class: native pixel data holds at least what the (valid) image
+    attributes describe."""
     rows, cols, bits = values["Rows"], values["Columns"], values["BitsAllocated"]
     if "PixelData" not in ds or rows is None or cols is None or bits is None:
         return
@@ -725,7 +775,7 @@ def _record_failure(
         refusal.status,
         assoc_id,
         safe(sop_uid),
-        safe(refusal.reason, 300),
+        safe(refusal.logged, 300),
     )
     try:
         path = None

@@ -9,7 +9,9 @@ lengths. Values of a fixed-width VR (US, UL, FD...) whose length is not a multip
 width are not a structural fault (the walk can go on); they are returned, so the caller can
 refuse the dataset for its invalid attribute.
 
-Reasons name byte offsets, tags, VRs and lengths only, never a value: they can be logged.
+Messages name byte offsets, tags, VRs and lengths only, never a value. A tag read where
+the data is not what it claims could be any four bytes of it, so each fault also has a
+``summary`` without tags, for the log.
 """
 
 from __future__ import annotations
@@ -54,14 +56,19 @@ _PIXEL_DATA = 0x7FE00010
 
 
 class Malformed(Exception):
-    """The bytes do not parse to their declared lengths (the message holds no values)."""
+    """The bytes do not parse to their declared lengths (the message holds no values;
+    ``summary`` holds no tags either)."""
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or message
 
 
 class ShortValue(Malformed):
     """A value whose declared length runs past the end of the data."""
 
-    def __init__(self, message: str, tag: int, declared: int, remaining: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, summary: str, tag: int, declared: int, remaining: int) -> None:
+        super().__init__(message, summary)
         self.tag = tag
         self.declared = declared
         self.remaining = remaining
@@ -73,13 +80,11 @@ class BadWidth:
     vr: str
     length: int
 
-    def describe(self) -> str:
-        name = keyword_for_tag(self.tag) or "private or unknown attribute"
+    def describe(self, with_tag: bool = True) -> str:
+        name = keyword_for_tag(self.tag) or "a private or unknown attribute"
         width = _WIDTH[self.vr]
-        return (
-            f"{name} {tag_text(self.tag)} has a {self.length}-byte {self.vr} value "
-            f"(not a multiple of {width})"
-        )
+        where = f" {tag_text(self.tag)}" if with_tag else ""
+        return f"{name}{where} has a {self.length}-byte {self.vr} value (not a multiple of {width})"
 
 
 @dataclass
@@ -157,7 +162,10 @@ def check_structure(
             pos = _delimiter_or_item(stack, box, tag, length, pos, limit, max_depth, result)
             continue
         if box.kind != "dataset":
-            raise Malformed(f"{tag_text(tag)} at byte {pos} where a sequence item was expected")
+            raise Malformed(
+                f"{tag_text(tag)} at byte {pos} where a sequence item was expected",
+                f"an element at byte {pos} where a sequence item was expected",
+            )
         result.elements += 1
         if box.implicit:
             vr = _implicit_vr(tag)
@@ -166,11 +174,14 @@ def check_structure(
         else:
             vr_bytes = bytes(data[pos + 4 : pos + 6])
             if vr_bytes not in _KNOWN_VRS:
-                raise Malformed(f"{tag_text(tag)} at byte {pos} has no valid VR")
+                raise Malformed(
+                    f"{tag_text(tag)} at byte {pos} has no valid VR",
+                    f"element at byte {pos} has no valid VR",
+                )
             vr = vr_bytes.decode("ascii")
             if vr_bytes in _LONG_VRS:
                 if pos + 12 > limit:
-                    raise Malformed(f"{tag_text(tag)} at byte {pos}: header runs past the end")
+                    raise Malformed(f"element header at byte {pos} runs past the end")
                 length = u32.unpack_from(data, pos + 8)[0]
                 header = 12
             else:
@@ -189,13 +200,17 @@ def check_structure(
                 items_implicit = box.implicit or vr == "UN"
                 stack.append(_Container("sequence", None, items_implicit, depth))
             else:
-                raise Malformed(f"{tag_text(tag)} ({vr}) at byte {pos} has an undefined length")
+                raise Malformed(
+                    f"{tag_text(tag)} ({vr}) at byte {pos} has an undefined length",
+                    f"a {vr} element at byte {pos} has an undefined length",
+                )
             pos = start
             continue
         if start + length > limit:
             remaining = max(limit - start, 0)
             raise ShortValue(
                 f"{tag_text(tag)} ({vr}) at byte {pos} declares {length} bytes, {remaining} remain",
+                f"a {vr} value at byte {pos} declares {length} bytes, {remaining} remain",
                 tag,
                 length,
                 remaining,
@@ -265,4 +280,6 @@ def _delimiter_or_item(
     if tag == _SEQ_END and box.kind in ("sequence", "fragments") and box.end is None:
         stack.pop()
         return pos + 8
-    raise Malformed(f"unexpected {tag_text(tag)} at byte {pos}")
+    raise Malformed(
+        f"unexpected {tag_text(tag)} at byte {pos}", f"unexpected item or delimiter at byte {pos}"
+    )

@@ -59,9 +59,8 @@ def test_association_limit_is_recorded_like_other_refusals(
     caplog.set_level(logging.INFO, logger="ketanode")
     with association(node.port, [mr]) as first, association(node.port, [mr]) as second:
         assert first.echo() == 0 and second.echo() == 0
-        with pytest.raises(NotEstablished) as refused:
-            with association(node.port, [mr]):
-                pass
+        with pytest.raises(NotEstablished) as refused, association(node.port, [mr]):
+            pass
         assert refused.value.rejected
     (row,) = node.wait(lambda: _rejected(node), what="rejected association row")
     assert row.reason is not None and "association limit reached (2" in row.reason

@@ -14,7 +14,6 @@ from pydicom.uid import generate_uid
 from tests.integration.conftest import RunningNode
 from tests.integration.dicomtools import association, send, sha256, small_series, write_raw_file
 
-
 DUPLICATE = 0x0111
 
 
