@@ -47,9 +47,13 @@ def _table(csv_path: Path, settings: Settings, cache: Path | None, jobs: int) ->
     except (CohortError, OSError) as exc:
         err.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(2) from exc
-    table = extract_features(
-        subjects, settings=settings.pipeline, cache_dir=_cache(settings, cache), n_jobs=jobs
-    )
+    try:
+        table = extract_features(
+            subjects, settings=settings.pipeline, cache_dir=_cache(settings, cache), n_jobs=jobs
+        )
+    except CohortError as exc:  # e.g. one image under two subject IDs
+        err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(2) from exc
     console.print(
         f"features: {len(subjects)} subjects, {table.from_cache} from cache, "
         f"{table.computed} computed, {len(table.excluded)} excluded",
@@ -60,8 +64,8 @@ def _table(csv_path: Path, settings: Settings, cache: Path | None, jobs: int) ->
     return table
 
 
-def _metrics_text(metrics: dict[str, Any]) -> None:
-    table = Table(title="cross-validated metrics (95% CI)")
+def _metrics_text(metrics: dict[str, Any], title: str = "cross-validated metrics (95% CI)") -> None:
+    table = Table(title=title)
     for col in ("metric", "estimate", "95% CI"):
         table.add_column(col)
     for name, m in metrics.items():
@@ -85,8 +89,33 @@ def train_cmd(
     repeats: Annotated[int, typer.Option(min=1, help="Outer CV repeats.")] = 10,
     folds: Annotated[int, typer.Option(min=2, help="Outer CV folds.")] = 5,
     inner_folds: Annotated[int, typer.Option(min=2, help="Inner CV folds (C).")] = 5,
-    permutations: Annotated[int, typer.Option(min=0, help="Label permutations.")] = 100,
+    permutations: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Label permutations (within site) of the whole nested CV, for the p-value of "
+            "the headline statistic.",
+        ),
+    ] = 1000,
     tiv: Annotated[str, typer.Option(help="proportion | regress | none")] = "proportion",
+    baseline: Annotated[
+        bool,
+        typer.Option(help="Covariates-only baseline (age, sex, site) under the same nested CV."),
+    ] = True,
+    adjust: Annotated[
+        str,
+        typer.Option(
+            help="Sensitivity analysis: covariates regressed out of the inputs inside the folds "
+            "(e.g. 'age,sex'; empty: none). The saved model stays unadjusted."
+        ),
+    ] = "",
+    harmonise: Annotated[
+        bool,
+        typer.Option(
+            help="Sensitivity analysis: ComBat across sites inside the folds (with --adjust's "
+            "covariates kept as biological effects)."
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     synthetic: Annotated[
         bool | None,
@@ -109,6 +138,9 @@ def train_cmd(
     settings = _settings(ctx)
     if tiv not in ("proportion", "regress", "none"):
         raise typer.BadParameter("proportion, regress or none", param_hint="--tiv")
+    adjusted = tuple(c.strip() for c in adjust.split(",") if c.strip())
+    if any(c not in ("age", "sex") for c in adjusted):
+        raise typer.BadParameter("a comma-separated subset of age,sex", param_hint="--adjust")
     table = _table(cohort, settings, cache, jobs)
     is_synth = synthetic if synthetic is not None else (cohort.parent / "synthetic.json").is_file()
     protocol = Protocol(
@@ -119,6 +151,10 @@ def train_cmd(
         seed=seed,
         n_permutations=permutations,
         n_jobs=jobs,
+        baseline=baseline,
+        adjust=adjusted,
+        harmonise=harmonise,
+        show_progress=not as_json,
     )
     try:
         meta = train(
@@ -145,11 +181,51 @@ def train_cmd(
     if val.get("permutation"):
         pm = val["permutation"]
         console.print(
-            f"permutation test: p = {pm['p_value']} ({pm['n_permutations']} permutations)"
+            f"permutation test of the headline ({pm['statistic']}): p = {pm['p_value']} "
+            f"({pm['n_permutations']} permutations, {pm['shuffled']})",
+            highlight=False,
         )
-    if val.get("leave_site_out"):
-        console.print(f"leave-site-out (pooled): {val['leave_site_out']['pooled']}")
+    _covariates_text(val)
+    if (val.get("final_c") or {}).get("note"):
+        console.print(f"[yellow]{val['final_c']['note']}[/yellow]", highlight=False)
+    lso = val.get("leave_site_out") or {}
+    if lso.get("skipped"):
+        console.print(f"[yellow]{lso['skipped']}[/yellow]", highlight=False)
+    elif lso.get("pooled"):
+        pooled = lso["pooled"]
+        perm = pooled.get("permutation") or {}
+        console.print(
+            f"leave-site-out (pooled): balanced accuracy {pooled['balanced_accuracy']} "
+            f"(95% CI {pooled['balanced_accuracy_ci95']}), AUC {pooled['auc']}"
+            + (f", permutation p = {perm['p_value']}" if perm else ""),
+            highlight=False,
+        )
     console.print(f"model: {out} (sha256 {meta['sha256']})\nreport: {meta['report']}")
+
+
+def _covariates_text(val: dict[str, Any]) -> None:
+    cov = val.get("covariates") or {}
+    base = cov.get("baseline") or {}
+    if base.get("skipped"):
+        console.print(f"covariates-only baseline not run: {base['skipped']}", highlight=False)
+    elif base:
+        ba = base["metrics"]["balanced_accuracy"]
+        console.print(
+            f"covariates-only baseline ({', '.join(base['covariates'])}): balanced accuracy "
+            f"{ba['mean']:.3f} ({ba['ci95'][0]:.3f} - {ba['ci95'][1]:.3f})",
+            highlight=False,
+        )
+        console.print(f"[bold]{base['verdict']}[/bold]", highlight=False)
+    adj = cov.get("adjusted") or {}
+    if adj.get("skipped"):
+        console.print(f"adjusted analysis not run: {adj['skipped']}", highlight=False)
+    elif adj:
+        ba = adj["metrics"]["balanced_accuracy"]
+        console.print(
+            f"adjusted ({'; '.join(adj['steps'])}): balanced accuracy {ba['mean']:.3f} "
+            f"({ba['ci95'][0]:.3f} - {ba['ci95'][1]:.3f})",
+            highlight=False,
+        )
 
 
 @model_app.command("evaluate")
@@ -180,8 +256,39 @@ def evaluate_cmd(
         print(json.dumps(result, indent=2, default=str))
         return
     console.print(f"[bold]{result['label']}[/bold]", highlight=False)
-    _metrics_text(result["metrics"])
+    _metrics_text(result["metrics"], "external validation metrics (95% CI, fixed model)")
     console.print(f"permutation p = {result['permutation']['p_value']}")
+    cal = result.get("calibration") or {}
+    if cal.get("brier") is not None:
+        console.print(
+            f"calibration: Brier {cal['brier']} (base rate alone {cal['brier_of_base_rate']}), "
+            f"intercept {cal['intercept']} (ideal 0), slope {cal['slope']} (ideal 1)",
+            highlight=False,
+        )
+    arms = result.get("arms") or {}
+    if arms.get("skipped"):
+        console.print(f"[yellow]arms not analysed: {arms['skipped']}[/yellow]", highlight=False)
+    elif arms:
+        for name, a in arms["per_arm"].items():
+            if "metrics" in a:
+                ba = a["metrics"]["balanced_accuracy"]
+                console.print(
+                    f"arm {name} (n={a['n']}): balanced accuracy {ba['mean']:.3f} "
+                    f"({ba['ci95'][0]:.3f} - {ba['ci95'][1]:.3f}), p = {a['permutation_p']}",
+                    highlight=False,
+                )
+            else:
+                console.print(f"arm {name}: {a.get('skipped')}", highlight=False)
+        inter = arms["interaction"]
+        if "p_value" in inter:
+            console.print(
+                f"arm x prediction interaction: b3 = "
+                f"{inter['coefficients']['b3_interaction']}, {inter['test']}: "
+                f"p = {inter['p_value']}",
+                highlight=False,
+            )
+        else:
+            console.print(f"interaction not tested: {inter.get('skipped')}", highlight=False)
     console.print(f"predictions: {result['predictions']}\nreport: {result['report']}")
 
 
@@ -237,13 +344,33 @@ def synth_cmd(
     region_sd: Annotated[float, typer.Option(help="Between-subject SD of log regional GM.")] = 0.08,
     sites: Annotated[int, typer.Option(min=1, help="Simulated sites (scanner SNR).")] = 1,
     fmt: Annotated[str, typer.Option("--format", help="nifti | dicom")] = "nifti",
+    arms: Annotated[
+        int, typer.Option(min=1, max=2, help="Treatment arms (2: ketamine and saline).")
+    ] = 1,
+    effect_in: Annotated[
+        str, typer.Option(help="all | ketamine (with --arms 2: saline labels unrelated).")
+    ] = "all",
+    age_effect: Annotated[
+        float, typer.Option(help="Years by which responder-like subjects are older.")
+    ] = 0.0,
+    age_gm_slope: Annotated[
+        float, typer.Option(help="Log GM change per year of age in every region (e.g. -0.005).")
+    ] = 0.0,
+    features_only: Annotated[
+        bool,
+        typer.Option(help="Write precomputed features (feature-level model, no images; seconds)."),
+    ] = False,
     jobs: JobsOpt = 2,
 ) -> None:
     """Write a synthetic cohort of phantom images with the study's direction planted."""
-    from ketanode.model.synthetic import SyntheticCohort, write_cohort
+    from ketanode.model.synthetic import SyntheticCohort, write_cohort, write_feature_cohort
 
     if fmt not in ("nifti", "dicom"):
         raise typer.BadParameter("nifti or dicom", param_hint="--format")
+    if effect_in not in ("all", "ketamine"):
+        raise typer.BadParameter("all or ketamine", param_hint="--effect-in")
+    if effect_in == "ketamine" and arms != 2:
+        raise typer.BadParameter("--effect-in ketamine needs --arms 2", param_hint="--effect-in")
     cfg = SyntheticCohort(
         n=n,
         responder_rate=responder_rate,
@@ -254,7 +381,15 @@ def synth_cmd(
         region_sd=region_sd,
         sites=sites,
         fmt="dicom" if fmt == "dicom" else "nifti",
+        arms=arms,
+        effect_in="ketamine" if effect_in == "ketamine" else "all",
+        age_effect_years=age_effect,
+        age_gm_slope=age_gm_slope,
     )
+    if features_only:
+        path = write_feature_cohort(cfg, out)
+        console.print(f"synthetic feature cohort: {path} ({n} subjects, no images)")
+        return
     path = write_cohort(cfg, out, n_jobs=jobs)
     console.print(f"synthetic cohort: {path} ({n} subjects)")
 

@@ -3,7 +3,14 @@
 Figures are PNGs drawn with matplotlib's Agg backend and embedded as data URIs, so the
 report is one self-contained file: ROC curve (each CV repeat, or the one external run),
 confusion matrix (counts summed over repeats, shown as row percentages), calibration curve
-(out-of-fold calibrated probabilities in quantile bins), and the SVC weight of each region.
+(out-of-fold calibrated probabilities in quantile bins, with Brier score, intercept and
+slope), the SVC weight of each region, and the permutation null distribution with the
+observed (headline) statistic marked.
+
+Sections in words and tables: the headline, the metrics and what their intervals are
+conditional on, the final C against the folds' choices, covariates (age, sex, site, arm) by
+class, the covariates-only baseline and its verdict, adjusted analyses, per-arm metrics and
+the arm x prediction interaction (external validation), leave-site-out, protocol, cohort.
 """
 
 from __future__ import annotations
@@ -92,7 +99,9 @@ def confusion_figure(y: NDArray[Any], pred: NDArray[Any]) -> str:
     return _png(fig)
 
 
-def calibration_figure(y: NDArray[Any], proba: NDArray[Any], bins: int = 5) -> str:
+def calibration_figure(
+    y: NDArray[Any], proba: NDArray[Any], bins: int = 5, stats: dict[str, Any] | None = None
+) -> str:
     pr = np.atleast_2d(proba).ravel()
     yy = np.broadcast_to(y, np.atleast_2d(proba).shape).ravel()
     ok = np.isfinite(pr)
@@ -109,8 +118,29 @@ def calibration_figure(y: NDArray[Any], proba: NDArray[Any], bins: int = 5) -> s
     ax.set_ylim(0, 1)
     ax.set_xlabel("predicted probability of response")
     ax.set_ylabel("observed fraction of responders")
-    ax.set_title("Calibration")
+    title = "Calibration"
+    if stats and stats.get("brier") is not None:
+        title += (
+            f"\nBrier {stats['brier']:.3f}, intercept {stats['intercept']:+.2f}, "
+            f"slope {stats['slope']:.2f}"
+        )
+    ax.set_title(title)
     ax.legend(loc="upper left")
+    return _png(fig)
+
+
+def permutation_figure(null: NDArray[Any], observed: float, p_value: float | None) -> str:
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    ax.hist(null, bins=min(40, max(10, len(null) // 20)), color="C7", edgecolor="white")
+    ax.axvline(observed, color="C3", lw=2, label=f"observed {observed:.3f}")
+    ax.axvline(0.5, color="grey", lw=1, ls="--", label="chance 0.5")
+    ax.set_xlabel("mean balanced accuracy over CV repeats")
+    ax.set_ylabel("permutations")
+    title = f"Permutation null ({len(null)} permutations)"
+    if p_value is not None:
+        title += f"\np = {p_value:.4g}"
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
     return _png(fig)
 
 
@@ -142,6 +172,8 @@ def _fmt(v: Any) -> str:
 
 
 def _metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
+    if not metrics:
+        return ""
     head = "<tr><th>metric</th><th>estimate</th><th>95% CI</th></tr>"
     rows = "".join(
         f"<tr><td>{html.escape(k.replace('_', ' '))}</td><td>{m['mean']:.3f}</td>"
@@ -163,19 +195,25 @@ def write_report(
     proba: NDArray[Any],
     weights: dict[str, float],
     excluded: Sequence[dict[str, str]] = (),
+    permutation_null: NDArray[Any] | None = None,
+    external: bool = False,
 ) -> Path:
     """Write the self-contained HTML report; returns its path."""
     metrics = summary.get("metrics") or {}
     auc = (metrics.get("auc") or {}).get("mean")
+    perm = summary.get("permutation") or {}
     figures = [
         roc_figure(y, decision, auc),
         confusion_figure(y, pred),
-        calibration_figure(y, proba),
+        calibration_figure(y, proba, stats=summary.get("calibration")),
         weights_figure(weights),
     ]
+    if permutation_null is not None and len(permutation_null) and perm:
+        figures.append(permutation_figure(permutation_null, perm["observed"], perm["p_value"]))
     imgs = "".join(f'<img src="{f}" alt="figure">' for f in figures)
+    sections = _sections(summary, external)
     extra = ""
-    for key in ("permutation", "leave_site_out", "protocol", "cohort"):
+    for key in ("permutation", "calibration", "leave_site_out", "protocol", "cohort"):
         if summary.get(key):
             extra += f"<h2>{html.escape(key.replace('_', ' '))}</h2>{_table(summary[key])}"
     excl = ""
@@ -192,12 +230,17 @@ def write_report(
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
 .banner{{background:#fde2e1;border:2px solid #c0392b;padding:.6em;font-weight:bold}}
 table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:.25em .6em;
-text-align:left;vertical-align:top;font-size:90%}}img{{margin:.4em;max-width:48%}}</style>
+text-align:left;vertical-align:top;font-size:90%}}img{{margin:.4em;max-width:48%}}
+.headline{{font-size:115%;font-weight:bold}}.verdict{{font-weight:bold;background:#eef;padding:.4em}}
+.note{{background:#fff6d6;padding:.4em}}</style>
 </head><body>
 <h1>{html.escape(title)}</h1>
 <p class="banner">{html.escape(label)}<br>{html.escape(RESEARCH_USE_ONLY)}</p>
-<h2>Metrics</h2>{_metrics_table(metrics)}
+{sections["headline"]}
+<h2>{"External validation metrics" if external else "Cross-validated metrics"}</h2>
+{_metrics_table(metrics)}
 <p>{html.escape(ci_method)}</p>
+{sections["final_c"]}{sections["covariates"]}{sections["arms"]}
 {imgs}{extra}{excl}
 </body></html>
 """
@@ -205,4 +248,108 @@ text-align:left;vertical-align:top;font-size:90%}}img{{margin:.4em;max-width:48%
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc)
     logger.info("report written: %s", out.name)
+    return out
+
+
+def _p(text: str, cls: str = "") -> str:
+    attr = f' class="{cls}"' if cls else ""
+    return f"<p{attr}>{html.escape(text)}</p>"
+
+
+def _sections(summary: dict[str, Any], external: bool) -> dict[str, str]:
+    """The report's sections in words (headline, final C, covariates, arms)."""
+    out = {"headline": "", "final_c": "", "covariates": "", "arms": ""}
+    ba = (summary.get("metrics") or {}).get("balanced_accuracy")
+    perm = summary.get("permutation") or {}
+    if ba:
+        text = (
+            f"Headline: balanced accuracy {ba['mean']:.3f} "
+            f"(95% CI {ba['ci95'][0]:.3f} - {ba['ci95'][1]:.3f})"
+        )
+        if not external:
+            reps = (summary.get("protocol") or {}).get("repeats")
+            text = text.replace("Headline: ", f"Headline: mean over {reps} CV repeats of the ")
+        if perm:
+            text += (
+                f"; permutation p = {perm['p_value']:.4g} ({perm['n_permutations']} "
+                f"permutations, {perm.get('shuffled', 'labels shuffled')})"
+            )
+        out["headline"] = _p(text + ".", "headline")
+    final_c = summary.get("final_c") or {}
+    if final_c.get("note"):
+        out["final_c"] = _p(final_c["note"], "note")
+    cov_html = ""
+    by_class = summary.get("covariates_by_class") or {}
+    if by_class:
+        head = "<tr><th></th><th>responders</th><th>non-responders</th><th>p</th></tr>"
+        rows = "".join(
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v.get('responders', '')))}</td>"
+            f"<td>{html.escape(str(v.get('non_responders', '')))}</td>"
+            f"<td>{html.escape(str(v.get('p_value', '')))}"
+            f"{' (' + html.escape(v['test']) + ')' if v.get('test') else ''}</td></tr>"
+            for k, v in by_class.items()
+        )
+        cov_html += f"<h2>Covariates by class</h2><table>{head}{rows}</table>"
+    cov = summary.get("covariates") or {}
+    base = cov.get("baseline") or {}
+    if base.get("skipped"):
+        cov_html += "<h2>Covariates-only baseline</h2>" + _p(f"Not run: {base['skipped']}.")
+    elif base:
+        cov_html += (
+            "<h2>Covariates-only baseline</h2>"
+            + _p(
+                f"{base['model']}, inputs {', '.join(base['covariates'])}, the same outer and "
+                "inner splits as the imaging model."
+            )
+            + _metrics_table(base["metrics"])
+            + _p(base["verdict"], "verdict")
+        )
+    adj = cov.get("adjusted") or {}
+    if adj.get("skipped"):
+        cov_html += "<h2>Adjusted imaging model</h2>" + _p(f"Not run: {adj['skipped']}.")
+    elif adj:
+        d = adj["difference_from_unadjusted"]
+        cov_html += (
+            "<h2>Adjusted imaging model (sensitivity analysis)</h2>"
+            + _p(f"{'; '.join(adj['steps'])}; fitted {adj['fitted']}. {adj['note']}.")
+            + _metrics_table(adj["metrics"])
+            + _p(
+                f"Balanced accuracy minus the unadjusted model's: {d['mean']:+.3f} "
+                f"(95% CI {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})."
+            )
+        )
+    out["covariates"] = cov_html
+    arms = summary.get("arms") or {}
+    if arms.get("skipped"):
+        out["arms"] = "<h2>Treatment arms</h2>" + _p(f"Not analysed: {arms['skipped']}.")
+    elif arms:
+        rows = ""
+        for name, a in arms["per_arm"].items():
+            if "metrics" not in a:
+                rows += (
+                    f"<tr><td>{html.escape(name)}</td><td colspan=4>{a.get('skipped')}</td></tr>"
+                )
+                continue
+            m = a["metrics"]
+            rows += (
+                f"<tr><td>{html.escape(name)}</td><td>{a['n']} ({a['responders']} responders)"
+                f"</td><td>{m['balanced_accuracy']['mean']:.3f} "
+                f"({m['balanced_accuracy']['ci95'][0]:.3f} - "
+                f"{m['balanced_accuracy']['ci95'][1]:.3f})</td>"
+                f"<td>{m['auc']['mean']:.3f}</td><td>{a['permutation_p']}</td></tr>"
+            )
+        head = (
+            "<tr><th>arm</th><th>n</th><th>balanced accuracy (95% CI)</th><th>AUC</th>"
+            "<th>permutation p</th></tr>"
+        )
+        inter = arms.get("interaction") or {}
+        text = (
+            f"Arm x prediction interaction ({inter.get('model')}; arm coded 1 = "
+            f"{inter.get('arm_coded_1')}): b3 = "
+            f"{(inter.get('coefficients') or {}).get('b3_interaction')}, "
+            f"{inter.get('test')}: p = {inter.get('p_value')}."
+            if "p_value" in inter
+            else f"Interaction not tested: {inter.get('skipped')}."
+        )
+        out["arms"] = f"<h2>Treatment arms</h2><table>{head}{rows}</table>" + _p(text)
     return out

@@ -5,8 +5,13 @@ final model fitted on every subject, saved (skops + metadata, :mod:`ketanode.mod
 with an HTML report beside it (``NAME.report.html``).
 
 :func:`evaluate`: a saved model applied unchanged to a new cohort (external validation):
-same metrics with bootstrap CIs, a label-permutation p-value, per-subject predictions
-(CSV) and the same report.
+same metrics with bootstrap CIs, a label-permutation p-value, calibration of its
+probabilities (Brier score, intercept, slope), per-subject predictions (CSV) and the same
+report. The cohort's features are checked to come from the model's feature spec
+(precomputed rows carry the spec's name and hash, :mod:`ketanode.model.cohort`; the model
+file is refused on a spec mismatch, :mod:`ketanode.model.files`). A cohort with two
+treatment arms gets metrics per arm and the arm x prediction interaction
+(:mod:`ketanode.model.arms`).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from ketanode.model.arms import interaction, reference_arm
 from ketanode.model.classifier import fit_model, predict
 from ketanode.model.cohort import FeatureTable
+from ketanode.model.covariates import by_class
 from ketanode.model.files import load_model, make_metadata, save_model
 from ketanode.model.report import write_report
-from ketanode.model.validation import Protocol, external_validation, nested_cv
+from ketanode.model.validation import CVResult, Protocol, external_validation, nested_cv
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +55,17 @@ def train(
     """Validate, fit, save and report; returns the saved metadata (plus timings)."""
     p = protocol or Protocol()
     names = list(table.spec.features)
-    sites = [str(s) for s in table.sites] if table.has_sites else None
     t0 = time.perf_counter()
-    cv = nested_cv(table.X, table.y, names, p, sites=sites, progress=progress)
+    cv = nested_cv(
+        table.X,
+        table.y,
+        names,
+        p,
+        sites=table.sites,
+        covariates=table.covariates(),
+        site_problem=table.site_problem,
+        progress=progress,
+    )
     t_cv = time.perf_counter() - t0
     if progress:
         progress("fitting the final model on every subject")
@@ -63,7 +78,10 @@ def train(
         inner_folds=p.inner_folds,
         seed=p.seed,
     )
-    validation = cv.summary()
+    validation = cv.summary() | {"final_c": final_c_note(cv, model.C)}
+    validation["covariates_by_class"] = by_class(
+        table.y, table.ages, table.sexes, table.sites, table.arms
+    )
     cohort = table.summary() | {"excluded_subjects": len(table.excluded)}
     out_path = Path(out)
     meta = make_metadata(
@@ -88,10 +106,30 @@ def train(
         proba=cv.probability,
         weights=model.weights(),
         excluded=table.excluded,
+        permutation_null=cv.permutation_null,
     )
     seconds = round(time.perf_counter() - t0, 2)
     logger.info("training done in %.1f s (nested CV %.1f s)", seconds, t_cv)
     return meta | {"report": str(rep), "seconds": {"total": seconds, "nested_cv": round(t_cv, 2)}}
+
+
+def final_c_note(cv: CVResult, final_c: float) -> dict[str, Any]:
+    """The final model's C against the C the outer folds chose, with a sentence when they
+    differ (the validated performance is that of the procedure, C search included)."""
+    c_mode, count, total = cv.most_chosen_c()
+    out: dict[str, Any] = {
+        "final_model_C": final_c,
+        "most_chosen_by_outer_folds": c_mode,
+        "outer_folds_choosing_it": f"{count} of {total}",
+    }
+    if abs(final_c - c_mode) > 1e-12 * max(1.0, abs(c_mode)):
+        out["note"] = (
+            f"The final model's C ({final_c:g}, chosen by the inner CV on every subject) "
+            f"differs from the C most outer folds chose ({c_mode:g}, {count} of {total} "
+            "folds): the choice of C is unstable on this cohort, and the cross-validated "
+            "metrics describe the procedure (C search included), not this exact C."
+        )
+    return out
 
 
 def evaluate(
@@ -107,7 +145,17 @@ def evaluate(
     decision = np.array([r["decision_value"] for r in results])
     proba = np.array([r["probability"] for r in results])
     pred = (decision >= 0).astype(np.int_)
-    summary = external_validation(table.y, decision, seed=seed)
+    summary = external_validation(table.y, decision, seed=seed, proba=proba)
+    summary["feature_provenance"] = {
+        "spec": table.spec.name,
+        "version": table.spec.version,
+        "sha256": table.spec.sha256,
+        "checked": "precomputed rows carry this spec's name and hash (else refused); image "
+        "rows measured by this pipeline; the model's spec hash matches",
+    }
+    arms = arm_analysis(table, pred, decision, seed)
+    if arms is not None:
+        summary["arms"] = arms
     mp = Path(model_path)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     where = Path(out_dir) if out_dir is not None else mp.parent
@@ -130,6 +178,7 @@ def evaluate(
         proba=proba,
         weights=loaded.model.weights(),
         excluded=table.excluded,
+        external=True,
     )
     return {
         "model": str(mp),
@@ -142,3 +191,35 @@ def evaluate(
         "predictions": str(pred_csv),
         "report": str(rep),
     }
+
+
+def arm_analysis(
+    table: FeatureTable, pred: Any, decision: Any, seed: int = 0
+) -> dict[str, Any] | None:
+    """Metrics per treatment arm and, with two arms, the arm x prediction interaction."""
+    names = table.arm_names
+    if len(names) < 2:
+        return None
+    arms = [a or "" for a in table.arms]
+    if "" in arms:
+        return {"skipped": f"{arms.count('')} subjects have no arm"}
+    per_arm: dict[str, Any] = {}
+    for name in names:
+        idx = np.flatnonzero(np.asarray(arms) == name)
+        y = table.y[idx]
+        if y.min() == y.max():
+            per_arm[name] = {"n": int(len(idx)), "skipped": "one class only"}
+            continue
+        res = external_validation(y, decision[idx], n_permutations=2000, seed=seed)
+        per_arm[name] = {
+            "n": int(len(idx)),
+            "responders": int(y.sum()),
+            "metrics": res["metrics"],
+            "permutation_p": res["permutation"]["p_value"],
+        }
+    out: dict[str, Any] = {"per_arm": per_arm}
+    if len(names) == 2:
+        out["interaction"] = interaction(table.y, pred, arms, reference_arm(names))
+    else:
+        out["interaction"] = {"skipped": f"{len(names)} arms: the interaction needs two"}
+    return out

@@ -27,8 +27,10 @@ def _write(path: Path, rows: list[dict[str, object]]) -> Path:
 def test_feature_columns_and_labels(tmp_path: Path) -> None:
     X, y, names = feature_cohort(SyntheticCohort(n=6, seed=1))
     labels = ["responder", "non-responder", "1", "0", "Yes", "false"]
+    spec = default_spec()
     rows = [
-        {"subject": f"s{i}", "label": labels[i], "site": "A", "age": 40, "sex": "F"}
+        {"subject": f"s{i}", "label": labels[i], "site": "A", "age": 40 + i, "sex": "F"}
+        | {"feature_spec": spec.name, "feature_spec_sha256": spec.sha256}
         | dict(zip(names, X[i], strict=True))
         for i in range(6)
     ]
@@ -37,6 +39,10 @@ def test_feature_columns_and_labels(tmp_path: Path) -> None:
     table = extract_features(subjects, progress=False)
     assert table.X.shape == (6, len(default_spec().features)) and table.excluded == []
     assert table.summary()["responders"] == 3 and table.summary()["sites"] == {"A": 6}
+    # covariates are kept, not dropped
+    assert table.ages == [40.0 + i for i in range(6)] and table.sexes == ["F"] * 6
+    cov_names, cov = table.covariates()
+    assert cov_names == ["age", "sex", "site"] and cov[0].tolist() == [40.0, 1.0, 0.0]
 
 
 @pytest.mark.parametrize(

@@ -148,7 +148,8 @@ def test_train_and_evaluate_write_model_and_reports(tmp_path: Path) -> None:
     meta = train(_table(10), out, protocol=p, synthetic=True)
     assert out.is_file() and metadata_path(out).is_file()
     html = Path(meta["report"]).read_text()
-    assert html.count("data:image/png;base64,") == 4
+    # ROC, confusion, calibration, weights and the permutation null (issue 12 item 6)
+    assert html.count("data:image/png;base64,") == 5
     assert DEMO_LABEL in html and "s-bad" in html
     v = meta["validation"]
     assert v["leave_site_out"] is not None and v["permutation"]["n_permutations"] == 5
