@@ -1,7 +1,14 @@
-"""The facts about a series that ketanode keeps, read from one of its instances."""
+"""The facts about a series that ketanode keeps, read from one of its instances.
+
+An Enhanced MR instance carries its pixel measures, orientation and frame type in its
+functional groups: the Shared Functional Groups, or (some scanners) the first frame's
+Per-Frame Functional Groups; a slice spacing it does not state is taken from the first two
+frames' positions along the slice normal.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,11 +30,51 @@ def _first(ds: Dataset, *path: str) -> Any:
     return node
 
 
+def _group(ds: Dataset, macro: str, attribute: str) -> Any:
+    """``attribute`` of a functional group macro: shared first, then the first frame's."""
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        value = _first(ds, groups, macro, attribute)
+        if value not in (None, ""):
+            return value
+    return None
+
+
 def _float(value: Any) -> float | None:
     try:
-        return None if value is None or value == "" else float(value)
+        number = None if value is None or value == "" else float(value)
     except (TypeError, ValueError):
         return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _vector(value: Any, n: int) -> list[float] | None:
+    try:
+        numbers = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == n and all(math.isfinite(v) for v in numbers) else None
+
+
+def _frame_spacing(ds: Dataset) -> float | None:
+    """Distance between the first two frames' planes (Enhanced MR), or None."""
+    frames = ds.get("PerFrameFunctionalGroupsSequence")
+    if not frames or len(frames) < 2:
+        return None
+    orientation = _vector(
+        ds.get("ImageOrientationPatient")
+        or _group(ds, "PlaneOrientationSequence", "ImageOrientationPatient"),
+        6,
+    )
+    positions = [
+        _vector(_first(frame, "PlanePositionSequence", "ImagePositionPatient"), 3)
+        for frame in (frames[0], frames[1])
+    ]
+    if orientation is None or positions[0] is None or positions[1] is None:
+        return None
+    r, c = orientation[:3], orientation[3:]
+    normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    step = abs(sum(n * (b - a) for n, a, b in zip(normal, positions[0], positions[1], strict=True)))
+    return round(step, 6) if step > 1e-6 else None
 
 
 def _int(value: Any) -> int | None:
@@ -71,27 +118,24 @@ class SeriesFacts:
 def series_facts(ds: Dataset) -> SeriesFacts:
     sop_class = str(ds.get("SOPClassUID", "")) or None
     enhanced = sop_class == ENHANCED_MR_IMAGE_STORAGE
-    spacing = ds.get("PixelSpacing") or _first(
-        ds, "SharedFunctionalGroupsSequence", "PixelMeasuresSequence", "PixelSpacing"
+    spacing = ds.get("PixelSpacing") or _group(ds, "PixelMeasuresSequence", "PixelSpacing")
+    thickness = ds.get("SliceThickness") or _group(ds, "PixelMeasuresSequence", "SliceThickness")
+    between = ds.get("SpacingBetweenSlices") or _group(
+        ds, "PixelMeasuresSequence", "SpacingBetweenSlices"
     )
-    thickness = ds.get("SliceThickness") or _first(
-        ds, "SharedFunctionalGroupsSequence", "PixelMeasuresSequence", "SliceThickness"
-    )
-    between = ds.get("SpacingBetweenSlices") or _first(
-        ds, "SharedFunctionalGroupsSequence", "PixelMeasuresSequence", "SpacingBetweenSlices"
-    )
-    image_type = ds.get("ImageType") or _first(
-        ds, "SharedFunctionalGroupsSequence", "MRImageFrameTypeSequence", "FrameType"
-    )
-    mr_type = ds.get("MRAcquisitionType") or _first(
-        ds, "SharedFunctionalGroupsSequence", "MRFOVGeometrySequence", "MRAcquisitionType"
+    if enhanced and between in (None, ""):
+        between = _frame_spacing(ds)
+    image_type = ds.get("ImageType") or _group(ds, "MRImageFrameTypeSequence", "FrameType")
+    mr_type = ds.get("MRAcquisitionType") or _group(
+        ds, "MRFOVGeometrySequence", "MRAcquisitionType"
     )
     # One Enhanced MR object carries the whole series; for single-frame series the
     # scanner usually says how many images the acquisition has.
     expected = 1 if enhanced else _int(ds.get("ImagesInAcquisition"))
     row_mm = col_mm = None
-    if spacing is not None and len(spacing) == 2:
-        row_mm, col_mm = _float(spacing[0]), _float(spacing[1])
+    pair = _vector(spacing, 2) if spacing is not None and not isinstance(spacing, str) else None
+    if pair is not None:
+        row_mm, col_mm = pair
     return SeriesFacts(
         modality=_text(ds.get("Modality"), 16),
         sop_class_uid=sop_class,

@@ -298,6 +298,10 @@ _NEEDED = (
     "SpacingBetweenSlices",
     "ImagesInAcquisition",
     "SharedFunctionalGroupsSequence",
+    # Enhanced MR: pixel measures and orientation per frame (some scanners), and the frame
+    # positions a slice spacing is taken from when none is stated
+    "PerFrameFunctionalGroupsSequence",
+    "ImageOrientationPatient",
 )
 
 

@@ -7,6 +7,7 @@ coordinate system.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,12 @@ class SeriesSpec:
     modality: str = "MR"
     transfer_syntax: str = ExplicitVRLittleEndian
     enhanced: bool = False
+    # Enhanced MR only: where pixel measures and orientation go ("shared": the Shared
+    # Functional Groups; "per_frame": each frame's, as some scanners write them), and the
+    # order of the frames in the instance ("ascending" along the slice normal,
+    # "descending", or "shuffled"; In-Stack Position Number always counts along the normal)
+    enhanced_groups: str = "shared"
+    enhanced_frame_order: str = "ascending"
     images_in_acquisition: bool = True
     origin_mm: tuple[float, float, float] | None = None  # default: volume centred on 0
 
@@ -226,15 +233,18 @@ def _write_enhanced(
     index.FunctionalGroupPointer = 0x00209111  # Frame Content Sequence
     ds.DimensionIndexSequence = Sequence([index])
 
+    if spec.enhanced_groups not in ("shared", "per_frame"):
+        raise ValueError(f"enhanced_groups: 'shared' or 'per_frame', not {spec.enhanced_groups!r}")
     shared = Dataset()
     measures = Dataset()
     measures.PixelSpacing = [row_mm, col_mm]
     measures.SliceThickness = slice_mm
     measures.SpacingBetweenSlices = slice_mm
-    shared.PixelMeasuresSequence = Sequence([measures])
     plane = Dataset()
     plane.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
-    shared.PlaneOrientationSequence = Sequence([plane])
+    if spec.enhanced_groups == "shared":
+        shared.PixelMeasuresSequence = Sequence([measures])
+        shared.PlaneOrientationSequence = Sequence([plane])
     frame_type = Dataset()
     frame_type.FrameType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
     frame_type.PixelPresentation = "MONOCHROME"
@@ -251,8 +261,17 @@ def _write_enhanced(
     shared.PixelValueTransformationSequence = Sequence([transform])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
 
+    n = data.shape[0]
+    if spec.enhanced_frame_order == "ascending":
+        order = list(range(n))
+    elif spec.enhanced_frame_order == "descending":
+        order = list(range(n))[::-1]
+    elif spec.enhanced_frame_order == "shuffled":
+        order = [int(k) for k in np.random.default_rng(n).permutation(n)]
+    else:
+        raise ValueError(f"enhanced_frame_order: not {spec.enhanced_frame_order!r}")
     per_frame = []
-    for k in range(data.shape[0]):
+    for k in order:  # frame k of the volume, written in this order
         item = Dataset()
         pos = Dataset()
         pos.ImagePositionPatient = [round(float(v), 4) for v in origin + normal * slice_mm * k]
@@ -262,9 +281,12 @@ def _write_enhanced(
         content.InStackPositionNumber = k + 1
         content.DimensionIndexValues = [k + 1]
         item.FrameContentSequence = Sequence([content])
+        if spec.enhanced_groups == "per_frame":
+            item.PixelMeasuresSequence = Sequence([copy.deepcopy(measures)])
+            item.PlaneOrientationSequence = Sequence([copy.deepcopy(plane)])
         per_frame.append(item)
     ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
-    ds.PixelData = data.tobytes()
+    ds.PixelData = np.ascontiguousarray(data[order]).tobytes()
     path = out_dir / "ENHANCED.dcm"
     _save(ds, path, spec.transfer_syntax)
     return path
