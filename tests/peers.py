@@ -106,6 +106,13 @@ class Orthanc:
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
+    def post_bytes(self, path: str, body: bytes) -> Any:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=body, method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
     def find(self, level: str = "Instance", **query: str) -> list[str]:
         return list(self.post("/tools/find", {"Level": level, "Query": query}))
 

@@ -78,7 +78,9 @@ from ketanode.dicom.report_content import (
     RESPONDER,
     ResultForReport,
     check_text,
+    class_text,
     display_name,
+    percent,
     rate_text,
     region_of,
     rule_text,
@@ -118,6 +120,7 @@ RESPONSE_RATE = _private("KRTRAINRATE", "Response rate of the training cohort")
 DECISION_RULE = _private("KRRULE", "Decision rule")
 RATE_NOTICE = _private("KRRATENOTE", "Probability and training cohort")
 DEMO_RESULT = _private("DEMORESULT", "DEMO result")
+COMMENT = Code("121106", "DCM", "Comment")
 PROBABILITY = _private("KRPROB", "Probability of response to ketamine")
 DECISION = _private("SVCDEC", "SVC decision value")
 CONTRIBUTION = _private("SVCCONTRIB", "Contribution to SVC decision value")
@@ -311,7 +314,12 @@ def _texts(result: ResultForReport) -> list[hd.sr.TextContentItem]:
     if not items:
         n = len(result.qc_checks)
         items.append(_text(QC_CHECK, f"all {n} quality control checks passed"))
-    if result.scored:
+    if result.scored and result.probability is not None:
+        # the one line a viewer that draws only labels (OHIF lists a group's DCM Comment)
+        # shows beside the numbers: the class, P and what this is
+        summary = f"{class_text(result)}, P(response) {percent(result.probability)}"
+        demo = "DEMO - " if result.demo else ""
+        items.insert(0, _text(COMMENT, f"{summary} - {demo}{RESEARCH_USE_ONLY}"))
         items.append(_text(DECISION_RULE, rule_text(result) or "class from the sign of the SVC"))
         items.append(_text(RATE_NOTICE, rate_text(result)))
     if result.model_label:

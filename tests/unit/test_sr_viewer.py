@@ -105,6 +105,14 @@ def test_the_probability_is_inferred_from_the_brain_outline(sr_file: Path) -> No
     )
     scoords = [i for i in prob.ContentSequence if i.ValueType == "SCOORD"]
     assert len(scoords) == 1 and scoords[0].RelationshipType == "INFERRED FROM"
+    # the line OHIF shows as the group's label: class, P and research use only
+    comment = [i for i in first.ContentSequence if _code(i) == ("DCM", "121106")]
+    assert len(comment) == 1
+    assert re.fullmatch(
+        r"(RESPONDER|NON-RESPONDER|INDETERMINATE), P\(response\) \d+\.\d % - "
+        r"(DEMO - )?RESEARCH USE ONLY",
+        comment[0].TextValue,
+    ), comment[0].TextValue
     # every group a viewer reads has coordinates somewhere
     for group in _groups(ds):
         assert "SCOORD" in _value_types(group)

@@ -1,0 +1,193 @@
+"""The SR in a web viewer (issue 15): a phantom study goes through the node to Orthanc (with
+its DICOMweb plugin); the published OHIF build (npm, installed by scripts/setup.sh) opens the
+study in headless Chromium, loads the SR, draws each driving region's outline on the T1 with
+its grey-matter volume, and the overall result with the probability; the report image opens.
+
+``KETANODE_SCREENSHOTS=docs/screenshots python -m pytest tests/web/test_ohif.py`` saves
+screenshots of the study, the SR and the report image (the ones in README.md).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+from sqlalchemy import select
+
+from ketanode.db.models import EmittedObject, OutboxItem
+from ketanode.dicom.sr import read_sr
+from ketanode.imaging.phantom import make_phantom
+from ketanode.imaging.series_writer import SeriesSpec
+from ketanode.model.demo_model import held_out_cohort
+from ketanode.node import Node
+from tests.integration.conftest import build_settings
+from tests.peers import OhifViewer, Orthanc
+from tests.support import REPO, storescu, wait_for
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = os.environ.get("KETANODE_SCREENSHOTS")
+PATIENT = SeriesSpec(
+    patient_name="SYNTHETIC^VIEWER",
+    patient_id="SYN-OHIF-0007",
+    series_description="T1 MPRAGE",
+)
+COMPREHENSIVE_3D = "1.2.840.10008.5.1.4.1.1.88.34"
+SR_SERIES = "RESEARCH USE ONLY ketanode ketamine response SR"  # after "DEMO " here
+
+
+@dataclass
+class Study:
+    study_uid: str
+    viewer: OhifViewer
+    sr_volumes: dict[str, float]
+    sr_probability: float
+    drivers: list[str]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Study]:
+    root = tmp_path_factory.mktemp("ohif")
+    orthanc = Orthanc(root / "orthanc", node_port=1, dicomweb=True).start()
+    destinations = [
+        {"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+    ]
+    settings = build_settings(
+        root / "node",
+        f"sqlite:///{root / 'ketanode.db'}",
+        {
+            "pipeline": {"measure": True},
+            "model": {"predict": True, "demo_when_none_active": True},
+            "destinations": destinations,
+        },
+    )
+    node = Node(settings)
+    node.start()
+    viewer = OhifViewer(orthanc)
+    try:
+        t1 = make_phantom(held_out_cohort(voxel_mm=1.5).phantom_spec(3, 1))
+        files = t1.write_dicom(root / "t1", PATIENT)
+        storescu(node.address[1] if node.address else 0, files)
+        for f in files:  # the scanner sends the study to the PACS too
+            orthanc.post_bytes("/instances", Path(f).read_bytes())
+
+        def sent() -> bool:
+            with node.sessions() as s:
+                states = s.scalars(select(OutboxItem.state)).all()
+            return len(states) == 2 and set(states) == {"sent"}
+
+        wait_for(sent, 300, 0.5, "the SR and report image to reach Orthanc")
+        with node.sessions() as s:
+            sr_path = s.scalars(
+                select(EmittedObject.path).where(EmittedObject.sop_class_uid == COMPREHENSIVE_3D)
+            ).one()
+        values = read_sr(pydicom.dcmread(sr_path))
+        assert values.probability is not None
+        regions = [f for f, _ in sorted(values.contributions.items(), key=lambda kv: -abs(kv[1]))]
+        viewer.start()
+        yield Study(
+            study_uid=str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID),
+            viewer=viewer,
+            sr_volumes=values.volumes,
+            sr_probability=values.probability,
+            drivers=regions,
+        )
+    finally:
+        viewer.stop()
+        node.stop()
+        orthanc.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(
+            executable_path=CHROMIUM, chromium_sandbox=False, args=["--no-sandbox"]
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Browser, study: Study) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    tab.goto(f"{study.viewer.url}/viewer?StudyInstanceUIDs={study.study_uid}")
+    tab.get_by_text("Skip all").click(timeout=90_000)  # OHIF's first-visit tour
+    yield tab
+    assert not errors, errors
+    context.close()
+
+
+def _shot(page: Page, name: str) -> None:
+    if SHOTS:
+        out = Path(SHOTS) if Path(SHOTS).is_absolute() else REPO / SHOTS
+        out.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(out / f"{name}.png"))
+
+
+def _labels(page: Page) -> list[str]:
+    return list(
+        page.eval_on_selector_all(
+            "[data-cy='viewport-pane'] svg text", "els => els.map(e => e.textContent)"
+        )
+    )
+
+
+def test_the_study_shows_the_t1_the_sr_and_the_report_image(page: Page) -> None:
+    browser_text = page.inner_text("[data-cy='studyBrowser-panel']")
+    assert SR_SERIES in browser_text
+    assert "T1 MPRAGE" in browser_text
+    assert "RESEARCH USE ONLY" in browser_text  # the report image's series
+    assert "Something went wrong" not in page.inner_text("body")
+    _shot(page, "ohif-study")
+
+
+def test_the_sr_draws_each_driving_region_with_its_volume(page: Page, study: Study) -> None:
+    page.get_by_text(SR_SERIES, exact=False).dblclick()
+    page.wait_for_selector("[data-cy='viewport-action-arrows-right']", timeout=60_000)
+    found: dict[str, str] = {}
+    probability_seen = False
+    for _ in range(len(study.drivers) + 2):
+        page.wait_for_timeout(1500)
+        labels = " | ".join(_labels(page))
+        probability_seen |= "Probability of response to ketamine" in labels and bool(
+            re.search(r"(RESPONDER|INDETERMINATE), P\(response\) [\d.]+ %", labels)
+        )
+        for feature in study.drivers:
+            ml = f"Grey matter volume: {study.sr_volumes[feature]:.2f} ml"
+            if ml in labels:
+                found[feature] = labels
+        if len(found) == 1 and SHOTS:
+            _shot(page, "ohif-sr")
+        page.click("[data-cy='viewport-action-arrows-right']")
+    assert "Something went wrong" not in page.inner_text("body")
+    assert probability_seen, "the overall result is drawn"
+    missing = [f for f in study.drivers if f not in found]
+    assert not missing, f"regions not drawn with their volume: {missing}"
+    # the outlines themselves: polylines in the viewport's SVG layer
+    n_paths = page.eval_on_selector_all(
+        "[data-cy='viewport-pane'] svg path, [data-cy='viewport-pane'] svg polyline",
+        "els => els.filter(e => (e.getAttribute('d') || e.getAttribute('points') || '')"
+        ".length > 40).length",
+    )
+    assert n_paths >= 1
+    assert re.search(r"I:\s*\d+", page.inner_text("[data-cy='viewport-overlay-bottom-right']"))
+
+
+def test_the_report_image_opens(page: Page) -> None:
+    report = page.get_by_text("ketamine response report", exact=False)
+    assert report.count() == 1
+    report.dblclick()
+    page.wait_for_timeout(4000)
+    overlay = page.inner_text("[data-cy='viewport-overlay-top-left']")
+    assert "RESEARCH USE ONLY" in overlay
+    assert "Something went wrong" not in page.inner_text("body")
+    _shot(page, "ohif-report-image")
