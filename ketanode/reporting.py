@@ -14,12 +14,21 @@ PACS never receives two different SRs for one job. The files are written durably
 fsync, link, fsync the directory; :class:`ketanode.dicom.spool.Spool`) before the rows that
 point at them are committed; a crash in between leaves an orphan file, never a row without
 its file.
+
+Every completed T1 series gets an answer in its study: the builders copy only what is valid
+of the source header (:mod:`ketanode.dicom.source_header`; the keywords left empty are in
+the step's output as ``source_header_dropped``), and when the SR or the report image still
+cannot be built (or the source headers cannot be read), a minimal "NOT SCORED: report could
+not be built" SR (:mod:`ketanode.dicom.minimal_sr`) is sent instead, with the source's UIDs;
+its result row has the status ``report_failed`` (counted by ``/metrics`` as
+``ketanode_results_total{status="report_failed"}``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import traceback
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +41,7 @@ import ketanode
 from ketanode.db.models import (
     DispatchState,
     EmittedObject,
+    Instance,
     Job,
     JobStep,
     ModelRecord,
@@ -39,6 +49,8 @@ from ketanode.db.models import (
     OutboxItem,
     Result,
     ResultStatus,
+    Series,
+    Study,
     utcnow,
 )
 from ketanode.dicom.report_content import ResultForReport
@@ -56,6 +68,77 @@ QC_STEPS = ("qc_input", "qc_registration", "qc")
 
 def _source_headers(ctx: JobContext) -> list[Dataset]:
     return [dcmread(str(f), stop_before_pixels=True) for f in ctx.files]
+
+
+def _source_uids(ctx: JobContext) -> list[Dataset]:
+    """The series' instances as the database knows them (UIDs only): the source of the
+    minimal SR when the headers themselves cannot be read."""
+    assert ctx.sessions is not None
+    with ctx.sessions() as session:
+        rows = session.execute(
+            select(
+                Instance.sop_class_uid,
+                Instance.sop_instance_uid,
+                Series.series_uid,
+                Study.study_uid,
+            )
+            .join(Series, Instance.series_id == Series.id)
+            .join(Study, Series.study_id == Study.id)
+            .where(Instance.series_id == ctx.series_id)
+            .order_by(Instance.instance_number, Instance.id)
+        ).all()
+    out = []
+    for sop_class, sop_instance, series_uid, study_uid in rows:
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_instance
+        ds.SeriesInstanceUID, ds.StudyInstanceUID = series_uid, study_uid
+        out.append(ds)
+    return out
+
+
+def _where(exc: BaseException) -> str:
+    """Where an exception was raised (file:line function, innermost first), not its text,
+    which may quote a value of the header."""
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    return " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in frames[::-1])
+
+
+def _build(
+    ctx: JobContext, report: ResultForReport
+) -> tuple[list[tuple[str, Dataset]], list[str], str | None]:
+    """The objects to send (SR and report image; or the minimal SR alone), the source
+    keywords left empty, and why the report could not be built (None: it was)."""
+    from ketanode.dicom.minimal_sr import build_minimal_sr
+    from ketanode.dicom.report_image import build_report_image
+    from ketanode.dicom.source_header import clean_source_header
+    from ketanode.dicom.sr import build_sr
+
+    source: list[Dataset] = []
+    try:
+        source = _source_headers(ctx)
+        dropped = list(clean_source_header(source[0]).blanked) if source else []
+        sr = build_sr(source, report)
+        sc = build_report_image(source, report)
+        for ds in (sr, sc):  # the files must be writable too
+            ds.save_as(BytesIO(), enforce_file_format=True)
+        return [(ObjectKind.SR, sr), (ObjectKind.REPORT_IMAGE, sc)], dropped, None
+    except Exception as exc:
+        cause = type(exc).__name__
+        logger.error(
+            "job %s: the report could not be built (%s at %s); sending a minimal NOT SCORED SR",
+            ctx.job_id,
+            cause,
+            _where(exc),
+        )
+    if not source:
+        source = _source_uids(ctx)
+    minimal = build_minimal_sr(
+        source,
+        cause=cause,
+        reason=report.not_scored_reason,
+        software_version=report.software_version,
+    )
+    return [(ObjectKind.SR, minimal)], ["*"], cause
 
 
 def _model_version(session: Session, sha256: str) -> str:
@@ -107,9 +190,11 @@ def _existing(session: Session, job_id: int) -> Result | None:
     return session.scalar(select(Result).where(Result.job_id == job_id))
 
 
-def summary(result: Result) -> dict[str, Any]:
-    """The report step's output: the result row and its objects (ids, UIDs, paths)."""
+def summary(result: Result, dropped: list[str] | None = None) -> dict[str, Any]:
+    """The report step's output: the result row and its objects (ids, UIDs, paths), and the
+    source header's keywords whose values were left empty (``["*"]``: all, minimal SR)."""
     return {
+        "source_header_dropped": list(dropped or []),
         "result_id": result.id,
         "status": result.status,
         "predicted_class": result.predicted_class,
@@ -144,43 +229,49 @@ def _emit(ctx: JobContext, report: ResultForReport, prediction_id: int | None) -
                 "job %s: result %s already recorded; not reported again", ctx.job_id, done.id
             )
             return summary(done)
-    from ketanode.dicom.report_image import build_report_image, write_png
-    from ketanode.dicom.sr import build_sr
+    from ketanode.dicom.report_image import write_png
 
     started = time.perf_counter()
-    source = _source_headers(ctx)
-    sr = build_sr(source, report)
-    sc = build_report_image(source, report)
+    objects, dropped, failed = _build(ctx, report)
     store = Spool(settings.reports.path, int(settings.spool.min_free_mb * 2**20))
     written = []
-    for kind, ds in ((ObjectKind.SR, sr), (ObjectKind.REPORT_IMAGE, sc)):
+    for kind, ds in objects:
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         f = store.store(
             buf.getvalue(), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), ds.SOPInstanceUID
         )
         written.append((kind, ds, f))
-    if settings.reports.png:
-        write_png(sc, written[1][2].path.with_suffix(".png"))
+    if settings.reports.png and len(written) > 1:
+        write_png(written[1][1], written[1][2].path.with_suffix(".png"))
     build_seconds = time.perf_counter() - started
 
     with ctx.sessions.begin() as session:
         job = session.get(Job, ctx.job_id)
         assert job is not None
+        if failed is None:
+            status = ResultStatus.SCORED if report.scored else ResultStatus.NOT_SCORED
+            reason = report.not_scored_reason
+        else:  # what the PACS got: NOT SCORED, no class, no probability
+            status = ResultStatus.REPORT_FAILED
+            reason = f"report could not be built ({failed})" + (
+                f"; {report.not_scored_reason}" if report.not_scored_reason else ""
+            )
+        sent = failed is None
         result = Result(
             job_id=ctx.job_id,
             series_id=ctx.series_id,
-            status=ResultStatus.SCORED if report.scored else ResultStatus.NOT_SCORED,
-            predicted_class=report.predicted_class,
-            probability=report.probability,
-            decision_value=report.decision_value,
+            status=status,
+            predicted_class=report.predicted_class if sent else None,
+            probability=report.probability if sent else None,
+            decision_value=report.decision_value if sent else None,
             prediction_id=prediction_id,
             model_sha256=report.model_sha256,
             model_name=report.model_name,
             model_synthetic=report.model_synthetic,
             model_label=report.model_label,
             qc_outcome=report.qc_outcome,
-            reason=report.not_scored_reason,
+            reason=reason,
             qc_checks=[dict(c) for c in report.qc_checks],
             volumes=dict(report.volumes),
             contributions=dict(report.contributions),
@@ -224,14 +315,13 @@ def _emit(ctx: JobContext, report: ResultForReport, prediction_id: int | None) -
                 )
         session.flush()
         session.refresh(result)
-        out = summary(result)
+        out = summary(result, dropped)
     logger.info(
-        "job %s: result %s (%s) reported: SR %s, report image %s, %d destinations",
+        "job %s: result %s (%s) reported: %s, %d destinations",
         ctx.job_id,
         out["result_id"],
         out["status"],
-        written[0][1].SOPInstanceUID,
-        written[1][1].SOPInstanceUID,
+        ", ".join(f"{kind} {ds.SOPInstanceUID}" for kind, ds, _ in written),
         len(settings.destinations),
     )
     return out

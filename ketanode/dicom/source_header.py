@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,31 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import DA, DT, TM, validate_value
 
 logger = logging.getLogger(__name__)
+
+# highdicom warns when a person name has no '^' (an anonymiser's "***", a scanner's single
+# name) and quotes the name in the warning, which reaches stderr or the log: the name is
+# copied as the source has it (valid PN), and the warning is never shown. highdicom.base's
+# log line that would quote a patient_name argument is dropped too.
+_PERSON_NAME_WARNING = r"The string .* is unlikely to represent the intended person name"
+
+
+def quiet_person_name_warning() -> None:
+    """Ignore highdicom's person-name warning: the filter goes (back) to the front of the
+    list before every build, as a ``warnings.catch_warnings`` block elsewhere may have
+    dropped it or put another before it (``filterwarnings`` keeps one copy)."""
+    warnings.filterwarnings("ignore", message=_PERSON_NAME_WARNING, category=UserWarning)
+
+
+quiet_person_name_warning()
+
+
+class _NoNameArguments(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not any(word in text for word in ("_name", "person name", "PersonName"))
+
+
+logging.getLogger("highdicom.base").addFilter(_NoNameArguments())
 
 # PS3.3 C.7.1.1 Patient, C.7.1.3 Clinical Trial Subject, C.7.2.1 General Study,
 # C.7.2.2 Patient Study, C.7.2.3 Clinical Trial Study: the root attributes highdicom copies
@@ -316,6 +342,7 @@ def clean_source_header(source: Dataset) -> SourceHeader:
     """A copy of the attributes of ``source`` that the report builders read, every value
     that is not valid for its VR, VM or character set left empty; the identity UIDs
     unchanged. The keywords left empty are logged (never the values)."""
+    quiet_person_name_warning()  # the builders' next step would quote a name
     out = Dataset()
     blanked: list[str] = []
     for keyword in IDENTITY:
