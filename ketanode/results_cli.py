@@ -58,7 +58,10 @@ PatientIdOpt = Annotated[
 AccessionOpt = Annotated[
     str | None, typer.Option("--accession", help="Only this Accession Number (not printed).")
 ]
-ClassOpt = Annotated[str | None, typer.Option("--class", help="Predicted class (e.g. responder).")]
+ClassOpt = Annotated[
+    str | None,
+    typer.Option("--class", help="Predicted class: responder, non-responder or indeterminate."),
+]
 AllOpt = Annotated[
     bool, typer.Option("--all", help="Include superseded results (series received again).")
 ]
@@ -164,7 +167,33 @@ def _table_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def _demo_caption(rows: list[dict[str, Any]]) -> str | None:
     labels = sorted({str(r["model_label"] or "synthetic model") for r in rows if r["synthetic"]})
-    return "DEMO: " + "; ".join(labels) if labels else None
+    parts = ["DEMO: " + "; ".join(labels)] if labels else []
+    if any(r["predicted_class"] == "indeterminate" for r in rows):
+        parts.append(INDETERMINATE_NOTE)
+    return "\n".join(parts) or None
+
+
+INDETERMINATE_NOTE = (
+    "indeterminate: P(response) within the margin of the model's threshold "
+    "(ketanode results show ID gives the rule)"
+)
+
+
+def rule_line(data: dict[str, Any]) -> str | None:
+    """``indeterminate: P(response) 52.0 %; responder when >= 55.0 % ...`` for a scored
+    result whose model's rule is known."""
+    rule, p = data.get("decision_rule"), data.get("probability")
+    if not rule or p is None or rule.get("threshold") is None:
+        return None
+    t, m = float(rule["threshold"]), float(rule.get("margin") or 0)
+    rate = rule.get("training_response_rate")
+    shown = f"{float(rate) * 100:.1f} %" if rate is not None else "not recorded"
+    return (
+        f"{data['predicted_class']}: P(response) {p * 100:.1f} %; responder when >= "
+        f"{(t + m) * 100:.1f} %, non-responder when <= {(t - m) * 100:.1f} %, indeterminate "
+        f"in between (threshold {t * 100:.1f} %). P depends on the training cohort's response "
+        f"rate ({shown})."
+    )
 
 
 @results_app.command("list")
@@ -227,7 +256,12 @@ def results_show(
         f"[bold]result {data['id']}[/bold] ({RESEARCH_USE_ONLY})", highlight=False, soft_wrap=True
     )
     if data["synthetic"]:
-        console.print(f"[bold red]{escape(data['model_label'] or 'synthetic model')}[/bold red]")
+        console.print(
+            f"[bold red]DEMO: {escape(data['model_label'] or 'synthetic model')}[/bold red]"
+        )
+    line = rule_line(data)
+    if line:
+        console.print(escape(line), highlight=False, soft_wrap=True)
     console.print_json(json.dumps(data, default=str))
 
 

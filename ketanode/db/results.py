@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from ketanode.db.models import (
     DispatchState,
     EmittedObject,
+    ModelRecord,
     ObjectKind,
     OutboxItem,
     Result,
@@ -297,6 +298,20 @@ def _outbox_row(item: OutboxItem, obj: EmittedObject, synthetic: bool) -> dict[s
     }
 
 
+def decision_rule(session: Session, model_sha256: str | None) -> dict[str, Any] | None:
+    """The decision rule of a registered model (threshold, margin, the training cohort's
+    response rate), as its sealed metadata records it; None for an unknown model."""
+    if not model_sha256:
+        return None
+    meta = session.scalar(
+        select(ModelRecord.model_metadata).where(ModelRecord.sha256 == model_sha256)
+    )
+    rule = (meta or {}).get("decision_rule")
+    if not isinstance(rule, dict):
+        return None
+    return {k: rule.get(k) for k in ("threshold", "margin", "training_response_rate")}
+
+
 def result_detail(session: Session, result: Result, with_patient: bool = False) -> dict[str, Any]:
     """Everything about one result: its row, model, QC checks, volumes, contributions, the
     objects it produced (files, outbox rows) and the other results of the same series."""
@@ -347,6 +362,7 @@ def result_detail(session: Session, result: Result, with_patient: bool = False) 
         )
     ]
     out["other_results"] = _rows(session, others, with_patient=False)
+    out["decision_rule"] = decision_rule(session, result.model_sha256)
     if with_patient:
         out["patient"] = {
             "name": study.patient_name,

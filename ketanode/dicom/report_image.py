@@ -73,7 +73,6 @@ from ketanode.dicom.report_content import (
     percent,
     rate_text,
     region_of,
-    rule_text,
 )
 from ketanode.dicom.source_header import clean_source_header
 
@@ -533,7 +532,7 @@ def _title(fig: Figure, result: ResultForReport) -> float:
             f"{DEMO}: {DEMO_TEXT}",
             ha="center",
             va="center",
-            fontsize=23,
+            fontsize=21,
             weight="bold",
             color="black",
         )
@@ -570,12 +569,8 @@ def _text_block(
         va="top",
     )
     y -= 0.032
-    rule = rule_text(result) or "Class from the sign of the SVC decision value."
-    for line in (
-        f"{rule} SVC decision value {result.decision_value:+.3f}.",
-        rate_text(result),
-    ):
-        fig.text(0.03, y, _fit(line, 135), fontsize=17, color=DIM, va="top")
+    for line in _rule_lines(result):
+        fig.text(0.03, y, _fit(line, 118), fontsize=17, color=DIM, va="top")
         y -= 0.022
     y -= 0.006
     fig.text(
@@ -623,6 +618,22 @@ def _text_block(
         )
     y -= 0.026 * ((len(drivers) + 1) // 2) + 0.006
     return y
+
+
+def _rule_lines(result: ResultForReport) -> list[str]:
+    """The decision rule and the training cohort's response rate, short enough for a line."""
+    d = f"SVC decision value {result.decision_value:+.3f}"
+    t, m = result.decision_threshold, result.indeterminate_margin
+    if t is None or m is None:
+        return [f"Class from the sign of the SVC decision value; {d}.", rate_text(result)]
+    r = result.training_response_rate
+    rate = percent(r) if r is not None else "not recorded"
+    return [
+        f"Rule: responder if P >= {percent(t + m)}, non-responder if P <= {percent(t - m)}, "
+        f"else indeterminate; {d}.",
+        f"P depends on the training cohort's response rate ({rate}); threshold {percent(t)} = "
+        "P at the SVC's balanced boundary.",
+    ]
 
 
 def _model_line(result: ResultForReport) -> str:

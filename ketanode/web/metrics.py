@@ -16,7 +16,10 @@ Metrics:
 - ``ketanode_dispatch_attempts_total{destination}``, ``ketanode_dispatch_failures_total``
   (attempts that did not end in ``sent``), ``ketanode_dispatch_sent_total``;
   ``ketanode_outbox_items{destination,state}``
-- ``ketanode_results_total{status}``
+- ``ketanode_results_total{status}``; ``ketanode_results_by_class_total{class}`` (responder,
+  non-responder, indeterminate); ``ketanode_demo_results_total``: scored results of a
+  demonstration (synthetic) model, marked DEMO (0 unless ``model.demo_when_none_active``
+  was switched on or a synthetic model activated)
 - ``ketanode_database_up``: 0 when the database could not be read (then nothing else)
 """
 
@@ -48,6 +51,7 @@ from ketanode.db.models import (
     JobStep,
     OutboxItem,
     Result,
+    ResultStatus,
     Series,
     SeriesState,
     StoreFailure,
@@ -141,6 +145,29 @@ class DatabaseCollector(Collector):
         ).all():
             results.add_metric([str(status)], int(n))
         yield results
+
+        # results of a synthetic (demonstration) model: none unless an admin switched it on
+        demo = session.scalar(
+            select(func.count())
+            .select_from(Result)
+            .where(Result.status == ResultStatus.SCORED, Result.model_synthetic.is_(True))
+        )
+        yield CounterMetricFamily(
+            "ketanode_demo_results",
+            "Scored results of a demonstration model trained on synthetic data (marked DEMO)",
+            value=int(demo or 0),
+        )
+        by_class = CounterMetricFamily(
+            "ketanode_results_by_class", "Scored results, by predicted class", labels=["class"]
+        )
+        for cls, n in session.execute(
+            select(Result.predicted_class, func.count())
+            .where(Result.status == ResultStatus.SCORED)
+            .group_by(Result.predicted_class)
+            .order_by(Result.predicted_class)
+        ).all():
+            by_class.add_metric([str(cls)], int(n))
+        yield by_class
 
     def _job_durations(self, session: Session) -> Metric:
         per_job = (

@@ -20,7 +20,12 @@ from matplotlib.ticker import MaxNLocator
 
 _lock = threading.Lock()
 
-OUTCOME_COLOURS = {"responder": "#2f9e44", "non-responder": "#e8590c", "not scored": "#868e96"}
+OUTCOME_COLOURS = {
+    "responder": "#2f9e44",
+    "non-responder": "#e8590c",
+    "indeterminate": "#f59f00",
+    "not scored": "#868e96",
+}
 STEP_ORDER = (
     "convert",
     "qc_input",
@@ -117,7 +122,7 @@ def probability_distribution(rows: list[tuple[float, str]]) -> bytes:
         color=[_colour(c, i) for i, c in enumerate(classes)],
         label=classes,
     )
-    ax.axvline(0.5, color="#495057", linewidth=0.8, linestyle="--")
+    # no line at 0.5: each model's threshold is its training cohort's response rate
     ax.set_xlim(0, 1)
     ax.set_xlabel("probability of response")
     ax.set_ylabel("results")

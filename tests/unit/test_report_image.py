@@ -52,7 +52,9 @@ def test_secondary_capture_in_the_study(
     assert ds.StudyInstanceUID == src.StudyInstanceUID
     assert ds.PatientID == src.PatientID
     assert ds.SeriesInstanceUID != src.SeriesInstanceUID
-    assert ds.SeriesDescription.startswith("RESEARCH USE ONLY")
+    # a demonstration model's page says so first (issue 12)
+    assert ds.SeriesDescription == "DEMO RESEARCH USE ONLY ketanode ketamine response report"
+    assert ds.ImageComments.startswith("DEMO: DEMONSTRATION MODEL")
     assert ds.Rows >= 1024 and ds.Columns >= 1024
     assert ds.PhotometricInterpretation == "RGB"
     assert ds.SamplesPerPixel == 3 and ds.BitsAllocated == 8
@@ -75,6 +77,18 @@ def test_no_banner_for_a_non_synthetic_model(
 ) -> None:
     _, result = case
     assert _banner_pixels(render_report_page(clinical(result))) == 0
+
+
+def test_indeterminate_result_page_and_no_demo_for_a_real_model(
+    case: tuple[list[Dataset], ResultForReport],
+) -> None:
+    source, result = case
+    near = replace(clinical(result), predicted_class="indeterminate", probability=0.52)
+    ds = build_report_image(source, near)
+    assert ds.SeriesDescription == "RESEARCH USE ONLY ketanode ketamine response report"
+    assert "DEMO" not in ds.ImageComments
+    pixels = render_report_page(near)
+    assert pixels.shape == (2048, 1536, 3)
 
 
 def test_without_territories_or_images(case: tuple[list[Dataset], ResultForReport]) -> None:

@@ -449,3 +449,23 @@ def test_bad_arguments_exit_2(node: Node, args: list[str], option: str) -> None:
 def test_research_use_only_in_help() -> None:
     res = CliRunner().invoke(app, ["results", "--help"])
     assert res.exit_code == 0 and RESEARCH_USE_ONLY[:17] in res.output
+
+
+def test_rule_line_and_indeterminate_caption() -> None:
+    """``results show`` states the model's rule and the training cohort's response rate;
+    a list with an indeterminate result explains the class (issue 12)."""
+    from ketanode.results_cli import INDETERMINATE_NOTE, _demo_caption, rule_line
+
+    data = {
+        "predicted_class": "indeterminate",
+        "probability": 0.32,
+        "decision_rule": {"threshold": 0.3, "margin": 0.05, "training_response_rate": 0.3},
+    }
+    assert rule_line(data) == (
+        "indeterminate: P(response) 32.0 %; responder when >= 35.0 %, non-responder when "
+        "<= 25.0 %, indeterminate in between (threshold 30.0 %). P depends on the training "
+        "cohort's response rate (30.0 %)."
+    )
+    assert rule_line(data | {"decision_rule": None}) is None
+    rows = [data | {"synthetic": True, "model_label": "DEMONSTRATION MODEL x"}]
+    assert _demo_caption(rows) == f"DEMO: DEMONSTRATION MODEL x\n{INDETERMINATE_NOTE}"

@@ -53,6 +53,9 @@ def test_metrics_count_the_rows(served: Served) -> None:
         assert m[("ketanode_jobs", (("state", state),))] == n
     assert m[("ketanode_results_total", (("status", "scored"),))] == 1
     assert m[("ketanode_results_total", (("status", "not_scored"),))] == 1
+    # the seeded scored result is a demonstration model's: counted as such (issue 12)
+    assert m[("ketanode_demo_results_total", ())] == 1
+    assert m[("ketanode_results_by_class_total", (("class", "responder"),))] == 1
     done = (("state", "done"),)
     assert m[("ketanode_job_duration_seconds_count", done)] == 1
     assert m[("ketanode_job_duration_seconds_sum", done)] == pytest.approx(seeded.done_job_seconds)
