@@ -118,13 +118,14 @@ def train_cmd(
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     synthetic: Annotated[
-        bool | None,
+        bool,
         typer.Option(
-            "--synthetic/--not-synthetic",
-            help="Mark the model as trained on synthetic data (default: the cohort folder "
-            "has a synthetic.json).",
+            "--synthetic",
+            help="Mark the model as trained on synthetic data. A cohort built by `model "
+            "synth` (a synthetic.json beside it, or rows marked in its 'synthetic' column) "
+            "always makes a synthetic model: there is no flag to unset it.",
         ),
-    ] = None,
+    ] = False,
     register: Annotated[bool, typer.Option(help="Add the model to the registry.")] = True,
     jobs: JobsOpt = 2,
     cache: CacheOpt = None,
@@ -142,7 +143,9 @@ def train_cmd(
     if any(c not in ("age", "sex") for c in adjusted):
         raise typer.BadParameter("a comma-separated subset of age,sex", param_hint="--adjust")
     table = _table(cohort, settings, cache, jobs)
-    is_synth = synthetic if synthetic is not None else (cohort.parent / "synthetic.json").is_file()
+    from ketanode.model.synthetic import is_synthetic_cohort
+
+    is_synth = bool(synthetic) or is_synthetic_cohort(cohort)
     protocol = Protocol(
         folds=folds,
         repeats=repeats,

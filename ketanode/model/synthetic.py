@@ -159,6 +159,40 @@ class SyntheticCohort:
         return asdict(self)
 
 
+#: Every row of a cohort CSV written here carries this column, so that a CSV kept apart
+#: from its synthetic.json is still known as synthetic (:func:`is_synthetic_cohort`).
+SYNTHETIC_COLUMN, SYNTHETIC_VALUE = "synthetic", "ketanode phantom"
+
+
+def mark_synthetic(csv_path: Path) -> Path:
+    """Add the :data:`SYNTHETIC_COLUMN` to every row of a cohort CSV (rewritten in place)."""
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f for f in reader.fieldnames or [] if f != SYNTHETIC_COLUMN]
+        rows = list(reader)
+    with open(csv_path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*fields, SYNTHETIC_COLUMN])
+        writer.writeheader()
+        writer.writerows([r | {SYNTHETIC_COLUMN: SYNTHETIC_VALUE} for r in rows])
+    return csv_path
+
+
+def is_synthetic_cohort(csv_path: str | Path) -> bool:
+    """Whether a cohort CSV was built by ``ketanode model synth``: a synthetic.json beside it,
+    or any row marked in its :data:`SYNTHETIC_COLUMN` (the CSV moved or copied alone)."""
+    path = Path(csv_path)
+    if (path.parent / "synthetic.json").is_file():
+        return True
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if SYNTHETIC_COLUMN not in [c.strip() for c in reader.fieldnames or []]:
+            return False
+        return any(
+            (row.get(SYNTHETIC_COLUMN) or "").strip().lower() not in ("", "no", "false", "0")
+            for row in reader
+        )
+
+
 def _regions() -> list[str]:
     from ketanode.imaging.features import default_spec
 
@@ -247,9 +281,10 @@ def write_cohort(
                     progress(done, cfg.n)
     with open(out / "cohort.csv", "w", newline="") as fh:
         fields = ["subject", "path", "label", "site", "age", "sex"]
-        writer = csv.DictWriter(fh, fieldnames=fields + (["arm"] if cfg.arms == 2 else []))
+        fields += ["arm"] if cfg.arms == 2 else []
+        writer = csv.DictWriter(fh, fieldnames=[*fields, SYNTHETIC_COLUMN])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([r | {SYNTHETIC_COLUMN: SYNTHETIC_VALUE} for r in rows])
     meta = {
         "kind": "ketanode synthetic cohort",
         "synthetic": True,
@@ -354,7 +389,7 @@ def write_feature_cohort(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = feature_table(cfg, measurement_sd)
-    path = write_feature_csv(table, out / "cohort.csv")
+    path = mark_synthetic(write_feature_csv(table, out / "cohort.csv"))
     groups, _ = cfg.groups_and_labels()
     meta = {
         "kind": "ketanode synthetic cohort (feature level, no images)",
