@@ -149,13 +149,16 @@ def adjusted_pipeline(
     adjust: Sequence[str] = ("age", "sex"),
     harmonise: bool = False,
     inputs: Sequence[str] | None = None,
+    keep: Sequence[str] | None = None,
 ) -> Pipeline:
-    """[ComBat across sites ->] residualise ``adjust`` -> the imaging pipeline."""
+    """[ComBat across sites, ``keep`` (default ``adjust``) protected as biological effects
+    ->] residualise ``adjust`` -> the imaging pipeline."""
     names = tuple(feature_names)
     used = tuple(inputs) if inputs is not None else tuple(default_inputs(names))
+    protected = tuple(adjust if keep is None else keep)
     steps: list[tuple[str, Any]] = []
     if harmonise:
-        steps.append(("harmonise", ComBat(names, used, "site", tuple(adjust), tiv)))
+        steps.append(("harmonise", ComBat(names, used, "site", protected, tiv)))
     if adjust:
         steps.append(("adjust", CovariateResidualiser(names, used, tuple(adjust), tiv)))
     return Pipeline([*steps, *build_pipeline(names, used, tiv).steps])

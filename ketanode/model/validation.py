@@ -731,10 +731,11 @@ def covariate_analyses(
         elif p.harmonise and not with_site:
             out["adjusted"] = {"skipped": "ComBat needs every subject's site and >= 2 sites"}
         else:
-            template = adjusted_pipeline(names, p.tiv, p.adjust, p.harmonise, inputs)
+            template = adjusted_pipeline(names, p.tiv, p.adjust, p.harmonise, inputs, keep=numeric)
             dec, _, _, folds = _run_repeats(Xc, y, template, p, p.repeats, False, p.n_jobs)
             pred = (dec >= 0).astype(np.int_)
-            steps = (["ComBat across sites (age, sex kept)"] if p.harmonise else []) + (
+            kept = f" ({', '.join(numeric)} kept)" if numeric else ""
+            steps = ([f"ComBat across sites{kept}"] if p.harmonise else []) + (
                 [f"{', '.join(p.adjust)} regressed out of each input"] if p.adjust else []
             )
             out["adjusted"] = {
