@@ -194,7 +194,7 @@ def by_class(
             )
         a1, a0 = age[(y == 1) & np.isfinite(age)], age[(y == 0) & np.isfinite(age)]
         if len(a1) > 1 and len(a0) > 1:
-            row["p_value"] = round(float(ttest_ind(a1, a0, equal_var=False).pvalue), 4)
+            row["p_value"] = float(f"{ttest_ind(a1, a0, equal_var=False).pvalue:.3g}")
             row["test"] = "Welch t-test"
         out["age, mean (SD)"] = row
     for label, values in (("sex", sexes), ("site", sites), ("arm", arms)):
@@ -217,7 +217,7 @@ def by_class(
             ),
         }
         if len(levels) > 1 and counts.sum(axis=1).min() > 0:
-            row["p_value"] = round(float(chi2_contingency(counts)[1]), 4)
+            row["p_value"] = float(f"{chi2_contingency(counts)[1]:.3g}")
             row["test"] = "chi-squared"
         out[label] = row
     return out
