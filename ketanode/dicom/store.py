@@ -18,8 +18,10 @@ import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
@@ -97,7 +99,11 @@ SeriesCallback = Callable[[int, bool], None]
 # take about 0.4 ms (bench/ingest.py, docs/architecture.md).
 _INSTANCE, _SERIES = cast(Table, Instance.__table__), cast(Table, Series.__table__)
 _KNOWN = select(
-    _INSTANCE.c.id, _INSTANCE.c.series_id, _INSTANCE.c.sha256, _INSTANCE.c.transfer_syntax_uid
+    _INSTANCE.c.id,
+    _INSTANCE.c.series_id,
+    _INSTANCE.c.sha256,
+    _INSTANCE.c.transfer_syntax_uid,
+    _INSTANCE.c.spool_path,
 ).where(_INSTANCE.c.sop_instance_uid == bindparam("b_uid"))
 _BUMP_SERIES = (
     update(_SERIES)
@@ -563,7 +569,7 @@ def _store_locked(
         with service.sessions() as session:
             known = session.connection().execute(_KNOWN, {"b_uid": uid}).first()
         if known is not None:
-            return _known_instance(service, uid, known, digest, ts, assoc_id)
+            return _known_instance(service, uid, known, raw, digest, ts, assoc_id)
     except OperationalError as exc:
         raise Refused(OUT_OF_RESOURCES, "database unavailable", safe(str(exc.orig), 500)) from exc
     try:
@@ -620,7 +626,7 @@ def _store_locked(
                         },
                     )
             if known is not None:
-                return _known_instance(service, uid, known, digest, ts, assoc_id)
+                return _known_instance(service, uid, known, raw, digest, ts, assoc_id)
             break
         except IntegrityError:
             with service.sessions() as session:
@@ -629,7 +635,7 @@ def _store_locked(
             if known is not None:  # stored concurrently by another process
                 if spooled.created and str(spooled.path) != stored_path:
                     service.spool.discard(spooled.path)  # ours has no row: no orphan
-                return _known_instance(service, uid, known, digest, ts, assoc_id)
+                return _known_instance(service, uid, known, raw, digest, ts, assoc_id)
             if attempt == _ATTEMPTS:
                 if spooled.created:
                     service.spool.discard(spooled.path)
@@ -656,18 +662,50 @@ def _spool_path(session: Session, instance_id: int) -> str:
     return str(session.scalar(select(Instance.spool_path).where(Instance.id == instance_id)))
 
 
+def _same_content(stored: Path, raw: bytes) -> bool:
+    """The stored file and ``raw`` (another transfer syntax) hold the same attribute values
+    and the same decoded pixels. Only for a resend in another transfer syntax (rare): both
+    are decoded in full."""
+    try:
+        first, second = dcmread(stored), dcmread(io.BytesIO(raw))
+
+        def tags(ds: Dataset) -> set[BaseTag]:
+            return {e.tag for e in ds if e.tag.element != 0 and e.tag not in _NOT_CONTENT}
+
+        if tags(first) != tags(second):
+            return False
+        if any(first[t].value != second[t].value for t in tags(first)):
+            return False
+        if ("PixelData" in first) != ("PixelData" in second):
+            return False
+        return "PixelData" not in first or bool(
+            np.array_equal(first.pixel_array, second.pixel_array)
+        )
+    except Exception as exc:  # cannot decode one of them: not shown to be the same
+        logger.info("could not compare two copies of an instance: %s", exception_summary(exc))
+        return False
+
+
+_NOT_CONTENT = {BaseTag(0x7FE00010), BaseTag(0xFFFCFFFC)}  # pixel data (compared decoded), padding
+
+
 def _known_instance(
     service: StoreService,
     uid: str,
-    known: Row[Any, Any, Any, Any],
+    known: Row[Any, Any, Any, Any, Any],
+    raw: bytes,
     digest: str,
     ts: str,
     assoc_id: int | None,
 ) -> StoreOutcome:
-    """A SOP Instance UID the node holds: the same bytes (same transfer syntax and dataset)
-    are a duplicate, answered with success; other content is refused with 0x0111 (the first
-    copy stays; the refusal keeps the other in spool/rejected like any refused dataset)."""
-    if known.sha256 == digest:
+    """A SOP Instance UID the node holds: the same content is a duplicate, answered with
+    success (the same bytes; or, in another transfer syntax, the same attribute values and
+    the same decoded pixels); other content is refused with 0x0111 (the first copy stays;
+    the refusal keeps the other in spool/rejected like any refused dataset)."""
+    same = known.sha256 == digest or (
+        known.transfer_syntax_uid != ts and _same_content(Path(known.spool_path), raw)
+    )
+    if same:
         if assoc_id is not None:
             with service.writer_lock, service.sessions.begin() as session:
                 _count(session, assoc_id, duplicate=True)
@@ -676,7 +714,7 @@ def _known_instance(
         )
         return StoreOutcome(SUCCESS, duplicate=True)
     other = (
-        "in another transfer syntax"
+        "with other content (in another transfer syntax)"
         if known.transfer_syntax_uid != ts
         else "with other content (same transfer syntax)"
     )
