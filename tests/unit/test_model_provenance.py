@@ -253,3 +253,38 @@ def test_the_registry_flag_is_used_at_prediction(tmp_path: Path, sqlite_url: str
     # registering it again never clears the flag
     registry.register(engine, path)
     assert registry.active_record(engine)["synthetic"] is True  # type: ignore[index]
+
+
+def test_a_synthetic_cohort_cannot_produce_a_model_marked_real(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``model synth`` -> ``model train``: the model is synthetic with its synthetic.json,
+    with the CSV alone (its rows are marked), and ``--not-synthetic`` no longer exists."""
+    from typer.testing import CliRunner
+
+    from ketanode.model.synthetic import SYNTHETIC_COLUMN, is_synthetic_cohort
+    from ketanode.model_cli import model_app
+
+    monkeypatch.setenv("KETANODE__DATABASE__URL", f"sqlite:///{tmp_path / 'k.db'}")
+    monkeypatch.setenv("KETANODE__PIPELINE__WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.delenv("KETANODE_CONFIG", raising=False)
+    runner = CliRunner()
+    synth = ["synth", str(tmp_path / "c"), "--n", "40", "--seed", "2", "--features-only"]
+    res = runner.invoke(model_app, synth)
+    assert res.exit_code == 0, res.output
+    cohort = tmp_path / "c" / "cohort.csv"
+    alone = tmp_path / "elsewhere" / "renamed.csv"  # without its synthetic.json
+    alone.parent.mkdir()
+    shutil.copyfile(cohort, alone)
+    assert SYNTHETIC_COLUMN in alone.read_text().splitlines()[0].split(",")
+    assert is_synthetic_cohort(cohort) and is_synthetic_cohort(alone)
+    fast = ["--repeats", "1", "--permutations", "0", "--no-register", "--json"]
+    res = runner.invoke(model_app, ["train", str(alone), "--not-synthetic", *fast])
+    assert res.exit_code != 0 and "No such option" in res.output
+    for csv_path in (cohort, alone):
+        out = tmp_path / f"{csv_path.stem}.skops"
+        res = runner.invoke(model_app, ["train", str(csv_path), "--out", str(out), *fast])
+        assert res.exit_code == 0, res.output
+        loaded = load_model(out)
+        assert loaded.synthetic and loaded.label == DEMO_LABEL
+        assert read_sealed(out)["synthetic"] is True  # type: ignore[index]
