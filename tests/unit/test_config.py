@@ -129,3 +129,13 @@ def test_cli_refuses_to_start_half_configured(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "pipeline.workers" in proc.stderr and str(cfg) in proc.stderr.replace("\n", "")
     assert not (tmp_path / "ketanode-data").exists()
+
+
+def test_the_demonstration_model_is_off_unless_switched_on(tmp_path: Path) -> None:
+    """Issue 12, item 3: ``serve`` never scores with the demonstration model by default (nor
+    with the example settings); the embedded ``ketanode demo`` switches it on."""
+    from ketanode.demo import demo_settings
+
+    assert Settings().model.demo_when_none_active is False
+    assert load_settings(EXAMPLE, environ={}).model.demo_when_none_active is False
+    assert demo_settings(tmp_path).model.demo_when_none_active is True
