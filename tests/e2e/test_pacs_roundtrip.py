@@ -39,6 +39,7 @@ def _node(tmp_path: Path, db_url: str, pacs: Orthanc, port: int) -> NodeProcess:
         port=port,
         overrides={
             "pipeline": {"measure": True, "workers": 2},
+            "model": {"demo_when_none_active": True},  # scored by the demonstration model
             "destinations": [  # type: ignore[dict-item]
                 {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}
             ],

@@ -88,7 +88,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EndToEnd]:
         f"sqlite:///{root / 'ketanode.db'}",
         {
             "pipeline": {"measure": True},
-            "model": {"predict": True},
+            "model": {"predict": True, "demo_when_none_active": True},
             "web": {"enabled": True, "port": 0},
             "destinations": destinations,
             # the offline destination keeps retrying (one try, then a long wait)
