@@ -5,12 +5,15 @@
 1. :data:`DEMO_COHORT`: 64 phantoms, half responders, planted effect d = 1.5 (frontal GM up
    in responders, cerebellar GM up in non-responders), region_sd 0.08, two simulated
    sites (different SNR), 2 mm isotropic voxels, seed 2026.
-2. Features by the node's default pipeline settings (affine registration at 2 mm, Atropos
-   with template priors), cached.
+2. Features by the node's default pipeline settings, cached.
 3. :data:`DEMO_PROTOCOL`: 10 x 5-fold nested CV (inner 5-fold over C), 100 permutations,
-   seed 2026, TIV as proportion; final model fitted on all subjects.
-4. Written to ``ketanode/data/models/demo.skops`` + ``demo.json`` + ``demo.report.html``,
-   with ``synthetic: true`` and the label :data:`ketanode.model.files.DEMO_LABEL`.
+   seed 2026, TIV as proportion; final model fitted on all subjects, its probability
+   calibrated with the sigmoid anchored at the cohort's response rate (threshold 0.5).
+4. Written to ``ketanode/data/models/demo.skops`` (metadata sealed inside) + ``demo.json``
+   + ``demo.report.html``, with ``synthetic: true`` and the label
+   :data:`ketanode.model.files.DEMO_LABEL`. A new file's SHA-256 and ``estimator_sha256``
+   must then be added to :data:`ketanode.model.files.KNOWN_SYNTHETIC` (kept with the old
+   ones), so that the code knows it as synthetic whatever its metadata says.
 
 ANTs registration is not bit-reproducible across runs/threads, so features (and so the
 model's SHA-256) can differ in the last digits between runs; the recipe, seeds, cohort and
