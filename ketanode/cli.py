@@ -397,13 +397,23 @@ def _print_demo_measurement(by_name: dict[str, Any], truth: dict[str, Any]) -> N
     pred = by_name.get("predict")
     if pred:
         model = pred["model"]
+        rule = pred.get("decision_rule") or {}
         console.print(
             f"[bold]prediction: {pred['predicted_class']}[/bold], P(response) "
             f"{pred['probability']:.2f}, SVC decision value {pred['decision_value']:+.2f}; "
             f"model {model['name']} (sha256 {model['sha256'][:12]})"
         )
+        if rule.get("threshold") is not None:
+            rate = rule.get("training_response_rate")
+            console.print(
+                f"rule: responder when P >= {rule['threshold'] + rule['margin']:.3f}, "
+                f"non-responder when P <= {rule['threshold'] - rule['margin']:.3f}, else "
+                "indeterminate; P depends on the training cohort's response rate "
+                f"({'not recorded' if rate is None else format(rate, '.0%')})",
+                highlight=False,
+            )
         if model["synthetic"]:
-            console.print(f"[bold yellow]{model['label']}[/bold yellow]")
+            console.print(f"[bold yellow]DEMO: {model['label']}[/bold yellow]")
 
 
 def _print_demo_reports(results: list[dict[str, Any]]) -> None:
