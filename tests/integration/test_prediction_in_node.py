@@ -100,7 +100,11 @@ def test_no_active_model_sends_no_demonstration_result(
     series is measured and checked, then reported NOT SCORED ("no active model"); nothing
     scored, nothing from the demonstration model, reaches the destination's outbox."""
     node = node_factory(
-        {"pipeline": {"measure": True}, "destinations": [DESTINATION]}  # model: defaults
+        {
+            "pipeline": {"measure": True},
+            "series": {"selection": {"max_voxel_mm": 6.0}},  # a 2 mm phantom, to be quick
+            "destinations": [DESTINATION],
+        }  # model: the defaults
     )
     assert node.settings.model.demo_when_none_active is False
     series = SeriesSpec(patient_id="SYN-NOMODEL", series_description="T1 MPRAGE")
