@@ -324,6 +324,7 @@ def test_sweep_removes_exactly_what_retention_allows(world: World, tmp_path: Pat
         "spool_files": 8,
         "objects": 5,
         "report_files": 8,
+        "rejected_files": 0,
         "bytes": done.bytes,
     }
 
