@@ -365,6 +365,7 @@ def _linear_svc(a: F64, y: I64, c: float) -> tuple[F64, float]:
     nested CV thousands of times; the observed run uses the sklearn pipeline itself."""
     counts = np.bincount(y, minlength=2)
     weights = np.array([len(y) / (2 * counts[0]), len(y) / (2 * counts[1])], dtype=np.float64)
+    _libsvm.set_verbosity_wrap(0)  # libsvm's default prints every fit (SVC sets it per fit)
     _, sv, _, dual, intercept, *_ = _libsvm.fit(
         np.ascontiguousarray(a, dtype=np.float64),
         y.astype(np.float64),

@@ -350,3 +350,19 @@ def test_precomputed_features_must_carry_their_spec(tmp_path: Path) -> None:
     (tmp_path / "bare.csv").write_text(stripped + "\n")
     with pytest.raises(CohortError, match="without provenance"):
         read_cohort(tmp_path / "bare.csv")
+
+
+def test_permuted_fits_print_nothing_in_a_fresh_process() -> None:
+    """libsvm prints every fit unless told not to; sklearn's SVC tells it, our direct call
+    must too (a permutation worker's first fit would otherwise fill the terminal)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from ketanode.model.validation import _linear_svc\n"
+        "rng = np.random.default_rng(0)\n"
+        "_linear_svc(rng.normal(size=(30, 4)), np.tile([0, 1], 15), 1.0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == ""
