@@ -225,6 +225,9 @@ def write_report(
     ci_method = str(
         summary.get("ci_method") or (summary.get("protocol") or {}).get("ci_method", "")
     )
+    banner = html.escape(label)
+    if label != RESEARCH_USE_ONLY:
+        banner += "<br>" + html.escape(RESEARCH_USE_ONLY)
     doc = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
@@ -235,7 +238,7 @@ text-align:left;vertical-align:top;font-size:90%}}img{{margin:.4em;max-width:48%
 .note{{background:#fff6d6;padding:.4em}}</style>
 </head><body>
 <h1>{html.escape(title)}</h1>
-<p class="banner">{html.escape(label)}<br>{html.escape(RESEARCH_USE_ONLY)}</p>
+<p class="banner">{banner}</p>
 {sections["headline"]}
 <h2>{"External validation metrics" if external else "Cross-validated metrics"}</h2>
 {_metrics_table(metrics)}
