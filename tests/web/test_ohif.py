@@ -10,7 +10,6 @@ screenshots of the study, the SR and the report image (the ones in README.md).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,18 @@ from ketanode.imaging.series_writer import SeriesSpec
 from ketanode.model.demo_model import held_out_cohort
 from ketanode.node import Node
 from tests.integration.conftest import build_settings
+from tests.ohiftools import (
+    CHROMIUM,
+    REPORT_SERIES,
+    SR_SERIES,
+    drivers_by_contribution,
+    screenshot,
+    study_page,
+    view_sr,
+)
 from tests.peers import OhifViewer, Orthanc
 from tests.support import REPO, storescu, wait_for
 
-CHROMIUM = "/usr/bin/chromium"
 SHOTS = os.environ.get("KETANODE_SCREENSHOTS")
 PATIENT = SeriesSpec(
     patient_name="SYNTHETIC^VIEWER",
@@ -38,7 +45,6 @@ PATIENT = SeriesSpec(
     series_description="T1 MPRAGE",
 )
 COMPREHENSIVE_3D = "1.2.840.10008.5.1.4.1.1.88.34"
-SR_SERIES = "RESEARCH USE ONLY ketanode ketamine response SR"  # after "DEMO " here
 
 
 @dataclass
@@ -88,7 +94,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Study]:
             ).one()
         values = read_sr(pydicom.dcmread(sr_path))
         assert values.probability is not None
-        regions = [f for f, _ in sorted(values.contributions.items(), key=lambda kv: -abs(kv[1]))]
+        regions = list(drivers_by_contribution(values.contributions))
         viewer.start()
         yield Study(
             study_uid=str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID),
@@ -115,15 +121,8 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser, study: Study) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1440, "height": 900})
-    tab = context.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda e: errors.append(str(e)))
-    tab.goto(f"{study.viewer.url}/viewer?StudyInstanceUIDs={study.study_uid}")
-    tab.get_by_text("Skip all").click(timeout=90_000)  # OHIF's first-visit tour
-    yield tab
-    assert not errors, errors
-    context.close()
+    with study_page(browser, study.viewer.url, study.study_uid) as tab:
+        yield tab
 
 
 def _shot(page: Page, name: str) -> None:
@@ -133,57 +132,26 @@ def _shot(page: Page, name: str) -> None:
         page.screenshot(path=str(out / f"{name}.png"))
 
 
-def _labels(page: Page) -> list[str]:
-    return list(
-        page.eval_on_selector_all(
-            "[data-cy='viewport-pane'] svg text", "els => els.map(e => e.textContent)"
-        )
-    )
-
-
 def test_the_study_shows_the_t1_the_sr_and_the_report_image(page: Page) -> None:
     browser_text = page.inner_text("[data-cy='studyBrowser-panel']")
     assert SR_SERIES in browser_text
+    assert REPORT_SERIES in browser_text
     assert "T1 MPRAGE" in browser_text
-    assert "RESEARCH USE ONLY" in browser_text  # the report image's series
     assert "Something went wrong" not in page.inner_text("body")
     _shot(page, "ohif-study")
 
 
 def test_the_sr_draws_each_driving_region_with_its_volume(page: Page, study: Study) -> None:
-    page.get_by_text(SR_SERIES, exact=False).dblclick()
-    page.wait_for_selector("[data-cy='viewport-action-arrows-right']", timeout=60_000)
-    found: dict[str, str] = {}
-    probability_seen = False
-    for _ in range(len(study.drivers) + 2):
-        page.wait_for_timeout(1500)
-        labels = " | ".join(_labels(page))
-        probability_seen |= "Probability of response to ketamine" in labels and bool(
-            re.search(r"(RESPONDER|INDETERMINATE), P\(response\) [\d.]+ %", labels)
-        )
-        for feature in study.drivers:
-            ml = f"Grey matter volume: {study.sr_volumes[feature]:.2f} ml"
-            if ml in labels:
-                found[feature] = labels
-        if len(found) == 1 and SHOTS:
-            _shot(page, "ohif-sr")
-        page.click("[data-cy='viewport-action-arrows-right']")
-    assert "Something went wrong" not in page.inner_text("body")
-    assert probability_seen, "the overall result is drawn"
-    missing = [f for f in study.drivers if f not in found]
-    assert not missing, f"regions not drawn with their volume: {missing}"
-    # the outlines themselves: polylines in the viewport's SVG layer
-    n_paths = page.eval_on_selector_all(
-        "[data-cy='viewport-pane'] svg path, [data-cy='viewport-pane'] svg polyline",
-        "els => els.filter(e => (e.getAttribute('d') || e.getAttribute('points') || '')"
-        ".length > 40).length",
-    )
-    assert n_paths >= 1
-    assert re.search(r"I:\s*\d+", page.inner_text("[data-cy='viewport-overlay-bottom-right']"))
+    view = view_sr(page, len(study.drivers) + 2, screenshot("ohif-sr"))
+    assert not view.errors, view.errors
+    assert view.overall_drawn, view.labels
+    missing = [f for f in study.drivers if not view.region_drawn(study.sr_volumes[f])]
+    assert not missing, f"regions not drawn with their volume: {missing} in {view.labels}"
+    assert view.outlines >= 1
 
 
 def test_the_report_image_opens(page: Page) -> None:
-    report = page.get_by_text("ketamine response report", exact=False)
+    report = page.get_by_text(REPORT_SERIES, exact=False)
     assert report.count() == 1
     report.dblclick()
     page.wait_for_timeout(4000)
