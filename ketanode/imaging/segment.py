@@ -9,7 +9,9 @@ Two methods (``pipeline.segmentation``):
 - ``em`` (default): a Gaussian mixture fitted by expectation-maximisation in which each
   voxel's class probability is ``(1 - w) * pi_k + w * prior_k(x)`` (``w`` = ``prior_weight``,
   ``pi_k`` the global class fractions), then a partial-volume (mixel) model that counts a
-  boundary voxel by its tissue fractions (:func:`em`); no spatial (MRF) term. A few seconds
+  boundary voxel by its tissue fractions (:func:`em`); no spatial (MRF) term. An outlier
+  class takes what fits no tissue; the pure classes' spreads are held to the cerebrum's and
+  to caps relative to WM (:data:`GM_VARIANCE_CAP`, :data:`CSF_VARIANCE_CAP`). A few seconds
   on a 1 mm brain.
 - ``atropos``: ANTs Atropos with the same priors and an MRF (about 35-50 s on a 1 mm brain on
   one ITK thread). Measured on the same inputs (docs/architecture.md, "Segmentation"), its
@@ -37,6 +39,22 @@ CLASSES = ("csf", "gm", "wm")
 # the three non-circular phantoms and the shared real head against SAMSEG (docs/
 # architecture.md, "Measurement on real heads"): total GM vs SAMSEG +17 % -> +6 %.
 GM_VARIANCE_CAP = 1.25
+# The CSF class's variance likewise, at most this times WM's (in the cerebrum; the other
+# compartments are held to its variances, see :func:`em`). Pure CSF is as uniform as WM;
+# what widened the CSF Gaussian (to 3-4 x WM's SD on the spoiled gradient-echo phantoms,
+# where the dura lies between CSF and GM) was sulcal CSF/GM partial volume and the shell of
+# the intracranial mask, and a wide CSF class counts CSF/GM boundary voxels as all CSF:
+# temporal GM -14 / -17 % on the IR-FSPGR axial phantom (-10 / -12 % with the cap).
+# Measured (docs/architecture.md, "Measurement on real heads"): 2 moved the real UIH head's
+# total GM by +1.1 %; 1.5 by +2.5 %.
+CSF_VARIANCE_CAP = 2.0
+# A voxel inside the intracranial mask that fits no tissue class (venous sinus blood, diploic
+# marrow or fat at the mask's edge: brighter than WM on a spoiled gradient echo) goes to an
+# outlier class of uniform density over the intensity range, counted as CSF (intracranial,
+# not brain tissue: TIV stays the mask's volume). Without it a few hundred such voxels in the
+# cerebellum's compartment, where pure WM is scarce, made its WM class's SD 0.11 of WM
+# (0.06 with the outlier class; the cerebrum's: 0.045).
+OUTLIER_START = 0.01
 
 
 class SegmentationError(RuntimeError):
@@ -106,15 +124,30 @@ def _normalised_priors(priors: list[ants.ANTsImage], m: NDArray[np.bool_]) -> ND
     return np.where(total > 1e-3, pr / np.maximum(total, 1e-3), np.float32(1.0 / 3.0))
 
 
-def _gaussians(
-    y: NDArray[np.float32], mu: NDArray[np.float32], var: NDArray[np.float32], mix: Any
-) -> NDArray[np.float32]:
-    """Normalised class posteriors ``mix * N(y; mu, var)`` (voxels x classes)."""
-    d = y[:, None] - mu
-    p = np.exp(-0.5 * d * d / var) * (mix / np.sqrt(var))
-    p /= np.maximum(p.sum(axis=1, keepdims=True), np.float32(1e-30))
-    out: NDArray[np.float32] = p.astype(np.float32)
-    return out
+class _Outlier:
+    """The outlier class: a uniform density (``density``, in the units of the unnormalised
+    Gaussians ``exp(-d^2 / 2 var) / sqrt(var)``) with a share refitted at every E-step;
+    ``last`` holds the latest outlier posteriors."""
+
+    def __init__(self, density: float, share: float) -> None:
+        self.density = np.float32(density)
+        self.share = share
+        self.last: NDArray[np.float32] = np.zeros(0, dtype=np.float32)
+
+    def posteriors(
+        self, y: NDArray[np.float32], mu: NDArray[np.float32], var: NDArray[np.float32], mix: Any
+    ) -> NDArray[np.float32]:
+        """Normalised class posteriors ``mix * N(y; mu, var)`` (voxels x classes), the outlier
+        class beside them (its posteriors in ``last``): they sum to 1 - ``last``."""
+        d = y[:, None] - mu
+        p = np.exp(-0.5 * d * d / var) * ((1.0 - self.share) * mix / np.sqrt(var))
+        po = np.float32(self.share) * self.density
+        total = np.maximum(p.sum(axis=1) + po, np.float32(1e-30))
+        p /= total[:, None]
+        self.last = (po / total).astype(np.float32)
+        self.share = float(self.last.mean())
+        out: NDArray[np.float32] = p.astype(np.float32)
+        return out
 
 
 def _moments(
@@ -144,7 +177,12 @@ def em(
     their own (on the shared UIH head, one GM class for both made the cerebrum's GM class so
     wide that it took in the cortex's partial volume with CSF). The GM variance cap applies
     to compartment 0 only (deep grey is there; the cerebellum's folia are thinner than a
-    voxel, so its GM class is mostly partial volume)."""
+    voxel, so its GM class is mostly partial volume). Compartment 0 is fitted first; every
+    other compartment's pure-class variances are held to at most compartment 0's: the noise
+    is the same over the brain, and the cerebellum holds too few pure WM and CSF voxels to
+    measure their spread (on the IR-FSPGR axial phantom its WM class widened to 2.4 x the
+    cerebrum's SD, took in the GM/WM boundary and moved its mean into it: cerebellar GM
+    -12 / -16 %; tied, -4.5 / -8.4 %)."""
     m = mask.numpy() > 0
     if m.sum() < 1000:
         raise SegmentationError("the brain mask is (nearly) empty")
@@ -156,10 +194,23 @@ def em(
         sel = parts == part
         if sel.sum() < 1000:  # too few voxels to fit: join the main compartment
             parts[sel] = 0
-    for part in np.unique(parts):
+    main: NDArray[np.float32] | None = None
+    for part in np.unique(parts):  # sorted: compartment 0 first
         sel = parts == part
-        cap = gm_var_cap if part == 0 else None
-        fractions[:, sel] = em_fractions(y[sel], pr[sel], prior_weight, max_iterations, tol, cap)
+        fitted: dict[str, Any] = {}
+        fractions[:, sel] = em_fractions(
+            y[sel],
+            pr[sel],
+            prior_weight,
+            max_iterations,
+            tol,
+            gm_var_cap if part == 0 else None,
+            CSF_VARIANCE_CAP if part == 0 else None,
+            var_max=main,
+            fitted=fitted,
+        )
+        if part == 0:
+            main = fitted["var"]
     out = []
     for frac in fractions:
         arr = np.zeros(m.shape, dtype=np.float32)
@@ -175,10 +226,18 @@ def em_fractions(
     max_iterations: int = 15,
     tol: float = 1e-3,
     gm_var_cap: float | None = None,
+    csf_var_cap: float | None = CSF_VARIANCE_CAP,
+    var_max: NDArray[np.float32] | None = None,
+    fitted: dict[str, Any] | None = None,
 ) -> NDArray[np.float32]:
     """Tissue fractions (3 x voxels: CSF, GM, WM) of intensities ``y`` with priors ``pr``
     (voxels x 3) by a Gaussian mixture, then a partial-volume (mixel) model.
-    Deterministic: initialised from the priors, no random sampling.
+    Deterministic: initialised from the priors, no random sampling. Beside the classes, an
+    outlier class of uniform density over ``y``'s range (:data:`OUTLIER_START`), counted as
+    CSF. The pure classes' variances are held to ``var_max`` (per class, if given), GM's to
+    ``gm_var_cap`` x WM's and CSF's to ``csf_var_cap`` x WM's (if given); ``fitted``, if
+    given, receives the final means, the variances measured from the last pure posteriors
+    (before the caps) and the outlier share.
 
     1. Three pure classes, each voxel's class probability ``(1 - w) * pi_k + w * prior_k``
        (``w`` = ``prior_weight``), fitted by EM: the class means and variances.
@@ -191,11 +250,25 @@ def em_fractions(
     (GM +9.5 % on a phantom with truth; an +8 % frontal change measured +4.9 % to +5.8 %);
     with it, +5.9 % and +6.1 % to +6.8 %, and a change in one region leaks less into
     the others (occipital -2.1 % -> -0.2 %)."""
+    span = max(float(y.max() - y.min()), 1e-6)
+    outlier = _Outlier(float(np.sqrt(2.0 * np.pi)) / span, OUTLIER_START)
+
+    def capped(var: NDArray[np.float32]) -> NDArray[np.float32]:
+        if var_max is not None:
+            var = np.minimum(var, var_max).astype(np.float32)
+        if gm_var_cap is not None:
+            var[1] = min(var[1], gm_var_cap * var[2])
+        if csf_var_cap is not None:
+            var[0] = min(var[0], csf_var_cap * var[2])
+        return var
+
     post = pr.copy()
     for _ in range(max_iterations):
         nk, mu, var = _moments(post, y)
+        if var_max is not None:
+            var = np.minimum(var, var_max).astype(np.float32)
         mix = (1.0 - prior_weight) * (nk / nk.sum()).astype(np.float32) + prior_weight * pr
-        new = _gaussians(y, mu, var, mix)
+        new = outlier.posteriors(y, mu, var, mix)
         change = float(np.abs(new - post).mean())
         post = new
         if change < tol:
@@ -211,8 +284,7 @@ def em_fractions(
     )
     pi = np.full(5, 0.2, dtype=np.float32)
     for _ in range(max_iterations):
-        if gm_var_cap is not None:
-            var[1] = min(var[1], gm_var_cap * var[2])
+        var = capped(var)
         mu5 = np.array([*mu, (mu[0] + mu[1]) / 2, (mu[1] + mu[2]) / 2], dtype=np.float32)
         var5 = np.array(
             [
@@ -222,7 +294,7 @@ def em_fractions(
             ],
             dtype=np.float32,
         )
-        post5 = _gaussians(y, mu5, var5, (1.0 - prior_weight) * pi + prior_weight * pr5)
+        post5 = outlier.posteriors(y, mu5, var5, (1.0 - prior_weight) * pi + prior_weight * pr5)
         nk5 = post5.sum(axis=0, dtype=np.float64)
         pi = (nk5 / nk5.sum()).astype(np.float32)
         _, new_mu, var = _moments(post5[:, :3], y)
@@ -232,11 +304,13 @@ def em_fractions(
             break
     if not (mu[0] < mu[1] < mu[2]):
         raise SegmentationError("tissue intensities left T1 order in the partial-volume fit")
+    if fitted is not None:
+        fitted.update(mu=mu, var=var, outlier=outlier.share)
     csf_in_cg = np.clip((y - mu[1]) / (mu[0] - mu[1]), 0.0, 1.0)
     gm_in_gw = np.clip((y - mu[2]) / (mu[1] - mu[2]), 0.0, 1.0)
     fractions: NDArray[np.float32] = np.stack(
         [
-            post5[:, 0] + post5[:, 3] * csf_in_cg,
+            post5[:, 0] + post5[:, 3] * csf_in_cg + outlier.last,
             post5[:, 1] + post5[:, 3] * (1.0 - csf_in_cg) + post5[:, 4] * gm_in_gw,
             post5[:, 2] + post5[:, 4] * (1.0 - gm_in_gw),
         ]
