@@ -15,12 +15,21 @@ from typing import Any
 
 import pydicom
 import pytest
+from playwright.sync_api import sync_playwright
 
 from ketanode.dicom.sr import read_sr
 from ketanode.imaging.analysis import analyse
 from ketanode.imaging.convert import convert_series
 from tests.e2e.conftest import Db, wait_series_final
-from tests.peers import Orthanc
+from tests.ohiftools import (
+    CHROMIUM,
+    drivers_by_contribution,
+    screenshot,
+    study_page,
+    view_sr,
+    with_valid_dates,
+)
+from tests.peers import OhifViewer, Orthanc
 from tests.realhead import VARIANTS, convert_uih, uih_files, write_variant
 from tests.support import NodeProcess, storescu, wait_for
 from tests.unit._report_case import DSRDUMP, dciodvfy
@@ -28,15 +37,18 @@ from tests.unit._report_case import DSRDUMP, dciodvfy
 KEY_REGIONS = ("left_frontal", "right_frontal", "left_cerebellum", "right_cerebellum")
 
 
+@pytest.mark.timeout(900)  # a real head, then a browser on it: minutes on a busy 2-core host
 def test_real_head_is_scored_and_reported_in_the_pacs(
     tmp_path: Path, db_url: str, db_reader: Db, node_process: list[NodeProcess]
 ) -> None:
-    pacs = Orthanc(tmp_path / "orthanc")
+    pacs = Orthanc(tmp_path / "orthanc", dicomweb=True)
     node = NodeProcess(
         tmp_path / "node",
         db_url,
         overrides={
             "pipeline": {"measure": True},
+            # no site model here: the demonstration model, switched on on purpose
+            "model": {"demo_when_none_active": True},
             "destinations": [  # type: ignore[dict-item]
                 {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}
             ],
@@ -100,6 +112,28 @@ def test_real_head_is_scored_and_reported_in_the_pacs(
         assert values.model_sha256 == result["model_sha256"]
         assert values.volumes["tiv"] == pytest.approx(tiv, rel=1e-4)
         assert node.stop() == 0
+
+        # -- and a web viewer draws it on the head (issue 15; once: it does not depend on the
+        # node's database) ---------------------------------------------------------------------
+        if not db_url.startswith("sqlite"):
+            return
+        for f in uih_files():  # the scanner sends the study to the PACS too
+            pacs.post_bytes("/instances", with_valid_dates(f))
+        drivers = drivers_by_contribution(values.contributions)
+        viewer = OhifViewer(pacs).start()
+        try:
+            with sync_playwright() as p:
+                chromium = p.chromium.launch(
+                    executable_path=CHROMIUM, chromium_sandbox=False, args=["--no-sandbox"]
+                )
+                with study_page(chromium, viewer.url, study) as page:
+                    view = view_sr(page, len(drivers) + 2, screenshot("ohif-real-head"))
+                chromium.close()
+        finally:
+            viewer.stop()
+        assert not view.errors and view.overall_drawn, view.labels
+        missing = [f for f in drivers if not view.region_drawn(values.volumes[f])]
+        assert not missing, (missing, view.labels)
     finally:
         pacs.stop()
 
