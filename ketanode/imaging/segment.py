@@ -50,10 +50,11 @@ GM_VARIANCE_CAP = 1.25
 CSF_VARIANCE_CAP = 2.0
 # A voxel inside the intracranial mask that fits no tissue class (venous sinus blood, diploic
 # marrow or fat at the mask's edge: brighter than WM on a spoiled gradient echo) goes to an
-# outlier class of uniform density over the intensity range, counted as CSF (intracranial,
-# not brain tissue: TIV stays the mask's volume). Without it a few hundred such voxels in the
-# cerebellum's compartment, where pure WM is scarce, made its WM class's SD 0.11 of WM
-# (0.06 with the outlier class; the cerebrum's: 0.045).
+# outlier class of uniform density over the intensity range: kept out of the classes' means
+# and variances, and counted by its intensity (below CSF's mean CSF, above WM's WM, between
+# two means their linear unmixing; TIV stays the mask's volume). Without it a few hundred
+# such voxels in the cerebellum's compartment, where pure WM is scarce, made its WM class's
+# SD 0.11 of WM (0.06 with the outlier class; the cerebrum's: 0.045).
 OUTLIER_START = 0.01
 
 
@@ -182,7 +183,7 @@ def em(
     is the same over the brain, and the cerebellum holds too few pure WM and CSF voxels to
     measure their spread (on the IR-FSPGR axial phantom its WM class widened to 2.4 x the
     cerebrum's SD, took in the GM/WM boundary and moved its mean into it: cerebellar GM
-    -12 / -16 %; tied, -4.5 / -8.4 %)."""
+    -12 / -16 %; tied, -4.2 / -8.1 %)."""
     m = mask.numpy() > 0
     if m.sum() < 1000:
         raise SegmentationError("the brain mask is (nearly) empty")
@@ -233,8 +234,9 @@ def em_fractions(
     """Tissue fractions (3 x voxels: CSF, GM, WM) of intensities ``y`` with priors ``pr``
     (voxels x 3) by a Gaussian mixture, then a partial-volume (mixel) model.
     Deterministic: initialised from the priors, no random sampling. Beside the classes, an
-    outlier class of uniform density over ``y``'s range (:data:`OUTLIER_START`), counted as
-    CSF. The pure classes' variances are held to ``var_max`` (per class, if given), GM's to
+    outlier class of uniform density over ``y``'s range (:data:`OUTLIER_START`); an outlier
+    voxel counts by its intensity's unmixing between the two nearest class means. The pure
+    classes' variances are held to ``var_max`` (per class, if given), GM's to
     ``gm_var_cap`` x WM's and CSF's to ``csf_var_cap`` x WM's (if given); ``fitted``, if
     given, receives the final means, the variances measured from the last pure posteriors
     (before the caps) and the outlier share.
@@ -308,11 +310,18 @@ def em_fractions(
         fitted.update(mu=mu, var=var, outlier=outlier.share)
     csf_in_cg = np.clip((y - mu[1]) / (mu[0] - mu[1]), 0.0, 1.0)
     gm_in_gw = np.clip((y - mu[2]) / (mu[1] - mu[2]), 0.0, 1.0)
+    # an outlier voxel counts by its intensity alone: below the CSF mean CSF, above the WM
+    # mean WM, between two means their linear unmixing (the outlier class keeps such voxels
+    # out of the classes' means and variances; it does not decide what they are)
+    out = outlier.last
     fractions: NDArray[np.float32] = np.stack(
         [
-            post5[:, 0] + post5[:, 3] * csf_in_cg + outlier.last,
-            post5[:, 1] + post5[:, 3] * (1.0 - csf_in_cg) + post5[:, 4] * gm_in_gw,
-            post5[:, 2] + post5[:, 4] * (1.0 - gm_in_gw),
+            post5[:, 0] + (post5[:, 3] + out) * csf_in_cg,
+            post5[:, 1]
+            + post5[:, 3] * (1.0 - csf_in_cg)
+            + out * (1.0 - csf_in_cg) * gm_in_gw
+            + post5[:, 4] * gm_in_gw,
+            post5[:, 2] + (post5[:, 4] + out) * (1.0 - gm_in_gw),
         ]
     ).astype(np.float32)
     return fractions
