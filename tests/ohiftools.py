@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydicom
 from playwright.sync_api import Browser, Page
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.support import REPO
 
@@ -61,6 +62,7 @@ def study_page(browser: Browser, url: str, study_uid: str) -> Iterator[Page]:
     page.get_by_text("Skip all").click(timeout=120_000)  # OHIF's first-visit tour
     # the study browser lists the study's series (the SR's among them) once QIDO answered
     page.get_by_text(SR_SERIES, exact=False).wait_for(timeout=120_000)
+    page.locator("[data-cy='study-browser-thumbnail']").first.wait_for(timeout=120_000)
     try:
         yield page
     finally:
@@ -79,8 +81,16 @@ def _labels(page: Page) -> str:
 def view_sr(page: Page, steps: int, shot: Callable[[Page, int], None] | None = None) -> SrView:
     """Load the SR into the viewport and step ``steps`` times through its measurements
     (``shot(page, step)`` after each step is drawn)."""
-    page.get_by_text(SR_SERIES, exact=False).dblclick()
-    page.wait_for_selector("[data-cy='viewport-action-arrows-right']", timeout=120_000)
+    # on a busy host OHIF may still be loading the images when the SR is opened: try again
+    arrows = "[data-cy='viewport-action-arrows-right']"
+    for attempt in range(3):
+        page.get_by_text(SR_SERIES, exact=False).dblclick()
+        try:
+            page.wait_for_selector(arrows, timeout=60_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
     view = SrView()
     for i in range(steps):
         page.wait_for_timeout(1500)

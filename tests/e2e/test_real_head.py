@@ -158,6 +158,9 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
     return out
 
 
+# the module fixture measures four heads (~3 min on an idle 2-core host, twice that beside
+# another test worker): its setup runs under the first test's timeout
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("name", [v.name for v in VARIANTS])
 def test_real_head_measures_the_same_in_other_acquisitions(
     variants: dict[str, dict[str, Any]], name: str
