@@ -22,6 +22,8 @@ Layout of the content tree::
           NUM Grey matter volume (ml) + Finding Site (+ Laterality), for each region
           NUM Contribution to decision value (1) + the same Finding Site, for each model input
           NUM Volume (ml) of white matter / CSF / intracranial structure (when given)
+          TEXT Comment: "<CLASS>, P(response) <P> % - [DEMO - ]RESEARCH USE ONLY" (scored only;
+            OHIF shows it as the group's label)
           TEXT Not scored reason                                            (not scored only)
           TEXT Quality control check, one per failing or warning check
           TEXT Decision rule, TEXT Probability and training cohort          (scored only)
