@@ -77,6 +77,8 @@ from ketanode.dicom.report_content import (
 from ketanode.dicom.source_header import clean_source_header
 
 logger = logging.getLogger(__name__)
+# Body Part Examined defined terms (PS3.16 CID 4031) of the head, none of them paired
+HEAD_BODY_PARTS = frozenset({"BRAIN", "HEAD", "HEADNECK", "SKULL"})
 
 SERIES_DESCRIPTION = f"{RESEARCH_USE_ONLY} ketanode ketamine response report"
 
@@ -859,8 +861,11 @@ def build_report_image(
     # a report page has no patient orientation (Type 2C: present, empty)
     del sc.PatientOrientation
     sc.add_new("PatientOrientation", "CS", None)
-    # an unpaired body part: General Series Laterality (Type 2C) is then absent
-    sc.BodyPartExamined = str(ref.get("BodyPartExamined") or "") or "BRAIN"
+    # the source's body part when it is one of the head's (all unpaired, so General Series
+    # Laterality, Type 2C, is then absent); anything else (another defined term, a paired
+    # part, or a value that is none: '45Y' was seen) is not what this page shows: BRAIN
+    body = str(ref.get("BodyPartExamined") or "").strip().upper()
+    sc.BodyPartExamined = body if body in HEAD_BODY_PARTS else "BRAIN"
     sc.BurnedInAnnotation = "NO"  # text is drawn, but no patient identifiers
     comment = "" if result.scored else f": {not_scored_headline(result)}"
     demo = f"{DEMO}: {DEMO_TEXT}. " if result.demo else ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from dataclasses import replace
+from io import BytesIO
 from pathlib import Path
 
 import nibabel as nib
@@ -178,3 +179,19 @@ def not_scored(result: ResultForReport) -> ResultForReport:
         territories_path=None,
         region_names=(),
     )
+
+
+def saved(ds: Dataset, path: Path | None = None) -> Dataset:
+    """The object as written to a file (what reporting does) and read back; also written to
+    ``path`` when given."""
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    if path is not None:
+        path.write_bytes(buf.getvalue())
+    buf.seek(0)
+    return pydicom.dcmread(buf)
+
+
+def small_page(result: ResultForReport) -> np.ndarray:
+    """A stand-in for the rendered report page (the header tests do not need the drawing)."""
+    return np.full((32, 32, 3), 128, dtype=np.uint8)

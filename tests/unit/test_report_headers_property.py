@@ -16,13 +16,11 @@ import copy
 import os
 import time
 from dataclasses import replace
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import numpy as np
-import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,7 +35,15 @@ from ketanode.dicom.report_content import ResultForReport
 from ketanode.dicom.report_image import build_report_image
 from ketanode.dicom.source_header import TYPE_2, clean_source_header
 from ketanode.dicom.sr import build_sr
-from tests.unit._report_case import DCIODVFY, dciodvfy, have, make_case, not_scored
+from tests.unit._report_case import (
+    DCIODVFY,
+    dciodvfy,
+    have,
+    make_case,
+    not_scored,
+    saved,
+    small_page,
+)
 
 DEVICE_UID = "1.2.826.0.1.3680043.8.498.1"
 EXAMPLES = int(os.environ.get("KETANODE_HEADER_EXAMPLES", "1000"))
@@ -181,19 +187,6 @@ def make_source(base: Dataset, header: dict[str, Any]) -> Dataset:
     return src
 
 
-def _saved(ds: Dataset, path: Path | None = None) -> Dataset:
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    if path is not None:
-        path.write_bytes(buf.getvalue())
-    buf.seek(0)
-    return pydicom.dcmread(buf)
-
-
-def _small_page(result: ResultForReport) -> np.ndarray:
-    return np.full((32, 32, 3), 128, dtype=np.uint8)
-
-
 @pytest.fixture(scope="module")
 def case(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Dataset], ResultForReport]:
     source, result = make_case(tmp_path_factory.mktemp("property_case"))
@@ -215,9 +208,9 @@ def check_header(
     src = make_source(source[0], header)
     cleaned = clean_source_header(src)
     assert set(cleaned.blanked) <= {*header["values"], "SpecificCharacterSet"}
-    sr = _saved(build_sr([src, *source[1:3]], report, device_uid=DEVICE_UID),
+    sr = saved(build_sr([src, *source[1:3]], report, device_uid=DEVICE_UID),
                 where / "sr.dcm" if where else None)  # fmt: skip
-    image = _saved(build_report_image([src], report), where / "sc.dcm" if where else None)
+    image = saved(build_report_image([src], report), where / "sc.dcm" if where else None)
     for ds in (sr, image):
         assert ds.StudyInstanceUID == source[0].StudyInstanceUID
         assert ds.SeriesInstanceUID != source[0].SeriesInstanceUID
@@ -265,7 +258,7 @@ def test_a_thousand_odd_headers_build_an_sr_and_a_report_image(
 
     # the content tree does not depend on the header: made once (highdicom copies it)
     with (
-        mock.patch("ketanode.dicom.report_image.render_report_page", _small_page),
+        mock.patch("ketanode.dicom.report_image.render_report_page", small_page),
         mock.patch.object(sr_module, "measurement_report", content),
     ):
         one()
@@ -290,17 +283,17 @@ def test_a_sample_of_odd_headers_passes_dciodvfy(
     @given(header=headers())
     def one(header: dict[str, Any]) -> None:
         where = tmp_path / str(len(checked))
-        where.mkdir()
+        where.mkdir(exist_ok=True)  # Hypothesis replays a failing example
         check_header(source, report, header, where)
         src = make_source(source[0], header)
         minimal = build_minimal_sr([src, *source[1:3]], cause="ValueError", reason="QC failed")
-        _saved(minimal, where / "minimal.dcm")
+        saved(minimal, where / "minimal.dcm")
         for name in ("sr.dcm", "sc.dcm", "minimal.dcm"):
             errors, _ = dciodvfy(where / name)
             assert errors == [], (name, errors, header)
         checked.append(1)
 
-    with mock.patch("ketanode.dicom.report_image.render_report_page", _small_page):
+    with mock.patch("ketanode.dicom.report_image.render_report_page", small_page):
         one()
     assert len(checked) >= DCIODVFY_SAMPLE
 
@@ -309,7 +302,7 @@ def test_the_minimal_sr_keeps_the_study_and_lists_the_evidence(
     case: tuple[list[Dataset], ResultForReport],
 ) -> None:
     source, _ = case
-    ds = _saved(build_minimal_sr(source, cause="RuntimeError", reason=None))
+    ds = saved(build_minimal_sr(source, cause="RuntimeError", reason=None))
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.11"
     assert ds.StudyInstanceUID == source[0].StudyInstanceUID
     assert ds.PatientID == source[0].PatientID and ds.Modality == "SR"

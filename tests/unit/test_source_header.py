@@ -7,12 +7,10 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import replace
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import numpy as np
 import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,7 +26,15 @@ from ketanode.dicom.report_content import ResultForReport
 from ketanode.dicom.report_image import build_report_image
 from ketanode.dicom.source_header import TYPE_2, clean_source_header
 from ketanode.dicom.sr import build_sr
-from tests.unit._report_case import DCIODVFY, dciodvfy, have, make_case, not_scored
+from tests.unit._report_case import (
+    DCIODVFY,
+    dciodvfy,
+    have,
+    make_case,
+    not_scored,
+    saved,
+    small_page,
+)
 
 REAL_HEAD = (
     Path(__file__).resolve().parents[3]
@@ -65,20 +71,6 @@ def _put(ds: Dataset, keyword: str, value: Any) -> None:
         ds[tag] = RawDataElement(BaseTag(tag), vr, len(raw), raw, 0, False, True)
 
 
-def _saved(ds: Dataset, path: Path | None = None) -> Dataset:
-    """The object as written to a file (what _emit does) and read back."""
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    if path is not None:
-        path.write_bytes(buf.getvalue())
-    buf.seek(0)
-    return pydicom.dcmread(buf)
-
-
-def _small_page(result: ResultForReport) -> np.ndarray:
-    return np.full((64, 64, 3), 128, dtype=np.uint8)
-
-
 # --- the real anonymised head -------------------------------------------------------------
 
 
@@ -101,7 +93,7 @@ def test_real_anonymised_head_gets_sr_not_scored_sr_and_report_image(
         }
     for name, obj in built.items():
         path = tmp_path / f"{name}.dcm"
-        ds = _saved(obj, path)
+        ds = saved(obj, path)
         errors, _ = dciodvfy(path)
         assert errors == [], (name, errors)
         assert ds.StudyInstanceUID == header.StudyInstanceUID, name
@@ -190,7 +182,7 @@ def test_missing_type_2_attributes_are_present_and_empty(
     assert header.blanked == ()
     for keyword in TYPE_2:
         assert keyword in header.dataset and header.dataset[keyword].value in ("", None)
-    sr = _saved(build_sr([src], result, device_uid=DEVICE_UID), tmp_path / "sr.dcm")
+    sr = saved(build_sr([src], result, device_uid=DEVICE_UID), tmp_path / "sr.dcm")
     assert sr.PatientID == "" and sr.StudyInstanceUID == src.StudyInstanceUID
 
 
@@ -204,7 +196,7 @@ def test_unusable_character_set_falls_back_to_utf8(
     header = clean_source_header(src)
     assert header.blanked == ("SpecificCharacterSet",)
     assert header.dataset.SpecificCharacterSet == "ISO_IR 192"
-    sr = _saved(build_sr([src], result, device_uid=DEVICE_UID))
+    sr = saved(build_sr([src], result, device_uid=DEVICE_UID))
     assert str(sr.PatientName) == "Müller^Jürgen"
 
 
@@ -217,8 +209,18 @@ def test_unusable_character_set_falls_back_to_utf8(
         {"PatientName": "a\\b", "PatientSex": "m", "PatientID": None, "StudyDate": None},
         {"SpecificCharacterSet": "ISO 2022 IR 100", "PatientName": "Ærø^Åse"},
         {"AcquisitionDateTime": "***", "Manufacturer": "\x00", "BodyPartExamined": "brain"},
+        {"BodyPartExamined": "45Y"},  # not a body part: dciodvfy then wants a Laterality
+        {"BodyPartExamined": "KNEE"},  # a paired one
     ],
-    ids=["anonymiser", "formatted-and-long", "multi-and-missing", "charset", "equipment"],
+    ids=[
+        "anonymiser",
+        "formatted-and-long",
+        "multi-and-missing",
+        "charset",
+        "equipment",
+        "junk-body-part",
+        "paired-body-part",
+    ],
 )
 def test_odd_headers_build_valid_objects(
     case: tuple[list[Dataset], ResultForReport], tmp_path: Path, values: dict[str, Any]
@@ -227,7 +229,7 @@ def test_odd_headers_build_valid_objects(
     src = copy.deepcopy(source[0])
     for keyword, value in values.items():
         _put(src, keyword, value)
-    with mock.patch("ketanode.dicom.report_image.render_report_page", _small_page):
+    with mock.patch("ketanode.dicom.report_image.render_report_page", small_page):
         objects = {
             "sr": build_sr([src], result, device_uid=DEVICE_UID),
             "sr_not_scored": build_sr([src], not_scored(result), device_uid=DEVICE_UID),
@@ -235,7 +237,7 @@ def test_odd_headers_build_valid_objects(
         }
     for name, obj in objects.items():
         path = tmp_path / f"{name}.dcm"
-        ds = _saved(obj, path)
+        ds = saved(obj, path)
         errors, _ = dciodvfy(path)
         assert errors == [], (name, errors)
         assert ds.StudyInstanceUID == src.StudyInstanceUID
@@ -280,13 +282,13 @@ def test_junk_dates_times_and_names_never_make_the_builders_raise(
     for keyword, value in values.items():
         _put(src, keyword, value)
     report = not_scored(result)
-    with mock.patch("ketanode.dicom.report_image.render_report_page", _small_page):
+    with mock.patch("ketanode.dicom.report_image.render_report_page", small_page):
         objects = [
             build_sr([src, *source[1:3]], report, device_uid=DEVICE_UID),
             build_report_image([src], report),
         ]
     for obj in objects:
-        ds = _saved(obj)
+        ds = saved(obj)
         assert ds.StudyInstanceUID == source[0].StudyInstanceUID
         assert ds.PatientID == source[0].PatientID
         for keyword in values:
