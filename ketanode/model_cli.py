@@ -209,26 +209,24 @@ def train_cmd(
 def _covariates_text(val: dict[str, Any]) -> None:
     cov = val.get("covariates") or {}
     base = cov.get("baseline") or {}
+    adj = cov.get("adjusted") or {}
     if base.get("skipped"):
         console.print(f"covariates-only baseline not run: {base['skipped']}", highlight=False)
     elif base:
-        ba = base["metrics"]["balanced_accuracy"]
-        console.print(
-            f"covariates-only baseline ({', '.join(base['covariates'])}): balanced accuracy "
-            f"{ba['mean']:.3f} ({ba['ci95'][0]:.3f} - {ba['ci95'][1]:.3f})",
-            highlight=False,
-        )
+        _ba_line(f"covariates-only baseline ({', '.join(base['covariates'])})", base)
         console.print(f"[bold]{base['verdict']}[/bold]", highlight=False)
-    adj = cov.get("adjusted") or {}
     if adj.get("skipped"):
         console.print(f"adjusted analysis not run: {adj['skipped']}", highlight=False)
     elif adj:
-        ba = adj["metrics"]["balanced_accuracy"]
-        console.print(
-            f"adjusted ({'; '.join(adj['steps'])}): balanced accuracy {ba['mean']:.3f} "
-            f"({ba['ci95'][0]:.3f} - {ba['ci95'][1]:.3f})",
-            highlight=False,
-        )
+        _ba_line(f"adjusted ({'; '.join(adj['steps'])})", adj)
+
+
+def _ba_line(label: str, analysis: dict[str, Any]) -> None:
+    ba = analysis["metrics"]["balanced_accuracy"]
+    console.print(
+        f"{label}: balanced accuracy {ba['mean']:.3f} ({ba['ci95'][0]:.3f} - {ba['ci95'][1]:.3f})",
+        highlight=False,
+    )
 
 
 @model_app.command("evaluate")

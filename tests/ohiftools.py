@@ -17,7 +17,6 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.support import REPO
 
-CHROMIUM = "/usr/bin/chromium"
 SR_SERIES = "ketamine response SR"  # the end of the SR's series description
 REPORT_SERIES = "ketamine response report"
 DATE_KEYWORDS = (

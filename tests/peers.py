@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -207,6 +208,14 @@ OHIF_CONFIG = """window.config = {
 """
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A browser that closes a tab drops connections mid-response: not an error here."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @dataclass
 class OhifViewer:
     """The published OHIF build served on loopback, its DICOMweb requests proxied to Orthanc.
@@ -267,7 +276,7 @@ class OhifViewer:
                     ctype = e.headers.get("Content-Type", "text/plain")
                 self._send(status, ctype, body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = _QuietServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 

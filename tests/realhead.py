@@ -22,7 +22,10 @@ from scipy import ndimage
 from ketanode.imaging.convert import convert_series
 from ketanode.imaging.phantom import PhantomSpec, grid_affine
 from ketanode.imaging.series_writer import SeriesSpec, write_series
-from tests.support import SHARED
+from tests.e2e.conftest import Db
+from tests.peers import Orthanc
+from tests.support import SHARED, wait_for
+from tests.unit._report_case import dciodvfy
 
 UIH_DIR = SHARED / "data" / "dicom" / "uih-t1-3d-sag"
 
@@ -120,3 +123,25 @@ def write_variant(
         origin_mm=(float(lps_origin[0]), float(lps_origin[1]), float(lps_origin[2])),
     )
     return write_series(pixels, variant.voxel_mm, out_dir, series)
+
+
+def reports_in_pacs(pacs: Orthanc, db_reader: Db, study: str, out: Path) -> dict[str, Path]:
+    """Once every outbox row is sent: the node's SR and report image found in ``pacs`` in
+    ``study`` (exactly one each), saved as ``out/sr.dcm`` and ``out/sc.dcm``, each without a
+    dciodvfy error."""
+    wait_for(
+        lambda: {r["state"] for r in db_reader.rows("SELECT state FROM outbox")} == {"sent"},
+        120,
+        interval=0.5,
+        what="the SR and the report image sent",
+    )
+    (sr_id,) = pacs.find("Instance", StudyInstanceUID=study, Modality="SR")
+    (sc_id,) = pacs.find("Instance", StudyInstanceUID=study, Modality="OT")
+    paths = {}
+    for kind, orthanc_id in (("sr", sr_id), ("sc", sc_id)):
+        path = out / f"{kind}.dcm"
+        path.write_bytes(pacs.get_bytes(f"/instances/{orthanc_id}/file"))
+        errors, _ = dciodvfy(path)
+        assert errors == [], (kind, errors)
+        paths[kind] = path
+    return paths

@@ -26,6 +26,7 @@ STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
 DCMODIFY = "/usr/bin/dcmodify"
+CHROMIUM = "/usr/bin/chromium"  # Debian's, driven by Playwright
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -216,3 +217,18 @@ class NodeProcess:
                 self.proc.wait(10)
                 raise AssertionError("node did not stop within the timeout after SIGTERM") from None
         return int(self.proc.returncode or 0)
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright (a ``playwright`` Browser)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, chromium_sandbox=False, args=["--no-sandbox"]
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()

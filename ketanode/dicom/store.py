@@ -15,7 +15,7 @@ import logging
 import struct
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,10 +355,25 @@ def _unparsable(exc: Malformed) -> Refused:
     )
 
 
+@contextlib.contextmanager
+def _parse_errors_refused() -> Iterator[None]:
+    """Any exception of the parse as a refusal: pydicom raises many kinds on bytes it cannot
+    decode, all of them about the input. Their text can quote values: it is stored (for the
+    unexpected kinds), never logged."""
+    try:
+        yield
+    except (InvalidDicomError, EOFError, RecursionError, zlib.error, struct.error) as exc:
+        raise Refused(CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})") from exc
+    except Exception as exc:
+        raise Refused(
+            CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})", safe(str(exc), 500)
+        ) from exc
+
+
 def _parse(raw: bytes, ts: str) -> Dataset:
     _walk(raw, ts)
     ds: Dataset
-    try:
+    with _parse_errors_refused():
         encoding = _encoding(ts)
         if encoding is None:
             ds = dcmread(io.BytesIO(raw), force=False, specific_tags=list(_NEEDED))
@@ -368,27 +383,13 @@ def _parse(raw: bytes, ts: str) -> Dataset:
             fp = io.BytesIO(raw)
             fp.seek(_dataset_offset(raw))
             ds = read_dataset(fp, *encoding, specific_tags=_NEEDED_TAGS)
-    except (InvalidDicomError, EOFError, RecursionError, zlib.error, struct.error) as exc:
-        raise Refused(CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})") from exc
-    except Exception as exc:
-        raise Refused(
-            CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})", safe(str(exc), 500)
-        ) from exc
     # The image attributes are checked on their bytes first: pydicom's decoding of a bad
     # value raises (or not, by its validation mode) and would make it a parse failure.
     for keyword in _IMAGE_LIMITS:
         _image_value(ds, keyword)
-    try:
+    with _parse_errors_refused():
         for _ in ds:  # the elements the node reads must decode now (ds holds only those)
             pass
-    except (InvalidDicomError, EOFError, RecursionError, zlib.error, struct.error) as exc:
-        raise Refused(CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})") from exc
-    except Exception as exc:
-        # pydicom raises many kinds of exception on bytes it cannot decode; all of them are
-        # about the input. Their text can quote values: it is stored, never logged.
-        raise Refused(
-            CANNOT_UNDERSTAND, f"cannot parse dataset ({type(exc).__name__})", safe(str(exc), 500)
-        ) from exc
     if len(ds) == 0:
         # pydicom reads almost any byte stream without raising; a "dataset" holding none
         # of the elements every stored object has (UIDs, patient, modality) is not one.

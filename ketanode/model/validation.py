@@ -60,7 +60,7 @@ from sklearn import config_context
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
-from sklearn.svm import SVC, _libsvm  # type: ignore[attr-defined]
+from sklearn.svm import _libsvm  # type: ignore[attr-defined]
 from sklearn.utils.parallel import Parallel, delayed
 
 from ketanode.model.classifier import (
@@ -322,41 +322,6 @@ class CVResult:
         return float(values[best]), int(counts[best]), len(self.chosen_c)
 
 
-def _select_c(
-    pipeline: Pipeline, X: F64, y: I64, c_grid: Sequence[float], folds: int, seed: int
-) -> float:
-    """:func:`ketanode.model.classifier.select_c` for any pipeline ending in a scaler and the
-    SVC: the steps before them (TIV, and covariate adjustment or harmonisation when
-    present) are fitted once per inner fold, on its training subjects."""
-    if list(pipeline.named_steps) == ["tiv", "scale", "svc"]:
-        return select_c(pipeline, X, y, c_grid, folds, seed)
-    grid = sorted(c_grid)
-    pre = Pipeline(pipeline.steps[:-2])
-    svc_params = pipeline.named_steps["svc"].get_params()
-    scores = np.zeros(len(grid))
-    smallest = int(np.bincount(y, minlength=2).min())
-    inner = StratifiedKFold(max(2, min(folds, smallest)), shuffle=True, random_state=seed)
-    for train, test in inner.split(X, y):
-        adjust = clone(pre).fit(X[train], y[train])
-        a, b = adjust.transform(X[train]), adjust.transform(X[test])
-        mu, sd = a.mean(axis=0), a.std(axis=0)
-        sd[sd == 0] = 1.0
-        a, b = (a - mu) / sd, (b - mu) / sd
-        yt = y[test]
-        params = dict(svc_params)
-        if params.get("class_weight") == "balanced":
-            counts = np.bincount(y[train], minlength=2)
-            params["class_weight"] = {k: len(train) / (2 * counts[k]) for k in (0, 1)}
-        for i, c in enumerate(grid):
-            svc = SVC(**{**params, "C": c}).fit(a, y[train])
-            pred = svc.decision_function(b) >= 0
-            sens = np.mean(pred[yt == 1]) if np.any(yt == 1) else 0.0
-            spec = np.mean(~pred[yt == 0]) if np.any(yt == 0) else 0.0
-            scores[i] += (sens + spec) / 2
-    best = int(np.flatnonzero(scores >= scores.max() - 1e-9)[0])
-    return float(grid[best])
-
-
 def _linear_svc(a: F64, y: I64, c: float) -> tuple[F64, float]:
     """Weights and offset of ``SVC(kernel="linear", C=c, class_weight="balanced")`` fitted on
     standardised ``a``, from libsvm directly: the same solver and parameters as
@@ -384,35 +349,14 @@ def _linear_svc(a: F64, y: I64, c: float) -> tuple[F64, float]:
     return -(np.asarray(dual) @ np.asarray(sv)).ravel(), -float(intercept[0])
 
 
-def _standardise(a: F64, b: F64) -> tuple[F64, F64]:
-    mu, sd = a.mean(axis=0), a.std(axis=0)
-    sd[sd == 0] = 1.0
-    return (a - mu) / sd, (b - mu) / sd
-
-
 def _fast_fold(
     template: Pipeline, X: F64, y: I64, p: Protocol, fold_seed: int
 ) -> tuple[Callable[[F64], F64], float]:
     """C by the inner grid search and the fitted SVC's decision function, as
-    :func:`_select_c` and the pipeline would give them, via :func:`_linear_svc`."""
+    :func:`~ketanode.model.classifier.select_c` and the pipeline would give them, with the
+    SVC fitted by :func:`_linear_svc`."""
+    c = select_c(template, X, y, p.c_grid, p.inner_folds, fold_seed, fit_linear=_linear_svc)
     pre = Pipeline(template.steps[:-2])
-    grid = sorted(p.c_grid)
-    scores = np.zeros(len(grid))
-    smallest = int(np.bincount(y, minlength=2).min())
-    inner = StratifiedKFold(
-        max(2, min(p.inner_folds, smallest)), shuffle=True, random_state=fold_seed
-    )
-    for train, test in inner.split(X, y):
-        adjust = clone(pre).fit(X[train], y[train])
-        a, b = _standardise(adjust.transform(X[train]), adjust.transform(X[test]))
-        yt = y[test]
-        for i, c in enumerate(grid):
-            w, off = _linear_svc(a, y[train], c)
-            pred = b @ w + off >= 0
-            sens = np.mean(pred[yt == 1]) if np.any(yt == 1) else 0.0
-            spec = np.mean(~pred[yt == 0]) if np.any(yt == 0) else 0.0
-            scores[i] += (sens + spec) / 2
-    c = float(grid[int(np.flatnonzero(scores >= scores.max() - 1e-9)[0])])
     fitted = clone(pre).fit(X, y)
     a = fitted.transform(X)
     mu, sd = a.mean(axis=0), a.std(axis=0)
@@ -440,7 +384,7 @@ def _outer_fold(
         decide, c = _fast_fold(template, X[train], y[train], p, fold_seed)
         return test, decide(X[test]), np.full(len(test), np.nan), c
     pipe = clone(template)
-    c = _select_c(pipe, X[train], y[train], p.c_grid, p.inner_folds, fold_seed)
+    c = select_c(pipe, X[train], y[train], p.c_grid, p.inner_folds, fold_seed)
     pipe.set_params(svc__C=c)
     if with_probability:
         est = calibrated(pipe, y[train], p.inner_folds, fold_seed)
@@ -540,6 +484,28 @@ def permute_within(y: I64, strata: list[I64], rng: np.random.Generator) -> I64:
     for idx in strata:
         out[idx] = y[rng.permutation(idx)]
     return out
+
+
+def _permutation_null(
+    fn: Callable[..., float],
+    args: Callable[[I64], tuple[Any, ...]],
+    y: I64,
+    strata: list[I64],
+    p: Protocol,
+    stream: int,
+    label: str,
+) -> F64:
+    """``fn(*args(y_perm))`` for ``p.n_permutations`` label permutations within ``strata``
+    (seeded by ``p.seed`` and ``stream``), with a progress bar."""
+    rng = np.random.default_rng([p.seed, stream])
+    perms = [permute_within(y, strata, rng) for _ in range(p.n_permutations)]
+    with config_context(assume_finite=True, skip_parameter_validation=True):
+        return _progress_map(fn, (args(yp) for yp in perms), len(perms), label, p)
+
+
+def permutation_p(null: F64, observed: float) -> float:
+    """(k + 1) / (n + 1): k of the n null statistics at least the observed one."""
+    return (1 + int(np.sum(null >= observed - 1e-12))) / (1 + len(null))
 
 
 def _progress_map(
@@ -661,17 +627,10 @@ def permutation_test(
     k = min(p.permutation_repeats or observed_pred.shape[0], observed_pred.shape[0])
     observed = float(_ba(y[None, :], observed_pred[:k]).mean())
     strata = strata if strata is not None else [np.arange(len(y))]
-    rng = np.random.default_rng([p.seed, 11])
-    perms = [permute_within(y, strata, rng) for _ in range(p.n_permutations)]
-    with config_context(assume_finite=True, skip_parameter_validation=True):
-        null = _progress_map(
-            _permuted_statistic,
-            ((X, yp, template, p, k) for yp in perms),
-            len(perms),
-            "permutations",
-            p,
-        )
-    p_value = (1 + int(np.sum(null >= observed - 1e-12))) / (1 + len(null))
+    null = _permutation_null(
+        _permuted_statistic, lambda yp: (X, yp, template, p, k), y, strata, p, 11, "permutations"
+    )
+    p_value = permutation_p(null, observed)
     headline = k == observed_pred.shape[0]
     return {
         "n_permutations": int(len(null)),
@@ -791,22 +750,21 @@ def leave_site_out(
         }
         if p.n_permutations > 0:
             strata = _strata(sites, len(y))
-            rng = np.random.default_rng([p.seed, 23])
-            perms = [permute_within(y, strata, rng) for _ in range(p.n_permutations)]
-            with config_context(assume_finite=True, skip_parameter_validation=True):
-                null = _progress_map(
-                    _lso_statistic,
-                    ((X, yp, template, site_arr, p) for yp in perms),
-                    len(perms),
-                    "leave-site-out permutations",
-                    p,
-                )
+            null = _permutation_null(
+                _lso_statistic,
+                lambda yp: (X, yp, template, site_arr, p),
+                y,
+                strata,
+                p,
+                23,
+                "leave-site-out permutations",
+            )
             finite = null[np.isfinite(null)]
             pooled["permutation"] = {
                 "n_permutations": int(len(finite)),
                 "statistic": "pooled balanced accuracy of the site-held-out models",
                 "shuffled": "within site; every site model refitted",
-                "p_value": round((1 + int(np.sum(finite >= ba - 1e-12))) / (1 + len(finite)), 4),
+                "p_value": round(permutation_p(finite, ba), 4),
             }
     return {"sites": per_site, "pooled": pooled, "skipped_sites": skipped}
 
@@ -881,7 +839,7 @@ def external_validation(
             "n_permutations": n_permutations,
             "statistic": "balanced accuracy of the fixed model's predictions",
             "observed": round(observed, 4),
-            "p_value": round((1 + int(np.sum(null >= observed - 1e-12))) / (1 + n_permutations), 4),
+            "p_value": round(permutation_p(null, observed), 4),
         },
     }
     if proba is not None:

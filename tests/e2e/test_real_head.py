@@ -15,14 +15,12 @@ from typing import Any
 
 import pydicom
 import pytest
-from playwright.sync_api import sync_playwright
 
 from ketanode.dicom.sr import read_sr
 from ketanode.imaging.analysis import analyse
 from ketanode.imaging.convert import convert_series
 from tests.e2e.conftest import Db, wait_series_final
 from tests.ohiftools import (
-    CHROMIUM,
     drivers_by_contribution,
     screenshot,
     study_page,
@@ -30,9 +28,9 @@ from tests.ohiftools import (
     with_valid_dates,
 )
 from tests.peers import OhifViewer, Orthanc
-from tests.realhead import VARIANTS, convert_uih, uih_files, write_variant
-from tests.support import NodeProcess, storescu, wait_for
-from tests.unit._report_case import DSRDUMP, dciodvfy
+from tests.realhead import VARIANTS, convert_uih, reports_in_pacs, uih_files, write_variant
+from tests.support import NodeProcess, chromium, storescu
+from tests.unit._report_case import DSRDUMP
 
 KEY_REGIONS = ("left_frontal", "right_frontal", "left_cerebellum", "right_cerebellum")
 
@@ -89,21 +87,9 @@ def test_real_head_is_scored_and_reported_in_the_pacs(
         assert 0.35 <= gm / tiv <= 0.55, gm / tiv
 
         # -- the PACS holds a scored SR and a report image in the source study ---------------
-        wait_for(
-            lambda: {r["state"] for r in db_reader.rows("SELECT state FROM outbox")} == {"sent"},
-            120,
-            interval=0.5,
-            what="the SR and the report image sent",
-        )
         source = pydicom.dcmread(uih_files()[0], stop_before_pixels=True)
         study = str(source.StudyInstanceUID)
-        (sr_id,) = pacs.find("Instance", StudyInstanceUID=study, Modality="SR")
-        (sc_id,) = pacs.find("Instance", StudyInstanceUID=study, Modality="OT")
-        for kind, orthanc_id in (("sr", sr_id), ("sc", sc_id)):
-            path = tmp_path / f"{kind}.dcm"
-            path.write_bytes(pacs.get_bytes(f"/instances/{orthanc_id}/file"))
-            errors, _ = dciodvfy(path)
-            assert errors == [], (kind, errors)
+        reports_in_pacs(pacs, db_reader, study, tmp_path)
         dump = subprocess.run([DSRDUMP, str(tmp_path / "sr.dcm")], capture_output=True, text=True)
         assert dump.returncode == 0, dump.stderr
         values = read_sr(pydicom.dcmread(tmp_path / "sr.dcm"))
@@ -122,13 +108,8 @@ def test_real_head_is_scored_and_reported_in_the_pacs(
         drivers = drivers_by_contribution(values.contributions)
         viewer = OhifViewer(pacs).start()
         try:
-            with sync_playwright() as p:
-                chromium = p.chromium.launch(
-                    executable_path=CHROMIUM, chromium_sandbox=False, args=["--no-sandbox"]
-                )
-                with study_page(chromium, viewer.url, study) as page:
-                    view = view_sr(page, len(drivers) + 2, screenshot("ohif-real-head"))
-                chromium.close()
+            with chromium() as browser, study_page(browser, viewer.url, study) as page:
+                view = view_sr(page, len(drivers) + 2, screenshot("ohif-real-head"))
         finally:
             viewer.stop()
         assert not view.errors and view.overall_drawn, view.labels

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 from sqlalchemy import select
 
 from ketanode.db.models import AuditEvent, OutboxItem, Result
@@ -35,11 +35,10 @@ from ketanode.node import Node
 from tests.integration.conftest import build_settings
 from tests.integration.dicomtools import small_series
 from tests.peers import Orthanc
-from tests.support import REPO, free_port, storescu, wait_for
+from tests.support import REPO, chromium, free_port, storescu, wait_for
 from tests.web.test_health_metrics import samples
 from tests.web.webtools import ADMIN, VIEWER, add_users
 
-CHROMIUM = "/usr/bin/chromium"
 PATIENT = SeriesSpec(
     patient_name="SYNTHETIC^BROWSER",
     patient_id="SYN-WEB-0042",
@@ -139,12 +138,8 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EndToEnd]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(
-            executable_path=CHROMIUM, chromium_sandbox=False, args=["--no-sandbox"]
-        )
-        yield chromium
-        chromium.close()
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture

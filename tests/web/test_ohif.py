@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 from sqlalchemy import select
 
 from ketanode.db.models import EmittedObject, OutboxItem
@@ -27,7 +27,6 @@ from ketanode.model.demo_model import held_out_cohort
 from ketanode.node import Node
 from tests.integration.conftest import build_settings
 from tests.ohiftools import (
-    CHROMIUM,
     REPORT_SERIES,
     SR_SERIES,
     drivers_by_contribution,
@@ -36,7 +35,7 @@ from tests.ohiftools import (
     view_sr,
 )
 from tests.peers import OhifViewer, Orthanc
-from tests.support import REPO, storescu, wait_for
+from tests.support import REPO, chromium, storescu, wait_for
 
 SHOTS = os.environ.get("KETANODE_SCREENSHOTS")
 PATIENT = SeriesSpec(
@@ -111,12 +110,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Study]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(
-            executable_path=CHROMIUM, chromium_sandbox=False, args=["--no-sandbox"]
-        )
-        yield chromium
-        chromium.close()
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture
