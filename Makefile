@@ -16,7 +16,8 @@ test: setup
 
 lint:
 	ruff check ketanode tests bench migrations
-	mypy ketanode
+	ruff format --check ketanode tests bench migrations
+	mypy --strict ketanode
 
 bench:
 	$(PYTHON) bench/ingest.py

@@ -49,8 +49,8 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
 
 from ketanode.db.session import normalise_url  # noqa: E402
-from ketanode.imaging.phantom import simple_head  # noqa: E402
-from ketanode.imaging.series_writer import SeriesSpec, write_series  # noqa: E402
+from ketanode.synthetic.phantom import simple_head  # noqa: E402
+from ketanode.synthetic.series_writer import SeriesSpec, write_series  # noqa: E402
 from tests.support import (  # noqa: E402
     STORESCU,
     NodeProcess,

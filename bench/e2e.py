@@ -35,8 +35,8 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
 
 from ketanode.db.session import normalise_url  # noqa: E402
-from ketanode.imaging.phantom import PhantomSpec, make_phantom  # noqa: E402
-from ketanode.imaging.series_writer import SeriesSpec  # noqa: E402
+from ketanode.synthetic.phantom import PhantomSpec, make_phantom  # noqa: E402
+from ketanode.synthetic.series_writer import SeriesSpec  # noqa: E402
 from tests.peers import Orthanc  # noqa: E402
 from tests.support import NodeProcess, postgres_database, storescu, wait_for  # noqa: E402
 

@@ -49,8 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ketanode.imaging.phantom import simple_head  # noqa: E402
-from ketanode.imaging.series_writer import SeriesSpec, write_series  # noqa: E402
+from ketanode.synthetic.phantom import simple_head  # noqa: E402
+from ketanode.synthetic.series_writer import SeriesSpec, write_series  # noqa: E402
 from tests.peers import Orthanc, StoreSCP  # noqa: E402
 from tests.support import (  # noqa: E402
     ECHOSCU,
@@ -72,6 +72,7 @@ def log(msg: str) -> None:
 # Peers: each is a context manager that yields (port, called AE, count function)
 # ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class Target:
     port: int
@@ -92,20 +93,24 @@ def ketanode_peer(workdir: Path, db_url: str | None) -> Iterator[Target]:
     node = NodeProcess(workdir, url, overrides={"logging": {"level": "INFO"}})
     node.start()
     try:
+
         def rows() -> int:
             if db_url is None:
                 with sqlite3.connect(workdir / "ketanode.db") as conn:
                     return int(conn.execute("SELECT count(*) FROM instance").fetchone()[0])
             import psycopg
+
             with psycopg.connect(db_url) as conn:
                 row = conn.execute("SELECT count(*) FROM instance").fetchone()
                 return int(row[0]) if row else 0
 
         def count() -> int:
             # Both must hold: a committed row per instance and its file in the spool.
-            files = sum(1 for p in node.spool.rglob("*.dcm")
-                        if p.is_file() and p.parent.name != "rejected"
-                        and ".tmp" not in p.parts)
+            files = sum(
+                1
+                for p in node.spool.rglob("*.dcm")
+                if p.is_file() and p.parent.name != "rejected" and ".tmp" not in p.parts
+            )
             return min(rows(), files)
 
         def details() -> dict[str, Any]:
@@ -119,8 +124,9 @@ def ketanode_peer(workdir: Path, db_url: str | None) -> Iterator[Target]:
 
 @contextmanager
 def orthanc_peer(workdir: Path) -> Iterator[Target]:
-    orthanc = Orthanc(workdir, extra_modalities={
-        "storescu": {"AET": CALLING_AE, "Host": "127.0.0.1", "Port": 1}})
+    orthanc = Orthanc(
+        workdir, extra_modalities={"storescu": {"AET": CALLING_AE, "Host": "127.0.0.1", "Port": 1}}
+    )
     orthanc.start()
     try:
         yield Target(orthanc.dicom_port, orthanc.aet, orthanc.count_instances)
@@ -142,11 +148,16 @@ def storescp_peer(workdir: Path) -> Iterator[Target]:
 # Sending
 # ---------------------------------------------------------------------------------------
 
+
 def echo(target: Target) -> None:
     """One C-ECHO first, so that the timed run does not include the peer's start-up."""
-    proc = subprocess.run([ECHOSCU, "-aet", CALLING_AE, "-aec", target.called_ae,
-                           "127.0.0.1", str(target.port)],
-                          env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [ECHOSCU, "-aet", CALLING_AE, "-aec", target.called_ae, "127.0.0.1", str(target.port)],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"echoscu failed: {proc.stderr[-1000:]}")
 
@@ -160,10 +171,23 @@ def send(target: Target, parts: list[list[Path]]) -> float:
         try:
             start = time.perf_counter()
             for files, err in zip(parts, logs, strict=True):
-                procs.append(subprocess.Popen(
-                    [STORESCU, "-aet", CALLING_AE, "-aec", target.called_ae,
-                     "127.0.0.1", str(target.port), *[str(f) for f in files]],
-                    env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=err))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            STORESCU,
+                            "-aet",
+                            CALLING_AE,
+                            "-aec",
+                            target.called_ae,
+                            "127.0.0.1",
+                            str(target.port),
+                            *[str(f) for f in files],
+                        ],
+                        env=dcmtk_env(),
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                    )
+                )
             for proc, err in zip(procs, logs, strict=False):
                 rc = proc.wait(600)
                 if rc != 0:
@@ -183,17 +207,23 @@ def send(target: Target, parts: list[list[Path]]) -> float:
 
 def split(files: list[Path], n: int) -> list[list[Path]]:
     size = -(-len(files) // n)
-    return [files[i:i + size] for i in range(0, len(files), size)]
+    return [files[i : i + size] for i in range(0, len(files), size)]
 
 
 # ---------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------
 
+
 def make_series(out: Path, n: int) -> list[Path]:
     volume = simple_head((n, 256, 256)) * 2.0
-    spec = SeriesSpec(patient_name="BENCH^INGEST", patient_id="BENCH-0001",
-                      accession_number="BENCH1", vendor="siemens", orientation="sagittal")
+    spec = SeriesSpec(
+        patient_name="BENCH^INGEST",
+        patient_id="BENCH-0001",
+        accession_number="BENCH1",
+        vendor="siemens",
+        orientation="sagittal",
+    )
     return write_series(volume, (1.0, 1.0, 1.0), out, spec)
 
 
@@ -202,6 +232,7 @@ def postgres_available() -> bool:
         import psycopg
 
         from tests.support import PG_ADMIN_URL
+
         with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
             return True
     except Exception:
@@ -231,8 +262,10 @@ def run_one(peer: str, mode_parts: int, files: list[Path], root: Path) -> tuple[
             try:
                 wait_for(lambda: target.count() >= len(files), timeout=5, interval=0.1)
             except AssertionError:
-                log(f"VERIFY FAILED: {peer} ({mode_parts} associations) holds "
-                    f"{target.count()} of {len(files)} instances {target.details()}")
+                log(
+                    f"VERIFY FAILED: {peer} ({mode_parts} associations) holds "
+                    f"{target.count()} of {len(files)} instances {target.details()}"
+                )
             return seconds, target.count()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -242,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--instances", type=int, default=192)
-    ap.add_argument("--peers", default="ketanode,ketanode-pg,orthanc,storescp",
-                    help="comma-separated subset of ketanode,ketanode-pg,orthanc,storescp")
+    ap.add_argument(
+        "--peers",
+        default="ketanode,ketanode-pg,orthanc,storescp",
+        help="comma-separated subset of ketanode,ketanode-pg,orthanc,storescp",
+    )
     ap.add_argument("--modes", default="1,4", help="associations per run, comma-separated")
     ap.add_argument("--no-postgres", action="store_true")
     args = ap.parse_args(argv)
@@ -269,25 +305,36 @@ def main(argv: list[str] | None = None) -> int:
                     seconds, count = run_one(peer, mode, files, root)
                     results[(peer, mode)].append(seconds)
                     held[(peer, mode)].append(count)
-                    log(f"repeat {r + 1}: {peer:12s} {mode} assoc  {seconds:6.2f} s  "
-                        f"{len(files) / seconds:6.1f} inst/s")
-        common = {"bench": "ingest", "instances": len(files),
-                  "bytes_per_instance": round(sum(sizes) / len(sizes)),
-                  "repeats": args.repeats, "host_cpus": os.cpu_count(),
-                  "python": platform.python_version()}
+                    log(
+                        f"repeat {r + 1}: {peer:12s} {mode} assoc  {seconds:6.2f} s  "
+                        f"{len(files) / seconds:6.1f} inst/s"
+                    )
+        common = {
+            "bench": "ingest",
+            "instances": len(files),
+            "bytes_per_instance": round(sum(sizes) / len(sizes)),
+            "repeats": args.repeats,
+            "host_cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        }
         medians: dict[tuple[str, int], float] = {}
         ok = True
         for (peer, mode), secs in results.items():
             med = statistics.median(secs)
             medians[(peer, mode)] = len(files) / med
-            line = {**common, "peer": peer, "mode": "single" if mode == 1 else "parallel",
-                    "associations": mode, "seconds": round(med, 3),
-                    "inst_per_s": round(len(files) / med, 1),
-                    "inst_per_s_min": round(len(files) / max(secs), 1),
-                    "inst_per_s_max": round(len(files) / min(secs), 1),
-                    "seconds_all": [round(s, 3) for s in secs],
-                    "held": held[(peer, mode)],
-                    "verified": all(h == len(files) for h in held[(peer, mode)])}
+            line = {
+                **common,
+                "peer": peer,
+                "mode": "single" if mode == 1 else "parallel",
+                "associations": mode,
+                "seconds": round(med, 3),
+                "inst_per_s": round(len(files) / med, 1),
+                "inst_per_s_min": round(len(files) / max(secs), 1),
+                "inst_per_s_max": round(len(files) / min(secs), 1),
+                "seconds_all": [round(s, 3) for s in secs],
+                "held": held[(peer, mode)],
+                "verified": all(h == len(files) for h in held[(peer, mode)]),
+            }
             ok = ok and line["verified"]
             print(json.dumps(line), flush=True)
         summary: dict[str, Any] = {"bench": "ingest", "summary": True}
@@ -298,8 +345,12 @@ def main(argv: list[str] | None = None) -> int:
                     summary[key] = round(medians[(node, mode)] / medians[("orthanc", mode)], 2)
                     # Paired: each repeat runs the two back to back, so the median of the
                     # per-repeat ratios shrugs off a busy spell of a shared machine.
-                    paired = [o / k for k, o in zip(results[(node, mode)],
-                                                    results[("orthanc", mode)], strict=True)]
+                    paired = [
+                        o / k
+                        for k, o in zip(
+                            results[(node, mode)], results[("orthanc", mode)], strict=True
+                        )
+                    ]
                     summary[key + "_paired"] = round(statistics.median(paired), 2)
         summary.update({f"{p}_{m}assoc_inst_per_s": round(v, 1) for (p, m), v in medians.items()})
         summary["verified"] = ok

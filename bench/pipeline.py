@@ -1,6 +1,6 @@
 """Wall time of each imaging step, peak memory, and accuracy against phantom truth.
 
-Generates a 1 mm 176x240x256 phantom (ketanode.imaging.phantom) with known regional grey
+Generates a 1 mm 176x240x256 phantom (ketanode.synthetic.phantom) with known regional grey
 matter, or takes real scans (``--input``, NIfTI or a DICOM folder; ``--real-head`` is the
 shared UIH head), runs the node's measurement steps on each in a child process (so that
 process's peak RSS is the pipeline's), and prints one JSON line per input and a summary:
@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
 
 from ketanode.config import PipelineSettings  # noqa: E402
 from ketanode.imaging.analysis import analyse  # noqa: E402
-from ketanode.imaging.phantom import PhantomSpec, make_phantom  # noqa: E402
+from ketanode.synthetic.phantom import PhantomSpec, make_phantom  # noqa: E402
 
 KEY_REGIONS = ("left_frontal", "right_frontal", "left_cerebellum", "right_cerebellum")
 
@@ -66,18 +66,25 @@ def _line(name: str, nifti: Path, result: dict[str, Any]) -> dict[str, Any]:
 
     img = nib.load(str(nifti))
     line: dict[str, Any] = {
-        "bench": "pipeline", "input": name, "shape": list(img.shape),
+        "bench": "pipeline",
+        "input": name,
+        "shape": list(img.shape),
         "voxel_mm": [round(float(z), 3) for z in img.header.get_zooms()[:3]],
-        "steps_s": result["seconds"], "preprocess_s": result.get("preprocess_seconds"),
-        "total_s": result["total_s"], "peak_rss_mb": result["peak_rss_mb"],
+        "steps_s": result["seconds"],
+        "preprocess_s": result.get("preprocess_seconds"),
+        "total_s": result["total_s"],
+        "peak_rss_mb": result["peak_rss_mb"],
         "qc": result["qc"]["outcome"],
     }
     if "features" not in result:
         line["error"] = result.get("error")
     else:
         m = result["features"]["measurement"]
-        line |= {"tiv_ml": round(m["tiv_ml"], 1), "gm_ml": round(m["gm_ml"], 1),
-                 "gm_fraction": round(m["gm_ml"] / m["tiv_ml"], 4)}
+        line |= {
+            "tiv_ml": round(m["tiv_ml"], 1),
+            "gm_ml": round(m["gm_ml"], 1),
+            "gm_fraction": round(m["gm_ml"] / m["tiv_ml"], 4),
+        }
     return line
 
 
@@ -128,7 +135,8 @@ def scan_input(path: Path, workdir: Path, i: int) -> tuple[str, Path, None]:
 def _errors(m: dict[str, Any], truth: dict[str, Any]) -> dict[str, Any]:
     errors = {
         name: round(100 * (m["regions"][name]["gm_ml"] / t_["gm_ml"] - 1), 2)
-        for name, t_ in truth["regions"].items() if t_["gm_ml"] > 1
+        for name, t_ in truth["regions"].items()
+        if t_["gm_ml"] > 1
     }
     return {
         "gm_error_pct": errors,
@@ -141,16 +149,32 @@ def _errors(m: dict[str, Any], truth: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--subjects", type=int, default=None,
-                        help="phantom subjects (default 1 without --input/--real-head)")
-    parser.add_argument("--voxel", type=float, default=1.0)
-    parser.add_argument("--input", type=Path, action="append", default=[],
-                        help="a real scan: NIfTI file or DICOM folder (repeatable)")
-    parser.add_argument("--real-head", action="store_true", help=f"add {REAL_HEAD}")
-    parser.add_argument("--concurrent", type=int, default=1,
-                        help="jobs at a time, as pipeline.workers (each input run N times)")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--subjects",
+        type=int,
+        default=None,
+        help="phantom subjects (default 1 without --input/--real-head)",
+    )
+    parser.add_argument("--voxel", type=float, default=1.0)
+    parser.add_argument(
+        "--input",
+        type=Path,
+        action="append",
+        default=[],
+        help="a real scan: NIfTI file or DICOM folder (repeatable)",
+    )
+    parser.add_argument("--real-head", action="store_true", help=f"add {REAL_HEAD}")
+    parser.add_argument(
+        "--concurrent",
+        type=int,
+        default=1,
+        help="jobs at a time, as pipeline.workers (each input run N times)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="a [pipeline] setting, e.g. --set atropos_iterations=3 --set registration=syn",
     )
     args = parser.parse_args()
@@ -171,7 +195,10 @@ def main() -> int:
             print(json.dumps(line), flush=True)
     ok = [x for x in lines if "median_abs_gm_error_pct" in x]
     summary = {
-        "bench": "pipeline", "summary": True, "runs": len(lines), "with_truth": len(ok),
+        "bench": "pipeline",
+        "summary": True,
+        "runs": len(lines),
+        "with_truth": len(ok),
         "concurrent": args.concurrent,
         "median_total_s": statistics.median(x["total_s"] for x in lines),
         "max_peak_rss_mb": max(x["peak_rss_mb"] for x in lines),
@@ -180,7 +207,8 @@ def main() -> int:
         summary |= {
             "median_abs_gm_error_pct": statistics.median(x["median_abs_gm_error_pct"] for x in ok),
             "worst_key_region_error_pct": max(
-                abs(e) for x in ok for e in x["key_region_error_pct"].values()),
+                abs(e) for x in ok for e in x["key_region_error_pct"].values()
+            ),
             "worst_tiv_error_pct": max(abs(x["tiv_error_pct"]) for x in ok),
         }
     print(json.dumps(summary), flush=True)

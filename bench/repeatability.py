@@ -1,6 +1,6 @@
 """Scan-rescan repeatability: ICC(3,1) of regional grey matter over phantom subject pairs.
 
-For subjects 1..N, generates two phantoms (ketanode.imaging.phantom) with the same anatomy:
+For subjects 1..N, generates two phantoms (ketanode.synthetic.phantom) with the same anatomy:
 scan 1 is ``PhantomSpec(seed=s)`` and scan 2 is ``PhantomSpec(seed=s, scan_seed=1)``, a new
 pose, bias field and noise. Each scan is measured in a fresh spawned child process. Prints
 one JSON line per scan, one per feature (GM of every atlas region, gm_total, wm_total, tiv)
@@ -38,7 +38,12 @@ if str(REPO) not in sys.path:
 
 GOAL = 0.95
 KEY_FEATURES = (
-    "left_frontal", "right_frontal", "left_cerebellum", "right_cerebellum", "gm_total", "tiv",
+    "left_frontal",
+    "right_frontal",
+    "left_cerebellum",
+    "right_cerebellum",
+    "gm_total",
+    "tiv",
 )
 TOTALS = ("gm_total", "wm_total", "tiv")
 
@@ -62,7 +67,7 @@ def icc_3_1(x: Sequence[Sequence[float]] | np.ndarray[Any, Any]) -> float:
 def _scan(seed: int, scan: int, voxel: float, workdir: str) -> dict[str, Any]:
     """One scan, in a child process: generate the phantom, write it, measure it."""
     from ketanode.imaging.analysis import analyse
-    from ketanode.imaging.phantom import PhantomSpec, make_phantom
+    from ketanode.synthetic.phantom import PhantomSpec, make_phantom
 
     line: dict[str, Any] = {"bench": "repeatability", "seed": seed, "scan": scan}
     spec = PhantomSpec(
@@ -88,7 +93,9 @@ def _scan(seed: int, scan: int, voxel: float, workdir: str) -> dict[str, Any]:
         m = result["features"]["measurement"]
         line |= {
             "gm_ml": {name: r["gm_ml"] for name, r in m["regions"].items()},
-            "gm_total": m["gm_ml"], "wm_total": m["wm_ml"], "tiv": m["tiv_ml"],
+            "gm_total": m["gm_ml"],
+            "wm_total": m["wm_ml"],
+            "tiv": m["tiv_ml"],
         }
     nifti.unlink(missing_ok=True)
     return line
@@ -116,14 +123,20 @@ def feature_lines(
         with np.errstate(divide="ignore", invalid="ignore"):
             diff = np.where(mean > 0, 100 * np.abs(table[:, 1] - table[:, 0]) / mean, np.nan)
         icc = icc_3_1(table) if len(pairs) >= 2 else float("nan")
-        out.append({
-            "bench": "repeatability", "feature": f, "n_pairs": len(pairs),
-            "icc_3_1": None if np.isnan(icc) else round(icc, 4),
-            "mean_ml": round(float(table.mean()), 3),
-            "between_subject_sd_ml": round(float(mean.std(ddof=1)), 3) if len(pairs) > 1 else None,
-            "mean_abs_diff_pct": round(float(np.nanmean(diff)), 3),
-            "max_abs_diff_pct": round(float(np.nanmax(diff)), 3),
-        })
+        out.append(
+            {
+                "bench": "repeatability",
+                "feature": f,
+                "n_pairs": len(pairs),
+                "icc_3_1": None if np.isnan(icc) else round(icc, 4),
+                "mean_ml": round(float(table.mean()), 3),
+                "between_subject_sd_ml": round(float(mean.std(ddof=1)), 3)
+                if len(pairs) > 1
+                else None,
+                "mean_abs_diff_pct": round(float(np.nanmean(diff)), 3),
+                "max_abs_diff_pct": round(float(np.nanmax(diff)), 3),
+            }
+        )
     return out
 
 
@@ -136,22 +149,33 @@ def summary_line(
     excluded = {
         seed: [
             f"scan {s['scan']}: " + (s.get("error") or f"qc {s.get('qc')}")
-            for s in ss if not _usable(s)
+            for s in ss
+            if not _usable(s)
         ]
-        for seed, ss in sorted(by_seed.items()) if len(ss) < 2 or not all(map(_usable, ss))
+        for seed, ss in sorted(by_seed.items())
+        if len(ss) < 2 or not all(map(_usable, ss))
     }
     icc = {f["feature"]: f["icc_3_1"] for f in features}
     key = {k: icc.get(k) for k in KEY_FEATURES}
     regions = [f for f in features if f["feature"] not in TOTALS]
     worst = min(regions, key=lambda f: -1.0 if f["icc_3_1"] is None else f["icc_3_1"], default=None)
     return {
-        "bench": "repeatability", "summary": True, "pairs": n_pairs,
-        "pairs_used": n_pairs - len(excluded), "excluded_pairs": excluded,
-        "qc": dict(sorted(
-            {o: sum(1 for s in scans if s.get("qc") == o) for o in {s.get("qc") for s in scans}}
-            .items(), key=lambda kv: str(kv[0]),
-        )),
-        "key_icc_3_1": key, "goal": GOAL,
+        "bench": "repeatability",
+        "summary": True,
+        "pairs": n_pairs,
+        "pairs_used": n_pairs - len(excluded),
+        "excluded_pairs": excluded,
+        "qc": dict(
+            sorted(
+                {
+                    o: sum(1 for s in scans if s.get("qc") == o)
+                    for o in {s.get("qc") for s in scans}
+                }.items(),
+                key=lambda kv: str(kv[0]),
+            )
+        ),
+        "key_icc_3_1": key,
+        "goal": GOAL,
         "pass": all(v is not None and v >= GOAL for v in key.values()),
         "min_region_icc_3_1": None if worst is None else worst["icc_3_1"],
         "min_region": None if worst is None else worst["feature"],
@@ -160,10 +184,12 @@ def summary_line(
         ),
         "median_region_mean_abs_diff_pct": (
             round(statistics.median(f["mean_abs_diff_pct"] for f in regions), 3)
-            if regions else None
+            if regions
+            else None
         ),
         "median_scan_s": round(statistics.median(s["seconds"] for s in scans if "seconds" in s), 2)
-        if any("seconds" in s for s in scans) else None,
+        if any("seconds" in s for s in scans)
+        else None,
         "wall_s": round(wall_s, 1),
     }
 
@@ -190,20 +216,26 @@ def main() -> int:
     scans: list[dict[str, Any]] = []
     jobs = [(seed, scan) for seed in range(1, args.pairs + 1) for scan in (1, 2)]
     try:
-        with tempfile.TemporaryDirectory(prefix="ketanode-repeat-") as tmp, ProcessPoolExecutor(
-            max_workers=args.workers, mp_context=mp.get_context("spawn"), max_tasks_per_child=1
-        ) as pool:
+        with (
+            tempfile.TemporaryDirectory(prefix="ketanode-repeat-") as tmp,
+            ProcessPoolExecutor(
+                max_workers=args.workers, mp_context=mp.get_context("spawn"), max_tasks_per_child=1
+            ) as pool,
+        ):
             futures: dict[Future[dict[str, Any]], tuple[int, int]] = {
-                pool.submit(_scan, seed, scan, args.voxel, tmp): (seed, scan)
-                for seed, scan in jobs
+                pool.submit(_scan, seed, scan, args.voxel, tmp): (seed, scan) for seed, scan in jobs
             }
             for fut in as_completed(futures):
                 seed, scan = futures[fut]
                 try:
                     line = fut.result()
                 except Exception as exc:  # a crashed child: report it, keep the others
-                    line = {"bench": "repeatability", "seed": seed, "scan": scan,
-                            "error": f"{type(exc).__name__}: {exc}"}
+                    line = {
+                        "bench": "repeatability",
+                        "seed": seed,
+                        "scan": scan,
+                        "error": f"{type(exc).__name__}: {exc}",
+                    }
                 line["voxel_mm"] = args.voxel
                 emit(line)
                 scans.append(line)
@@ -212,7 +244,8 @@ def main() -> int:
         for s in scans:
             by_seed.setdefault(s["seed"], {})[s["scan"]] = s
         pairs = [
-            (d[1], d[2]) for _, d in sorted(by_seed.items())
+            (d[1], d[2])
+            for _, d in sorted(by_seed.items())
             if 1 in d and 2 in d and _usable(d[1]) and _usable(d[2])
         ]
         features = feature_lines(pairs)

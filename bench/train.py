@@ -27,9 +27,9 @@ if str(REPO) not in sys.path:
 
 from ketanode.imaging.features import default_spec  # noqa: E402
 from ketanode.model.cohort import FeatureTable, extract_features, read_cohort  # noqa: E402
-from ketanode.model.synthetic import SyntheticCohort, feature_cohort  # noqa: E402
 from ketanode.model.training import train  # noqa: E402
 from ketanode.model.validation import Protocol  # noqa: E402
+from ketanode.synthetic.cohort import SyntheticCohort, feature_cohort  # noqa: E402
 
 GOAL_S = 60.0
 
@@ -57,31 +57,65 @@ def main() -> int:
     else:
         X, y, _ = feature_cohort(SyntheticCohort(n=args.subjects, seed=args.seed))
         table = FeatureTable(
-            spec=default_spec(), subjects=[f"s{i}" for i in range(len(y))], X=X, y=y,
+            spec=default_spec(),
+            subjects=[f"s{i}" for i in range(len(y))],
+            X=X,
+            y=y,
             sites=[None] * len(y),
         )
         source = "feature-level synthetic cohort (planted effect d=1.5)"
     t_features = time.perf_counter() - t0
-    print(json.dumps({"bench": "train", "stage": "features", "source": source,
-                      "subjects": len(table.y), "seconds": round(t_features, 2)}), flush=True)
-    protocol = Protocol(repeats=args.repeats, n_permutations=args.permutations,
-                        n_jobs=args.jobs, seed=args.seed)
+    print(
+        json.dumps(
+            {
+                "bench": "train",
+                "stage": "features",
+                "source": source,
+                "subjects": len(table.y),
+                "seconds": round(t_features, 2),
+            }
+        ),
+        flush=True,
+    )
+    protocol = Protocol(
+        repeats=args.repeats, n_permutations=args.permutations, n_jobs=args.jobs, seed=args.seed
+    )
     with tempfile.TemporaryDirectory(prefix="ketanode-bench-train-") as tmp:
         t1 = time.perf_counter()
         meta = train(table, Path(tmp) / "bench.skops", protocol=protocol, synthetic=True)
         t_train = time.perf_counter() - t1
     val = meta["validation"]
-    print(json.dumps({"bench": "train", "stage": "nested_cv+permutations",
-                      "seconds": meta["seconds"]["nested_cv"]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "train",
+                "stage": "nested_cv+permutations",
+                "seconds": meta["seconds"]["nested_cv"],
+            }
+        ),
+        flush=True,
+    )
     total = time.perf_counter() - t0
-    print(json.dumps({
-        "bench": "train", "summary": True, "subjects": len(table.y),
-        "cpus": os.cpu_count(), "jobs": args.jobs, "repeats": args.repeats,
-        "permutations": args.permutations, "train_s": round(t_train, 2),
-        "total_s": round(total, 2), "goal_s": GOAL_S, "ok": total < GOAL_S,
-        "balanced_accuracy": val["metrics"]["balanced_accuracy"],
-        "permutation_p": (val["permutation"] or {}).get("p_value"),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "train",
+                "summary": True,
+                "subjects": len(table.y),
+                "cpus": os.cpu_count(),
+                "jobs": args.jobs,
+                "repeats": args.repeats,
+                "permutations": args.permutations,
+                "train_s": round(t_train, 2),
+                "total_s": round(total, 2),
+                "goal_s": GOAL_S,
+                "ok": total < GOAL_S,
+                "balanced_accuracy": val["metrics"]["balanced_accuracy"],
+                "permutation_p": (val["permutation"] or {}).get("p_value"),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

@@ -1,3 +1,3 @@
-from ketanode.cli import run
+from ketanode.cli.main import run
 
 run()

@@ -10,19 +10,19 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from ketanode.admin.retention import sweep as retention_sweep
 from ketanode.config import Settings
+from ketanode.db.jobqueue import new_owner, recover, renew
 from ketanode.db.migrate import ensure_current
 from ketanode.db.session import make_engine, make_session_factory
-from ketanode.dicom.associations import AssociationLog
-from ketanode.dicom.dispatcher import Dispatcher
-from ketanode.dicom.listener import Listener
-from ketanode.dicom.spool import Spool
-from ketanode.dicom.store import StoreService
-from ketanode.jobqueue import new_owner, recover, renew
-from ketanode.retention import sweep as retention_sweep
+from ketanode.process.worker import WorkerPool
+from ketanode.receive.associations import AssociationLog
+from ketanode.receive.completion import CompletionTracker
+from ketanode.receive.listener import Listener
+from ketanode.receive.store import StoreService
 from ketanode.scheduler import Timers
-from ketanode.tracking import CompletionTracker
-from ketanode.worker import WorkerPool
+from ketanode.send.dispatcher import Dispatcher
+from ketanode.spool import Spool
 
 if TYPE_CHECKING:
     from ketanode.web.server import WebServer

@@ -2,7 +2,7 @@
 
     python scripts/make_demo_model.py [--work ketanode-data/demo-cohort] [--jobs 2]
 
-Same as ``ketanode model demo-train``; the recipe is ketanode/model/demo_model.py and the
+Same as ``ketanode model demo-train``; the recipe is ketanode/synthetic/demo_model.py and the
 README next to the model says how it was made.
 """
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ketanode.model.demo_model import DEMO_MODEL, make_demo_model  # noqa: E402
+from ketanode.synthetic.demo_model import DEMO_MODEL, make_demo_model  # noqa: E402
 
 
 def main() -> int:

@@ -32,17 +32,17 @@ import pydicom
 
 import ketanode
 from ketanode.config import PipelineSettings
-from ketanode.dicom.report_content import ResultForReport
-from ketanode.dicom.report_image import (
+from ketanode.report.content import ResultForReport
+from ketanode.report.secondary_capture import (
     build_report_image,
     region_names_of_default_atlas,
     write_png,
 )
-from ketanode.dicom.sr import build_sr
+from ketanode.report.sr import build_sr
 from ketanode.imaging.analysis import step_measure, step_preprocess, step_qc, step_segment
-from ketanode.imaging.phantom import PhantomSpec, make_phantom
+from ketanode.synthetic.phantom import PhantomSpec, make_phantom
 from ketanode.model.classifier import predict
-from ketanode.model.demo_model import DEMO_MODEL
+from ketanode.synthetic.demo_model import DEMO_MODEL
 from ketanode.model.files import load_model
 
 REPO = Path(__file__).resolve().parents[1]

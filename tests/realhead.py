@@ -20,8 +20,8 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from ketanode.imaging.convert import convert_series
-from ketanode.imaging.phantom import PhantomSpec, grid_affine
-from ketanode.imaging.series_writer import SeriesSpec, write_series
+from ketanode.synthetic.phantom import PhantomSpec, grid_affine
+from ketanode.synthetic.series_writer import SeriesSpec, write_series
 from tests.e2e.conftest import Db
 from tests.peers import Orthanc
 from tests.support import SHARED, wait_for

@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ketanode.imaging.atlas import Atlas, load_atlas
 from ketanode.imaging.measure import Measurement
-from ketanode.imaging.templates import Atlas, load_atlas
 
 SPEC_NAME = "ketanode-regional-volumes"
 # The version changes whenever the same scan would give other numbers, so that a model

@@ -20,10 +20,7 @@ import ants
 import nibabel as nib
 import numpy as np
 
-from ketanode.imaging.phantom import region_territories
-from ketanode.imaging.preprocess import Registration, pull_to_native, read, template_priors
-from ketanode.imaging.segment import CLASSES, Segmentation
-from ketanode.imaging.templates import (
+from ketanode.imaging.atlas import (
     DEFAULT_ATLAS,
     TEMPLATE_GM,
     TEMPLATE_T1,
@@ -32,6 +29,9 @@ from ketanode.imaging.templates import (
     Region,
     load_atlas,
 )
+from ketanode.imaging.preprocess import Registration, pull_to_native, read, template_priors
+from ketanode.imaging.segment import CLASSES, Segmentation
+from ketanode.synthetic.phantom import region_territories
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import ants
 import numpy as np
 
 from ketanode.imaging import brain
-from ketanode.imaging.templates import TEMPLATE_GM, TEMPLATE_T1, TEMPLATE_WM
+from ketanode.imaging.atlas import TEMPLATE_GM, TEMPLATE_T1, TEMPLATE_WM
 
 logger = logging.getLogger(__name__)
 

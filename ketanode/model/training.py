@@ -30,7 +30,7 @@ from ketanode.model.classifier import fit_model, predict
 from ketanode.model.cohort import FeatureTable
 from ketanode.model.covariates import by_class
 from ketanode.model.files import load_model, make_metadata, save_model
-from ketanode.model.report import write_report
+from ketanode.model.html_report import write_report
 from ketanode.model.validation import CVResult, Protocol, external_validation, nested_cv
 
 logger = logging.getLogger(__name__)

@@ -60,7 +60,7 @@ from sklearn import config_context
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
-from sklearn.svm import _libsvm  # type: ignore[attr-defined]
+from sklearn.svm import _libsvm
 from sklearn.utils.parallel import Parallel, delayed
 
 from ketanode.model.classifier import (

@@ -3,7 +3,7 @@
 The cookie (Starlette's SessionMiddleware, signed with ``web.session_secret`` or a random
 secret per start) holds a random session id and a CSRF token; it is HttpOnly, SameSite=Lax,
 and Secure when the dashboard is served over HTTPS. The database holds the id's SHA-256, the
-user and the expiry (``ketanode.users.start_session``), so a session ends on the server: after
+user and the expiry (``ketanode.admin.users.start_session``), so a session ends on the server: after
 ``web.session_hours`` from the login (not from the last request), at logout (its row is
 deleted: a copy of the cookie saved before no longer logs in), or when the user is disabled
 or given a new password. Login and logout are the only routes that change anything; both are
@@ -37,8 +37,8 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy.orm import Session
 
-from ketanode import users
-from ketanode.audit import AuditKind, record_now
+from ketanode.admin import users
+from ketanode.admin.audit import AuditKind, record_now
 from ketanode.db.models import User, UserRole
 from ketanode.web.context import context_of, render
 
@@ -86,7 +86,7 @@ class WebUser:
 def authenticate(
     session: Session, username: str, password: str, address: str | None
 ) -> User | None:
-    """The user whose password this is, or None (``ketanode.users.authenticate``: argon2,
+    """The user whose password this is, or None (``ketanode.admin.users.authenticate``: argon2,
     records the LOGIN audit row ok / refused in ``session``; the caller commits)."""
     return users.authenticate(session, username, password, address=address)
 

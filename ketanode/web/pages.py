@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ketanode.audit import AuditKind, record_now
+from ketanode.admin.audit import AuditKind, record_now
 from ketanode.db import queries as db_queries
 from ketanode.db import results as db_results
 from ketanode.db.models import (

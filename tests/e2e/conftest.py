@@ -20,8 +20,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from ketanode.db.session import normalise_url
-from ketanode.imaging.phantom import simple_head
-from ketanode.imaging.series_writer import SeriesSpec, write_series
+from ketanode.synthetic.phantom import simple_head
+from ketanode.synthetic.series_writer import SeriesSpec, write_series
 from tests.support import GE_DIR, STORESCU, NodeProcess, dcmtk_env, wait_for
 
 FINAL_SERIES_STATES = {"done", "failed", "ignored"}

@@ -22,7 +22,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from ketanode.imaging.series_writer import SeriesSpec
+from ketanode.synthetic.series_writer import SeriesSpec
 from tests.e2e.conftest import Db, copy_ge, generated_series, wait_series_final
 from tests.support import DCMODIFY, NodeProcess, storescu
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ketanode.dicom.sr import read_sr
-from ketanode.imaging.phantom import make_phantom
-from ketanode.imaging.series_writer import SeriesSpec
-from ketanode.model.demo_model import held_out_cohort
+from ketanode.report.sr import read_sr
+from ketanode.synthetic.demo_model import held_out_cohort
+from ketanode.synthetic.phantom import make_phantom
+from ketanode.synthetic.series_writer import SeriesSpec
 from tests.e2e.conftest import Db, ge_files, wait_series_final
 from tests.peers import Orthanc
 from tests.support import NodeProcess, storescu, wait_for

@@ -16,9 +16,9 @@ from typing import Any
 import pydicom
 import pytest
 
-from ketanode.dicom.sr import read_sr
 from ketanode.imaging.analysis import analyse
 from ketanode.imaging.convert import convert_series
+from ketanode.report.sr import read_sr
 from tests.e2e.conftest import Db, wait_series_final
 from tests.ohiftools import (
     drivers_by_contribution,

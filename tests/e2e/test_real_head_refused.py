@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 
-from ketanode.dicom.sr import read_sr
+from ketanode.report.sr import read_sr
 from tests.e2e.conftest import Db, wait_series_final
 from tests.peers import Orthanc
 from tests.realhead import reports_in_pacs, uih_files

@@ -28,8 +28,8 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ketanode.config import MR_IMAGE_STORAGE
-from ketanode.imaging.phantom import simple_head
-from ketanode.imaging.series_writer import SeriesSpec, write_series
+from ketanode.synthetic.phantom import simple_head
+from ketanode.synthetic.series_writer import SeriesSpec, write_series
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
@@ -55,8 +55,9 @@ class NotEstablished(AssertionError):
     def __init__(self, assoc: object) -> None:
         self.rejected = bool(getattr(assoc, "is_rejected", False))
         self.aborted = bool(getattr(assoc, "is_aborted", False))
-        super().__init__(f"association not established (rejected={self.rejected}, "
-                         f"aborted={self.aborted})")
+        super().__init__(
+            f"association not established (rejected={self.rejected}, aborted={self.aborted})"
+        )
 
 
 @dataclass
@@ -139,26 +140,33 @@ def send(port: int, paths: Sequence[Path], **kwargs: object) -> list[int]:
         return scu.store_all(paths)
 
 
-def echoscu(port: int, calling_ae: str = TEST_AE, called_ae: str = "KETANODE"
-            ) -> subprocess.CompletedProcess[str]:
+def echoscu(
+    port: int, calling_ae: str = TEST_AE, called_ae: str = "KETANODE"
+) -> subprocess.CompletedProcess[str]:
     cmd = [require_tool(ECHOSCU), "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "TCP_NODELAY": "1"})
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "TCP_NODELAY": "1"}
+    )
 
 
 # ---------------------------------------------------------------- test data
 
 
-def t1_series(out_dir: Path, n_slices: int = 40, size: int = 64, seed: int = 0,
-              **spec: object) -> list[Path]:
+def t1_series(
+    out_dir: Path, n_slices: int = 40, size: int = 64, seed: int = 0, **spec: object
+) -> list[Path]:
     """A structural 3D T1 (1 mm isotropic, sagittal) that the default rules select."""
     volume = simple_head((n_slices, size, size), seed=seed)
     return write_series(volume, (1.0, 1.0, 1.0), out_dir, SeriesSpec(**spec))  # type: ignore[arg-type]
 
 
-def small_series(out_dir: Path, n_slices: int,
-                 voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0), size: int = 32,
-                 **spec: object) -> list[Path]:
+def small_series(
+    out_dir: Path,
+    n_slices: int,
+    voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    size: int = 32,
+    **spec: object,
+) -> list[Path]:
     volume = simple_head((n_slices, size, size))
     return write_series(volume, voxel_mm, out_dir, SeriesSpec(**spec))  # type: ignore[arg-type]
 
@@ -168,8 +176,12 @@ def one_mr(out_dir: Path, **spec: object) -> Path:
     return small_series(out_dir, 1, **spec)[0]
 
 
-def write_raw_file(path: Path, ds: Dataset, meta_sop_class: str | None = None,
-                   transfer_syntax: str = ExplicitVRLittleEndian) -> Path:
+def write_raw_file(
+    path: Path,
+    ds: Dataset,
+    meta_sop_class: str | None = None,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+) -> Path:
     """Write ``ds`` with a file meta that may disagree with it (the request's SOP class
     comes from the meta)."""
     meta = FileMetaDataset()
@@ -210,8 +222,9 @@ def sha256(path: Path) -> str:
 
 def dcmtk_compress(tool: str, src: Path, dst: Path, *args: str) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([require_tool(tool), *args, str(src), str(dst)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [require_tool(tool), *args, str(src), str(dst)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, f"{tool} failed: {proc.stderr}"
     return dst
 
@@ -244,26 +257,73 @@ def make_pki(directory: Path) -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
 
     def run(*args: str) -> None:
-        proc = subprocess.run([openssl, *args], cwd=directory, capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run(
+            [openssl, *args], cwd=directory, capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode == 0, f"openssl {' '.join(args)} failed: {proc.stderr}"
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "2", "-subj", "/CN=ketanode test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ketanode test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
     for name, usage, san in (
         ("server", "serverAuth", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
         ("client", "clientAuth", "subjectAltName=DNS:testscu"),
     ):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-            f"{name}.csr", "-subj", f"/CN=ketanode test {name}")
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN=ketanode test {name}",
+        )
         (directory / f"{name}.ext").write_text(
-            f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n{san}\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
-    return Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key",
-               directory / "client.pem", directory / "client.key")
+            f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n{san}\n"
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+        )
+    return Pki(
+        directory / "ca.pem",
+        directory / "server.pem",
+        directory / "server.key",
+        directory / "client.pem",
+        directory / "client.key",
+    )
 
 
 def copy_files(paths: Sequence[Path], out_dir: Path) -> list[Path]:

@@ -45,8 +45,11 @@ class NodelayProbe:
 
 
 def _rejected_row(node: RunningNode) -> Any:
-    rows = node.wait(lambda: [r for r in node.associations() if r.outcome == "rejected"],
-                     10, "a rejected association row")
+    rows = node.wait(
+        lambda: [r for r in node.associations() if r.outcome == "rejected"],
+        10,
+        "a rejected association row",
+    )
     assert len(rows) == 1
     row = rows[0]
     assert row.ended_at is not None and row.reason
@@ -69,9 +72,14 @@ def test_unknown_calling_ae_is_rejected_at_association(node: RunningNode, tmp_pa
     sent = storescu(node.port, files, calling_ae="NOT_LISTED", check=False)
     assert sent.returncode != 0
     assert node.instances() == []
-    node.wait(lambda: sorted(r.calling_ae for r in node.associations()
-                             if r.outcome == "rejected") == ["INTRUDER", "NOT_LISTED"],
-              10, "both rejections to be recorded")
+    node.wait(
+        lambda: (
+            sorted(r.calling_ae for r in node.associations() if r.outcome == "rejected")
+            == ["INTRUDER", "NOT_LISTED"]
+        ),
+        10,
+        "both rejections to be recorded",
+    )
 
     # The node is fine and a listed caller gets in.
     ok = echoscu(node.port, calling_ae="TESTSCU")
@@ -95,10 +103,16 @@ def test_wrong_called_ae_is_rejected(node: RunningNode, tmp_path: Path) -> None:
 
 
 def test_allowed_caller_bound_to_an_address(node_factory: NodeFactory, tmp_path: Path) -> None:
-    node = node_factory({"node": {"allowed_callers": [
-        {"ae_title": "BOUNDSCU", "address": "127.0.0.2"},
-        {"ae_title": "TESTSCU", "address": "127.0.0.1"},
-    ]}})
+    node = node_factory(
+        {
+            "node": {
+                "allowed_callers": [
+                    {"ae_title": "BOUNDSCU", "address": "127.0.0.2"},
+                    {"ae_title": "TESTSCU", "address": "127.0.0.1"},
+                ]
+            }
+        }
+    )
     mr = one_mr(tmp_path / "mr")
 
     # The right AE title from the wrong address.
@@ -110,25 +124,31 @@ def test_allowed_caller_bound_to_an_address(node_factory: NodeFactory, tmp_path:
     assert "127.0.0.1" in row.reason
 
     # The same AE title from its address: the client binds to 127.0.0.2.
-    with association(node.port, [mr], calling_ae="BOUNDSCU",
-                     bind_address=("127.0.0.2", 0)) as scu:
+    with association(node.port, [mr], calling_ae="BOUNDSCU", bind_address=("127.0.0.2", 0)) as scu:
         assert scu.echo() == 0
         assert scu.store(mr) == 0
     accepted = [r for r in node.wait_association_ended(2) if r.outcome != "rejected"]
     assert [(r.calling_ae, r.peer_address, r.outcome) for r in accepted] == [
-        ("BOUNDSCU", "127.0.0.2", "released")]
+        ("BOUNDSCU", "127.0.0.2", "released")
+    ]
     assert node.instances()[0].association_id == accepted[0].id
 
     # Another listed caller is bound to 127.0.0.1: from 127.0.0.2 it is refused.
-    with pytest.raises(AssertionError), association(node.port, calling_ae="TESTSCU",
-                                                    bind_address=("127.0.0.2", 0)):
+    with (
+        pytest.raises(AssertionError),
+        association(node.port, calling_ae="TESTSCU", bind_address=("127.0.0.2", 0)),
+    ):
         pass
-    node.wait(lambda: len([r for r in node.associations() if r.outcome == "rejected"]) == 2,
-              10, "the second rejection to be recorded")
+    node.wait(
+        lambda: len([r for r in node.associations() if r.outcome == "rejected"]) == 2,
+        10,
+        "the second rejection to be recorded",
+    )
 
 
-def test_allow_list_off_accepts_any_caller_but_checks_the_called_ae(node_factory: NodeFactory
-                                                                   ) -> None:
+def test_allow_list_off_accepts_any_caller_but_checks_the_called_ae(
+    node_factory: NodeFactory,
+) -> None:
     node = node_factory({"node": {"require_allowed_caller": False}})
     assert echoscu(node.port, calling_ae="ANYONE").returncode == 0
     assert echoscu(node.port, calling_ae="ANYONE", called_ae="ELSEWHERE").returncode != 0
@@ -156,10 +176,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture
 def tls_node(node_factory: NodeFactory, pki: Pki) -> RunningNode:
-    return node_factory({"node": {"tls": {
-        "enabled": True, "certificate": str(pki.server_cert), "private_key": str(pki.server_key),
-        "ca_certificates": str(pki.ca), "require_client_certificate": True,
-    }}})
+    return node_factory(
+        {
+            "node": {
+                "tls": {
+                    "enabled": True,
+                    "certificate": str(pki.server_cert),
+                    "private_key": str(pki.server_key),
+                    "ca_certificates": str(pki.ca),
+                    "require_client_certificate": True,
+                }
+            }
+        }
+    )
 
 
 def test_tls_association_echo_and_store(tls_node: RunningNode, pki: Pki, tmp_path: Path) -> None:
@@ -179,9 +208,20 @@ def test_tls_association_echo_and_store(tls_node: RunningNode, pki: Pki, tmp_pat
 
 
 def test_tls_with_dcmtk_echoscu(tls_node: RunningNode, pki: Pki) -> None:
-    cmd = [require_tool(ECHOSCU), "-aet", "TESTSCU", "-aec", "KETANODE",
-           "+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca),
-           "127.0.0.1", str(tls_node.port)]
+    cmd = [
+        require_tool(ECHOSCU),
+        "-aet",
+        "TESTSCU",
+        "-aec",
+        "KETANODE",
+        "+tls",
+        str(pki.client_key),
+        str(pki.client_cert),
+        "+cf",
+        str(pki.ca),
+        "127.0.0.1",
+        str(tls_node.port),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=dcmtk_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (row,) = tls_node.wait_association_ended(1)
@@ -189,7 +229,8 @@ def test_tls_with_dcmtk_echoscu(tls_node: RunningNode, pki: Pki) -> None:
 
 
 def test_tls_node_refuses_plain_tcp_and_clients_without_a_certificate(
-        tls_node: RunningNode, pki: Pki, tmp_path: Path) -> None:
+    tls_node: RunningNode, pki: Pki, tmp_path: Path
+) -> None:
     node = tls_node
     mr = one_mr(tmp_path / "mr")
     # Plain TCP (pynetdicom and DCMTK): no association.
@@ -197,12 +238,16 @@ def test_tls_node_refuses_plain_tcp_and_clients_without_a_certificate(
         pass
     assert echoscu(node.port).returncode != 0
     # TLS without a client certificate: the node requires one.
-    with pytest.raises(AssertionError), association(
-            node.port, [mr], tls=pki.client_context(with_cert=False)):
+    with (
+        pytest.raises(AssertionError),
+        association(node.port, [mr], tls=pki.client_context(with_cert=False)),
+    ):
         pass
     # A client that does not trust the node's CA refuses the node.
-    with pytest.raises((AssertionError, OSError)), association(
-            node.port, [mr], tls=ssl.create_default_context()):
+    with (
+        pytest.raises((AssertionError, OSError)),
+        association(node.port, [mr], tls=ssl.create_default_context()),
+    ):
         pass
     assert node.instances() == []
     assert [r for r in node.associations() if r.outcome != "rejected"] == []

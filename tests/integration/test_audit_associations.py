@@ -26,7 +26,7 @@ from ketanode.db.models import (
     Study,
 )
 from ketanode.db.session import make_engine, make_session_factory
-from ketanode.dicom.dispatcher import Dispatcher
+from ketanode.send.dispatcher import Dispatcher
 from tests.integration.conftest import NodeFactory, RunningNode
 from tests.integration.dicomtools import TEST_AE, association, echoscu, one_mr, truncated
 from tests.peers import StoreSCP

@@ -20,18 +20,31 @@ N_ASSOCIATIONS = 4
 
 def _send_in_parallel(port: int, files: list[Path]) -> None:
     parts = [files[i::N_ASSOCIATIONS] for i in range(N_ASSOCIATIONS)]
-    procs = [subprocess.Popen([STORESCU, "-aet", TEST_AE, "-aec", "KETANODE", "127.0.0.1",
-                               str(port), *map(str, part)],
-                              env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-             for part in parts]
+    procs = [
+        subprocess.Popen(
+            [
+                STORESCU,
+                "-aet",
+                TEST_AE,
+                "-aec",
+                "KETANODE",
+                "127.0.0.1",
+                str(port),
+                *map(str, part),
+            ],
+            env=dcmtk_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for part in parts
+    ]
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out[-2000:]
 
 
-def test_one_new_series_over_four_associations_at_once(node: RunningNode, tmp_path: Path
-                                                       ) -> None:
+def test_one_new_series_over_four_associations_at_once(node: RunningNode, tmp_path: Path) -> None:
     sent = 0
     for round_ in range(3):  # each round is a new study and series: a new race
         files = small_series(tmp_path / f"s{round_}", N_SLICES)

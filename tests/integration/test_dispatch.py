@@ -23,14 +23,14 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from ketanode.cli import app
+from ketanode.cli.main import app
 from ketanode.config import Settings
 from ketanode.db.migrate import upgrade
 from ketanode.db.models import Job, JobState, OutboxItem, Series, Study, utcnow
 from ketanode.db.session import make_engine, make_session_factory
-from ketanode.dicom.dispatcher import Dispatcher, backoff_seconds
-from ketanode.pipeline import JobContext
-from ketanode.reporting import _emit
+from ketanode.process.emit import _emit
+from ketanode.process.pipeline import JobContext
+from ketanode.send.dispatcher import Dispatcher, backoff_seconds
 from tests.peers import Orthanc, StoreSCP
 from tests.support import write_config
 from tests.unit._report_case import make_case

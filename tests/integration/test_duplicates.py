@@ -25,8 +25,9 @@ def _spool_files(node: RunningNode) -> list[Path]:
     return sorted(p for p in node.spool_root.rglob("*.dcm") if "rejected" not in p.parts)
 
 
-def test_duplicate_on_the_same_association_is_stored_once(node: RunningNode, tmp_path: Path
-                                                          ) -> None:
+def test_duplicate_on_the_same_association_is_stored_once(
+    node: RunningNode, tmp_path: Path
+) -> None:
     a, b = small_series(tmp_path / "s", 2)
     with association(node.port, [a, b]) as scu:
         assert [scu.store(a), scu.store(a), scu.store(b), scu.store(a)] == [0, 0, 0, 0]
@@ -43,8 +44,9 @@ def test_duplicate_on_the_same_association_is_stored_once(node: RunningNode, tmp
     assert node.failures() == []
 
 
-def test_duplicate_on_another_association_keeps_the_first_copy(node: RunningNode, tmp_path: Path
-                                                               ) -> None:
+def test_duplicate_on_another_association_keeps_the_first_copy(
+    node: RunningNode, tmp_path: Path
+) -> None:
     files = small_series(tmp_path / "s", 3, mr_acquisition_type="2D")  # ends 'ignored'
     series_uid = _uid(files[0], "SeriesInstanceUID")
     assert send(node.port, files) == [0, 0, 0]

@@ -11,11 +11,11 @@ import nibabel as nib
 import pytest
 from pydicom import dcmread
 
-from ketanode import pipeline
 from ketanode.config import ENHANCED_MR_IMAGE_STORAGE
 from ketanode.db.models import Result
-from ketanode.imaging.phantom import PhantomSpec, make_phantom
-from ketanode.imaging.series_writer import SeriesSpec
+from ketanode.process import pipeline
+from ketanode.synthetic.phantom import PhantomSpec, make_phantom
+from ketanode.synthetic.series_writer import SeriesSpec
 from tests.integration.conftest import NodeFactory
 from tests.support import storescu
 

@@ -395,7 +395,7 @@ class Builder:
     def injection(self) -> Item:
         kind, ds = self._fresh(self.rng.choice(("mr", "ct")))
         if self.rng.random() < 0.5:
-            forged = "1.2.3\n2026-01-01 ERROR ketanode.dicom.store: forged line\x1b[2J\r"
+            forged = "1.2.3\n2026-01-01 ERROR ketanode.receive.store: forged line\x1b[2J\r"
             data = _encode(ds)
             return self._item(
                 "injection",

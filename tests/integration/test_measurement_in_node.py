@@ -14,12 +14,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ketanode import pipeline
 from ketanode.db.models import EmittedObject, Job, Result, Series
-from ketanode.dicom.report_image import region_names_of_default_atlas
 from ketanode.imaging.features import default_spec
-from ketanode.imaging.phantom import PhantomSpec, make_phantom, noise_volume, slab_spec
-from ketanode.imaging.series_writer import SeriesSpec
+from ketanode.process import pipeline
+from ketanode.report.secondary_capture import region_names_of_default_atlas
+from ketanode.synthetic.phantom import PhantomSpec, make_phantom, noise_volume, slab_spec
+from ketanode.synthetic.series_writer import SeriesSpec
 from tests.integration.conftest import NodeFactory, RunningNode
 from tests.support import storescu
 

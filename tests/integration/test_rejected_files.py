@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from ketanode.retention import sweep
+from ketanode.admin.retention import sweep
 from tests.integration.conftest import NodeFactory, RunningNode
 from tests.integration.dicomtools import association, one_mr, truncated
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from ketanode.admin.retention import sweep
 from ketanode.db.models import Result, utcnow
-from ketanode.retention import sweep
 from tests.integration.conftest import NodeFactory
 from tests.integration.dicomtools import t1_series
 from tests.support import storescu

@@ -1,4 +1,4 @@
-"""Retention (ketanode/retention.py) on real files and rows, on SQLite and PostgreSQL.
+"""Retention (ketanode/admin/retention.py) on real files and rows, on SQLite and PostgreSQL.
 
 Series side by side, each with instance files in the spool: done long ago (its objects
 sent / dead long ago), failed long ago, done long ago but its SR still retrying, in flight
@@ -26,7 +26,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from ketanode.cli import app
+from ketanode.admin.retention import sweep
+from ketanode.cli.main import app
 from ketanode.config import Settings
 from ketanode.db.migrate import upgrade
 from ketanode.db.models import (
@@ -41,7 +42,6 @@ from ketanode.db.models import (
     utcnow,
 )
 from ketanode.db.session import make_engine, make_session_factory
-from ketanode.retention import sweep
 from tests.integration.conftest import NodeFactory
 from tests.support import write_config
 

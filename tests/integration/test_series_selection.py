@@ -30,18 +30,33 @@ def _checks(series: object) -> dict[str, dict[str, object]]:
     return {c["rule"]: c for c in selection["checks"]}
 
 
-def test_study_push_selects_the_t1_and_ignores_the_rest_with_reasons(node: RunningNode,
-                                                                    tmp_path: Path) -> None:
+def test_study_push_selects_the_t1_and_ignores_the_rest_with_reasons(
+    node: RunningNode, tmp_path: Path
+) -> None:
     study = "1.2.826.0.1.3680043.8.498.424242"
     t1 = t1_series(tmp_path / "t1", n_slices=40, study_uid=study, series_number=3)
     localizer = small_series(
-        tmp_path / "loc", 3, voxel_mm=(6.0, 1.0, 1.0), study_uid=study, series_number=1,
-        mr_acquisition_type="2D", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
-        series_description="localizer", protocol_name="AAHead_Scout")
+        tmp_path / "loc",
+        3,
+        voxel_mm=(6.0, 1.0, 1.0),
+        study_uid=study,
+        series_number=1,
+        mr_acquisition_type="2D",
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+        series_description="localizer",
+        protocol_name="AAHead_Scout",
+    )
     dwi = small_series(
-        tmp_path / "dwi", 30, voxel_mm=(2.0, 2.0, 2.0), study_uid=study, series_number=5,
-        mr_acquisition_type="2D", image_type=("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"),
-        series_description="ep2d_diff DWI", protocol_name="ep2d_diff")
+        tmp_path / "dwi",
+        30,
+        voxel_mm=(2.0, 2.0, 2.0),
+        study_uid=study,
+        series_number=5,
+        mr_acquisition_type="2D",
+        image_type=("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"),
+        series_description="ep2d_diff DWI",
+        protocol_name="ep2d_diff",
+    )
     ct_src = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
     ct = Path(shutil.copy(ct_src, tmp_path / "ct.dcm"))
 
@@ -99,7 +114,8 @@ def test_study_push_selects_the_t1_and_ignores_the_rest_with_reasons(node: Runni
 
 
 def test_series_over_two_back_to_back_associations_is_one_series(
-        node_factory: NodeFactory, tmp_path: Path) -> None:
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
     """The sender splits a series over two associations with no pause: one series row,
     never completed in between, one job on generation 1."""
     node = node_factory({"series": {"grace_seconds": 2.0}})
@@ -125,8 +141,7 @@ def test_series_over_two_back_to_back_associations_is_one_series(
     assert step.detail["n_files"] == 40 and sorted(step.detail["shape"]) == [40, 64, 64]
 
 
-def test_late_second_association_reopens_the_same_series(node: RunningNode, tmp_path: Path
-                                                        ) -> None:
+def test_late_second_association_reopens_the_same_series(node: RunningNode, tmp_path: Path) -> None:
     """The second half arrives after the first half was completed and processed: the same
     series row is reopened (generation 2), and the new job converts all the instances."""
     files = t1_series(tmp_path / "t1", n_slices=40)
@@ -150,4 +165,3 @@ def test_late_second_association_reopens_the_same_series(node: RunningNode, tmp_
     (step,) = node.steps(job.id)
     assert step.detail["n_files"] == 40 and sorted(step.detail["shape"]) == [40, 64, 64]
     assert len(node.instances(uid)) == 40
-

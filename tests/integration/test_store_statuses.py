@@ -76,10 +76,14 @@ class Case:
 
 
 CASES = {
-    "sop-class-mismatch": Case(_sop_class_mismatch, DOES_NOT_MATCH,
-                               ("SOP Class", SECONDARY_CAPTURE_STORAGE, MR_IMAGE_STORAGE)),
-    "missing-uids": Case(_missing_uids, DOES_NOT_MATCH,
-                         ("missing", "StudyInstanceUID", "SeriesInstanceUID")),
+    "sop-class-mismatch": Case(
+        _sop_class_mismatch,
+        DOES_NOT_MATCH,
+        ("SOP Class", SECONDARY_CAPTURE_STORAGE, MR_IMAGE_STORAGE),
+    ),
+    "missing-uids": Case(
+        _missing_uids, DOES_NOT_MATCH, ("missing", "StudyInstanceUID", "SeriesInstanceUID")
+    ),
     "garbage-after-meta": Case(_garbage, CANNOT_UNDERSTAND, ("cannot parse",)),
     "truncated-pixel-data": Case(_truncated_pixels, PIXEL_DATA, ("pixel data", "7192", "8192")),
 }
@@ -96,7 +100,8 @@ def _assert_node_still_works(node: RunningNode, tmp: Path) -> None:
 
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_refusal_has_status_reason_and_association_continues(
-        node: RunningNode, tmp_path: Path, case_name: str) -> None:
+    node: RunningNode, tmp_path: Path, case_name: str
+) -> None:
     case = CASES[case_name]
     bad = case.build(tmp_path / "bad")
     good = one_mr(tmp_path / "good")
@@ -160,8 +165,9 @@ def test_free_space_floor_answers_a700(node_factory: NodeFactory, tmp_path: Path
     assert (assoc.outcome, assoc.n_stored, assoc.n_failed) == ("released", 1, 1)
 
 
-def test_disk_full_enospc_answers_a700(tmpfs: Callable[..., Path], node_factory: NodeFactory,
-                                       tmp_path: Path) -> None:
+def test_disk_full_enospc_answers_a700(
+    tmpfs: Callable[..., Path], node_factory: NodeFactory, tmp_path: Path
+) -> None:
     """A real ENOSPC from the kernel: the spool is on a tmpfs whose inodes run out while
     a series is being received. The instance that cannot be written gets 0xA700 with the
     reason, no partial file is left, and the next instance on the same association is

@@ -62,12 +62,14 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
 def _dcmtk(tool: str, *args: str) -> Callable[[Reference, Path], list[Path]]:
     def make(ref: Reference, out: Path) -> list[Path]:
         return [dcmtk_compress(tool, f, out / f.name, *args) for f in ref.files]
+
     return make
 
 
 def _writer(ts: str, **spec: object) -> Callable[[Reference, Path], list[Path]]:
     def make(_ref: Reference, out: Path) -> list[Path]:
         return t1_series(out, n_slices=N_SLICES, seed=SEED, transfer_syntax=ts, **spec)
+
     return make
 
 
@@ -96,8 +98,9 @@ def _assert_stored_byte_exact(node: RunningNode, sent: list[Path], ts: str) -> N
         assert sha256(stored) == row.sha256 and stored.stat().st_size == row.size_bytes
 
 
-def _assert_converted_like_reference(node: RunningNode, series_uid: str, ref: Reference,
-                                     n_files: int) -> None:
+def _assert_converted_like_reference(
+    node: RunningNode, series_uid: str, ref: Reference, n_files: int
+) -> None:
     series, job = node.wait_job_done(series_uid)
     assert series.n_frames == N_SLICES
     (step,) = node.steps(job.id)
@@ -110,7 +113,8 @@ def _assert_converted_like_reference(node: RunningNode, series_uid: str, ref: Re
 
 @pytest.mark.parametrize("case", list(COMPRESSED))
 def test_compressed_t1_is_stored_byte_exact_and_converted(
-        node: RunningNode, reference: Reference, tmp_path: Path, case: str) -> None:
+    node: RunningNode, reference: Reference, tmp_path: Path, case: str
+) -> None:
     make, ts = COMPRESSED[case]
     files = make(reference, tmp_path / case)
     assert {transfer_syntax(f) for f in files} == {ts}
@@ -122,7 +126,8 @@ def test_compressed_t1_is_stored_byte_exact_and_converted(
 
 
 def test_enhanced_mr_uncompressed_converts_with_the_right_shape(
-        node: RunningNode, reference: Reference, tmp_path: Path) -> None:
+    node: RunningNode, reference: Reference, tmp_path: Path
+) -> None:
     (enhanced,) = t1_series(tmp_path / "enh", n_slices=N_SLICES, seed=SEED, enhanced=True)
     assert send(node.port, [enhanced]) == [0]
     uid = str(dcmread(enhanced, stop_before_pixels=True).SeriesInstanceUID)
@@ -133,7 +138,8 @@ def test_enhanced_mr_uncompressed_converts_with_the_right_shape(
 
 
 def test_dcmtk_storescu_sends_jpeg_ls_through_to_nifti(
-        node: RunningNode, reference: Reference, tmp_path: Path) -> None:
+    node: RunningNode, reference: Reference, tmp_path: Path
+) -> None:
     """A real DCMTK peer (storescu, TCP_NODELAY=1) proposing JPEG-LS lossless (-xt) for
     the SOP classes of its files (-R), as one does to send a compressed series."""
     files = [dcmtk_compress(DCMCJPLS, f, tmp_path / "jls" / f.name) for f in reference.files]
@@ -146,14 +152,20 @@ def test_dcmtk_storescu_sends_jpeg_ls_through_to_nifti(
     _assert_converted_like_reference(node, uid, reference, n_files=N_SLICES)
 
 
-def test_objects_encoded_by_other_toolkits_are_stored_byte_exact(node: RunningNode,
-                                                                  tmp_path: Path) -> None:
+def test_objects_encoded_by_other_toolkits_are_stored_byte_exact(
+    node: RunningNode, tmp_path: Path
+) -> None:
     """pydicom's test files: a deflated and an RLE (RGB) Secondary Capture and a JPEG 2000
     MR image. The same MR image in RLE (same SOP Instance UID) is a duplicate: first kept."""
-    names = {"image_dfl.dcm": DeflatedExplicitVRLittleEndian, "SC_rgb_rle.dcm": RLELossless,
-             "MR_small_jp2klossless.dcm": JPEG2000Lossless}
-    files = [Path(shutil.copy(get_testdata_file(n), tmp_path / n))  # type: ignore[arg-type]
-             for n in [*names, "MR_small_RLE.dcm"]]
+    names = {
+        "image_dfl.dcm": DeflatedExplicitVRLittleEndian,
+        "SC_rgb_rle.dcm": RLELossless,
+        "MR_small_jp2klossless.dcm": JPEG2000Lossless,
+    }
+    files = [
+        Path(shutil.copy(get_testdata_file(n), tmp_path / n))  # type: ignore[arg-type]
+        for n in [*names, "MR_small_RLE.dcm"]
+    ]
     assert send(node.port, files) == [0, 0, 0, 0]
     for f, ts in zip(files, names.values(), strict=False):
         uid = str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
@@ -166,7 +178,8 @@ def test_objects_encoded_by_other_toolkits_are_stored_byte_exact(node: RunningNo
     (assoc,) = node.wait_association_ended(1)
     assert (assoc.n_stored, assoc.n_duplicate) == (3, 1)
     for f in files[:2]:
-        sc = node.wait_state(str(dcmread(f, stop_before_pixels=True).SeriesInstanceUID),
-                             ("ignored",))
+        sc = node.wait_state(
+            str(dcmread(f, stop_before_pixels=True).SeriesInstanceUID), ("ignored",)
+        )
         assert "modality OT" in sc.reason
     assert node.failures() == []

@@ -14,8 +14,8 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 
-from ketanode.dicom.report_content import DEMO_TEXT, ResultForReport
-from ketanode.imaging.phantom import PhantomSpec, make_phantom
+from ketanode.report.content import DEMO_TEXT, ResultForReport
+from ketanode.synthetic.phantom import PhantomSpec, make_phantom
 
 DCIODVFY = "/usr/bin/dciodvfy"
 DSRDUMP = "/usr/bin/dsrdump"

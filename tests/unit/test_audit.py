@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from ketanode.audit import AuditKind, record
-from ketanode.cli import app
+from ketanode.admin.audit import AuditKind, record
+from ketanode.cli.main import app
 from ketanode.db.migrate import upgrade
 from ketanode.db.session import make_engine, make_session_factory
 from tests.support import write_config

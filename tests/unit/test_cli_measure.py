@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ketanode import pipeline
 from ketanode.imaging.features import default_spec
-from ketanode.imaging.phantom import PhantomSpec, make_phantom, slab_spec
+from ketanode.process import pipeline
+from ketanode.synthetic.phantom import PhantomSpec, make_phantom, slab_spec
 
 
 def _measure(*args: str) -> subprocess.CompletedProcess[str]:

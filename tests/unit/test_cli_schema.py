@@ -10,7 +10,7 @@ import pytest
 from alembic import command
 from typer.testing import CliRunner
 
-from ketanode.cli import app
+from ketanode.cli.main import app
 from ketanode.db.migrate import alembic_config, current_revision, head_revision
 from ketanode.db.session import make_engine
 from tests.support import write_config

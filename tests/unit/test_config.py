@@ -134,7 +134,7 @@ def test_cli_refuses_to_start_half_configured(tmp_path: Path) -> None:
 def test_the_demonstration_model_is_off_unless_switched_on(tmp_path: Path) -> None:
     """Issue 12, item 3: ``serve`` never scores with the demonstration model by default (nor
     with the example settings); the embedded ``ketanode demo`` switches it on."""
-    from ketanode.demo import demo_settings
+    from ketanode.cli.demo import demo_settings
 
     assert Settings().model.demo_when_none_active is False
     assert load_settings(EXAMPLE, environ={}).model.demo_when_none_active is False

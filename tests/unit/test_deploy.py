@@ -27,9 +27,9 @@ import pytest
 import yaml
 
 from ketanode.config import load_settings
-from ketanode.dicom.listener import server_tls_context
-from ketanode.dicom.sender import client_tls_context
-from ketanode.worker import WorkerPool
+from ketanode.process.worker import WorkerPool
+from ketanode.receive.listener import server_tls_context
+from ketanode.send.sender import client_tls_context
 from tests.support import REPO
 
 DEPLOY = REPO / "deploy"

@@ -15,10 +15,10 @@ import pytest
 from pydicom import dcmread
 
 from ketanode.dicom.facts import series_facts
-from ketanode.dicom.store import _parse
 from ketanode.imaging.convert import convert_series
-from ketanode.imaging.phantom import simple_head
-from ketanode.imaging.series_writer import SeriesSpec, write_series
+from ketanode.receive.store import _parse
+from ketanode.synthetic.phantom import simple_head
+from ketanode.synthetic.series_writer import SeriesSpec, write_series
 
 VOXEL = (1.2, 0.9, 0.8)  # slice, row, column (mm)
 EXPLICIT = "1.2.840.10008.1.2.1"

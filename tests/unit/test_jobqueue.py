@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from ketanode.db.jobqueue import claim, enqueue, finish, new_owner, recover, renew
 from ketanode.db.migrate import upgrade
 from ketanode.db.models import Job, JobState, Series, SeriesState, Study, utcnow
 from ketanode.db.session import make_engine, make_session_factory
-from ketanode.jobqueue import claim, enqueue, finish, new_owner, recover, renew
 
 
 @pytest.fixture

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ketanode import pipeline
 from ketanode.config import QCSettings, Settings
 from ketanode.imaging import qc
 from ketanode.imaging.analysis import analyse
+from ketanode.imaging.atlas import TEMPLATE_T1, load_atlas
 from ketanode.imaging.features import FeatureSpec, default_spec
 from ketanode.imaging.measure import Measurement, RegionVolumes, template_truth
-from ketanode.imaging.phantom import PhantomSpec, make_phantom, noise_volume, slab_spec
 from ketanode.imaging.scratch import scratch_dir
-from ketanode.imaging.templates import TEMPLATE_T1, load_atlas
+from ketanode.process import pipeline
+from ketanode.synthetic.phantom import PhantomSpec, make_phantom, noise_volume, slab_spec
 
 # --- feature spec ----------------------------------------------------------------------------
 

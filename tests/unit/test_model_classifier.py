@@ -12,8 +12,8 @@ from ketanode.model.classifier import (
     fit_model,
     predict,
 )
-from ketanode.model.synthetic import SyntheticCohort, feature_cohort
 from ketanode.model.validation import Protocol, external_validation, nested_cv
+from ketanode.synthetic.cohort import SyntheticCohort, feature_cohort
 
 FAST = Protocol(repeats=3, n_permutations=30, n_boot=1000, seed=1)
 

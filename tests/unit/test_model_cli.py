@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from ketanode.cli.model import model_app
 from ketanode.imaging.features import default_spec
 from ketanode.model.files import DEMO_LABEL
-from ketanode.model.synthetic import SyntheticCohort, feature_cohort
-from ketanode.model_cli import model_app
+from ketanode.synthetic.cohort import SyntheticCohort, feature_cohort
 
 
 def _cohort(path: Path, seed: int, n: int = 40) -> Path:

@@ -9,9 +9,9 @@ import pytest
 
 from ketanode.config import PipelineSettings
 from ketanode.imaging.features import default_spec
-from ketanode.imaging.phantom import PhantomSpec, make_phantom, slab_spec
 from ketanode.model.cohort import CohortError, extract_features, read_cohort
-from ketanode.model.synthetic import SyntheticCohort, feature_cohort
+from ketanode.synthetic.cohort import SyntheticCohort, feature_cohort
+from ketanode.synthetic.phantom import PhantomSpec, make_phantom, slab_spec
 
 FAST_PIPELINE = PipelineSettings(registration_resolution_mm=4.0)
 

@@ -26,7 +26,6 @@ from ketanode.model.cohort import (
 from ketanode.model.covariates import CovariateResidualiser, by_class
 from ketanode.model.harmonise import ComBat
 from ketanode.model.stats import calibration, likelihood_ratio_test, logistic_fit
-from ketanode.model.synthetic import SyntheticCohort, feature_table
 from ketanode.model.training import evaluate, final_c_note, train
 from ketanode.model.validation import (
     CVResult,
@@ -37,6 +36,7 @@ from ketanode.model.validation import (
     permute_within,
     summarise,
 )
+from ketanode.synthetic.cohort import SyntheticCohort, feature_table
 
 QUICK = Protocol(repeats=2, n_permutations=0, n_boot=300, seed=3)
 

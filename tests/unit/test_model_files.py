@@ -22,9 +22,9 @@ from ketanode.model.files import (
     metadata_path,
     save_model,
 )
-from ketanode.model.synthetic import SyntheticCohort, feature_cohort
 from ketanode.model.training import evaluate, train
 from ketanode.model.validation import Protocol
+from ketanode.synthetic.cohort import SyntheticCohort, feature_cohort
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_train_and_evaluate_write_model_and_reports(tmp_path: Path) -> None:
 
 
 def test_shipped_demonstration_model_loads_and_says_what_it_is() -> None:
-    from ketanode.model.demo_model import DEMO_MODEL
+    from ketanode.synthetic.demo_model import DEMO_MODEL
 
     loaded = load_model(DEMO_MODEL)
     meta = loaded.metadata

@@ -20,12 +20,9 @@ from ketanode.config import ModelSettings
 from ketanode.db.migrate import upgrade
 from ketanode.db.models import Job, ModelRecord, Series, Study
 from ketanode.db.session import make_engine, make_session_factory
-from ketanode.dicom.report_image import build_report_image
-from ketanode.dicom.sr import build_sr, read_sr
 from ketanode.imaging.features import default_spec
 from ketanode.model import registry
 from ketanode.model.classifier import fit_model
-from ketanode.model.demo_model import DEMO_MODEL
 from ketanode.model.files import (
     DEMO_LABEL,
     KNOWN_SYNTHETIC,
@@ -40,8 +37,11 @@ from ketanode.model.files import (
     save_model,
     seal,
 )
-from ketanode.model.synthetic import SyntheticCohort, feature_cohort
-from ketanode.prediction import predict_job
+from ketanode.process.predict import predict_job
+from ketanode.report.secondary_capture import build_report_image
+from ketanode.report.sr import build_sr, read_sr
+from ketanode.synthetic.cohort import SyntheticCohort, feature_cohort
+from ketanode.synthetic.demo_model import DEMO_MODEL
 from tests.unit._report_case import make_case
 
 
@@ -262,8 +262,8 @@ def test_a_synthetic_cohort_cannot_produce_a_model_marked_real(
     with the CSV alone (its rows are marked), and ``--not-synthetic`` no longer exists."""
     from typer.testing import CliRunner
 
-    from ketanode.model.synthetic import SYNTHETIC_COLUMN, is_synthetic_cohort
-    from ketanode.model_cli import model_app
+    from ketanode.cli.model import model_app
+    from ketanode.synthetic.cohort import SYNTHETIC_COLUMN, is_synthetic_cohort
 
     monkeypatch.setenv("KETANODE__DATABASE__URL", f"sqlite:///{tmp_path / 'k.db'}")
     monkeypatch.setenv("KETANODE__PIPELINE__WORK_DIR", str(tmp_path / "work"))

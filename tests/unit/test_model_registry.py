@@ -21,7 +21,7 @@ from ketanode.model.registry import (
     record_prediction,
     register,
 )
-from ketanode.model.synthetic import SyntheticCohort, feature_cohort
+from ketanode.synthetic.cohort import SyntheticCohort, feature_cohort
 
 
 def _model(path: Path, seed: int, synthetic: bool) -> str:

@@ -18,8 +18,8 @@ import pytest
 
 from ketanode.config import PipelineSettings
 from ketanode.model.cohort import extract_features, read_cohort
-from ketanode.model.synthetic import SyntheticCohort, write_cohort
 from ketanode.model.validation import Protocol, nested_cv
+from ketanode.synthetic.cohort import SyntheticCohort, write_cohort
 
 COHORT = SyntheticCohort(n=40, effect_d=2.0, seed=11, voxel_mm=3.0)
 PIPELINE = PipelineSettings(registration_resolution_mm=4.0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ketanode.imaging.convert import convert_series
-from ketanode.imaging.phantom import (
+from ketanode.synthetic.phantom import (
     INTENSITY,
     WM_SIGNAL,
     Phantom,
@@ -20,7 +20,7 @@ from ketanode.imaging.phantom import (
     simple_head,
     slab_spec,
 )
-from ketanode.imaging.series_writer import SeriesSpec
+from ketanode.synthetic.series_writer import SeriesSpec
 
 COARSE = (3.0, 3.0, 3.0)
 

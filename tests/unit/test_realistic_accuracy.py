@@ -1,6 +1,6 @@
 """Accuracy of the measurement on the three non-circular phantoms (issue 11, "It must show").
 
-The phantoms (:func:`ketanode.imaging.realistic_phantom.realistic_specs`, 1 mm: MPRAGE
+The phantoms (:func:`ketanode.synthetic.realistic_phantom.realistic_specs`, 1 mm: MPRAGE
 sagittal, IR-FSPGR axial, IR-FSPGR sagittal; whole heads with neck, face and fat) do not
 share their anatomy with the template the pipeline registers to and takes its priors from.
 Each goes through :func:`ketanode.imaging.analysis.analyse` once (one module fixture); per
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from ketanode.imaging.analysis import analyse
-from ketanode.imaging.realistic_phantom import make_realistic_phantom, realistic_specs
+from ketanode.synthetic.realistic_phantom import make_realistic_phantom, realistic_specs
 
 pytestmark = pytest.mark.timeout(3600)
 

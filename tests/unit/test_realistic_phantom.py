@@ -12,10 +12,16 @@ import pydicom
 import pytest
 from scipy import ndimage as ndi
 
-from ketanode.imaging import realistic_phantom as rp
+from ketanode.imaging.atlas import load_atlas
 from ketanode.imaging.convert import convert_series
-from ketanode.imaging.phantom import WM_SIGNAL, Phantom, PhantomSpec, _template_model, make_phantom
-from ketanode.imaging.templates import load_atlas
+from ketanode.synthetic import realistic_phantom as rp
+from ketanode.synthetic.phantom import (
+    WM_SIGNAL,
+    Phantom,
+    PhantomSpec,
+    _template_model,
+    make_phantom,
+)
 
 V2 = (2.0, 2.0, 2.0)
 V4 = (4.0, 4.0, 4.0)

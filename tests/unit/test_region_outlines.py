@@ -12,7 +12,7 @@ import pytest
 from pydicom import Dataset
 from scipy.spatial.transform import Rotation
 
-from ketanode.dicom.region_outlines import MAX_POINTS, region_outlines
+from ketanode.report.region_outlines import MAX_POINTS, region_outlines
 
 CENTRE_RAS = np.array([12.0, -20.0, 31.0])
 RADIUS = 18.0

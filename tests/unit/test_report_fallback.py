@@ -35,11 +35,11 @@ from ketanode.db.models import (
     utcnow,
 )
 from ketanode.db.session import make_engine, make_session_factory
-from ketanode.dicom.report_content import ResultForReport
-from ketanode.dicom.report_image import build_report_image
-from ketanode.dicom.sr import build_sr
-from ketanode.pipeline import JobContext
-from ketanode.reporting import _emit
+from ketanode.process.emit import _emit
+from ketanode.process.pipeline import JobContext
+from ketanode.report.content import ResultForReport
+from ketanode.report.secondary_capture import build_report_image
+from ketanode.report.sr import build_sr
 from ketanode.web.metrics import make_registry
 from tests.unit._report_case import make_case, not_scored
 
@@ -152,7 +152,7 @@ def test_a_header_the_builders_cannot_take_gets_a_minimal_not_scored_sr(
         raise ValueError(f"Unable to convert '{SECRET}' to 'PN' object")
 
     caplog.set_level(logging.DEBUG)
-    with mock.patch("ketanode.dicom.sr.build_sr", refuse):
+    with mock.patch("ketanode.report.sr.build_sr", refuse):
         out = _emit(node.context(), not_scored(node.result), None)
     assert out["status"] == "report_failed"
     assert out["source_header_dropped"] == ["*"]
@@ -182,7 +182,7 @@ def test_a_scored_report_that_cannot_be_built_is_sent_as_not_scored(node: Node) 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("matplotlib gave up")
 
-    with mock.patch("ketanode.dicom.report_image.build_report_image", refuse):
+    with mock.patch("ketanode.report.secondary_capture.build_report_image", refuse):
         out = _emit(node.context(), node.result, None)
     assert out["status"] == "report_failed"
     with node.sessions() as s:

@@ -29,12 +29,12 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import BaseTag
 
-from ketanode.dicom import sr as sr_module
-from ketanode.dicom.minimal_sr import build_minimal_sr
-from ketanode.dicom.report_content import ResultForReport
-from ketanode.dicom.report_image import build_report_image
-from ketanode.dicom.source_header import TYPE_2, clean_source_header
-from ketanode.dicom.sr import build_sr
+from ketanode.report import sr as sr_module
+from ketanode.report.content import ResultForReport
+from ketanode.report.minimal_sr import build_minimal_sr
+from ketanode.report.secondary_capture import build_report_image
+from ketanode.report.source_header import TYPE_2, clean_source_header
+from ketanode.report.sr import build_sr
 from tests.unit._report_case import (
     DCIODVFY,
     dciodvfy,
@@ -258,7 +258,7 @@ def test_a_thousand_odd_headers_build_an_sr_and_a_report_image(
 
     # the content tree does not depend on the header: made once (highdicom copies it)
     with (
-        mock.patch("ketanode.dicom.report_image.render_report_page", small_page),
+        mock.patch("ketanode.report.secondary_capture.render_report_page", small_page),
         mock.patch.object(sr_module, "measurement_report", content),
     ):
         one()
@@ -293,7 +293,7 @@ def test_a_sample_of_odd_headers_passes_dciodvfy(
             assert errors == [], (name, errors, header)
         checked.append(1)
 
-    with mock.patch("ketanode.dicom.report_image.render_report_page", small_page):
+    with mock.patch("ketanode.report.secondary_capture.render_report_page", small_page):
         one()
     assert len(checked) >= DCIODVFY_SAMPLE
 

@@ -12,8 +12,8 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from ketanode.dicom.report_content import ResultForReport
-from ketanode.dicom.report_image import build_report_image, render_report_page, write_png
+from ketanode.report.content import ResultForReport
+from ketanode.report.secondary_capture import build_report_image, render_report_page, write_png
 from tests.unit._report_case import DCIODVFY, clinical, dciodvfy, have, make_case, not_scored
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -244,7 +244,7 @@ def _brain_box(mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
 def test_a_head_with_a_neck_is_drawn_at_the_brain(
     case: tuple[list[Dataset], ResultForReport], tmp_path: Path
 ) -> None:
-    from ketanode.dicom.report_image import BRAIN_MARGIN_MM, slice_geometry
+    from ketanode.report.secondary_capture import BRAIN_MARGIN_MM, slice_geometry
 
     _, result = case
     paths = _head_with_neck(tmp_path)

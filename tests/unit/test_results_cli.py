@@ -16,7 +16,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from ketanode import RESEARCH_USE_ONLY
-from ketanode.cli import app
+from ketanode.cli.main import app
 from ketanode.db.migrate import upgrade
 from ketanode.db.models import (
     AuditEvent,
@@ -454,7 +454,7 @@ def test_research_use_only_in_help() -> None:
 def test_rule_line_and_indeterminate_caption() -> None:
     """``results show`` states the model's rule and the training cohort's response rate;
     a list with an indeterminate result explains the class (issue 12)."""
-    from ketanode.results_cli import INDETERMINATE_NOTE, _demo_caption, rule_line
+    from ketanode.cli.results import INDETERMINATE_NOTE, _demo_caption, rule_line
 
     data = {
         "predicted_class": "indeterminate",

@@ -18,8 +18,8 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from ketanode.imaging import preprocess, segment
-from ketanode.imaging.phantom import PhantomSpec, make_phantom
 from ketanode.imaging.scratch import scratch_dir
+from ketanode.synthetic.phantom import PhantomSpec, make_phantom
 
 MEANS = {"csf": 80.0, "gm": 180.0, "wm": 280.0}
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from ketanode.config import ENHANCED_MR_IMAGE_STORAGE, MR_IMAGE_STORAGE, SelectionRules
-from ketanode.dicom.selection import SeriesView, decide
+from ketanode.receive.selection import SeriesView, decide
 
 RULES = SelectionRules()
 

@@ -22,10 +22,10 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.tag import BaseTag
 from pydicom.valuerep import DA, TM
 
-from ketanode.dicom.report_content import ResultForReport
-from ketanode.dicom.report_image import build_report_image
-from ketanode.dicom.source_header import TYPE_2, clean_source_header
-from ketanode.dicom.sr import build_sr
+from ketanode.report.content import ResultForReport
+from ketanode.report.secondary_capture import build_report_image
+from ketanode.report.source_header import TYPE_2, clean_source_header
+from ketanode.report.sr import build_sr
 from tests.unit._report_case import (
     DCIODVFY,
     dciodvfy,
@@ -229,7 +229,7 @@ def test_odd_headers_build_valid_objects(
     src = copy.deepcopy(source[0])
     for keyword, value in values.items():
         _put(src, keyword, value)
-    with mock.patch("ketanode.dicom.report_image.render_report_page", small_page):
+    with mock.patch("ketanode.report.secondary_capture.render_report_page", small_page):
         objects = {
             "sr": build_sr([src], result, device_uid=DEVICE_UID),
             "sr_not_scored": build_sr([src], not_scored(result), device_uid=DEVICE_UID),
@@ -282,7 +282,7 @@ def test_junk_dates_times_and_names_never_make_the_builders_raise(
     for keyword, value in values.items():
         _put(src, keyword, value)
     report = not_scored(result)
-    with mock.patch("ketanode.dicom.report_image.render_report_page", small_page):
+    with mock.patch("ketanode.report.secondary_capture.render_report_page", small_page):
         objects = [
             build_sr([src, *source[1:3]], report, device_uid=DEVICE_UID),
             build_report_image([src], report),

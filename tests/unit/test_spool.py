@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ketanode.dicom.spool import Spool, SpoolFull
+from ketanode.spool import Spool, SpoolFull
 
 
 def test_store_is_durable_and_never_overwrites(tmp_path: Path) -> None:

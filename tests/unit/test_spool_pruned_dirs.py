@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ketanode.dicom.spool import Spool
+from ketanode.spool import Spool
 
 
 def test_store_after_its_directories_were_removed(tmp_path: Path) -> None:

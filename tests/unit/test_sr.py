@@ -15,8 +15,8 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from ketanode.dicom.report_content import DEMO_TEXT, ResultForReport
-from ketanode.dicom.sr import SCHEME, build_sr, read_sr
+from ketanode.report.content import DEMO_TEXT, ResultForReport
+from ketanode.report.sr import SCHEME, build_sr, read_sr
 from tests.unit._report_case import (
     DCIODVFY,
     DSRDUMP,

@@ -16,8 +16,8 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from ketanode.dicom.report_content import ResultForReport
-from ketanode.dicom.sr import build_sr, read_sr
+from ketanode.report.content import ResultForReport
+from ketanode.report.sr import build_sr, read_sr
 from tests.unit._report_case import SHA, dciodvfy, make_case
 
 DSR2HTML = "/usr/bin/dsr2html"

@@ -17,9 +17,9 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from ketanode.dicom import store
-from ketanode.imaging.phantom import simple_head
-from ketanode.imaging.series_writer import SeriesSpec, write_series
+from ketanode.receive import store
+from ketanode.synthetic.phantom import simple_head
+from ketanode.synthetic.series_writer import SeriesSpec, write_series
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -33,8 +33,9 @@ class _Event:
     def encoded_dataset(self, include_meta: bool = True) -> bytes:
         if not include_meta:
             return self.dataset
-        meta = create_file_meta(sop_class_uid=self.sop_class, sop_instance_uid=self.sop_uid,
-                                transfer_syntax=self.ts)
+        meta = create_file_meta(
+            sop_class_uid=self.sop_class, sop_instance_uid=self.sop_uid, transfer_syntax=self.ts
+        )
         return b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + self.dataset
 
 
@@ -44,14 +45,19 @@ def test_file_meta_is_byte_for_byte_pynetdicoms(sop_uid: str, ts: str) -> None:
     event = _Event(b"\x08\x00\x16\x00UI\x02\x001\x00", MR, sop_uid, ts)
     raw = store._part10(event, MR, sop_uid, ts)  # type: ignore[arg-type]
     assert raw == event.encoded_dataset(include_meta=True)
-    assert raw[store._dataset_offset(raw):] == event.dataset
+    assert raw[store._dataset_offset(raw) :] == event.dataset
 
 
 def _written(tmp_path: Path, ts: str) -> tuple[Path, bytes]:
     big_endian = ts == ExplicitVRBigEndian
-    (path,) = write_series(simple_head((1, 16, 16)), (1.0, 1.0, 1.0), tmp_path / ts,
-                           SeriesSpec(transfer_syntax=ExplicitVRLittleEndian if big_endian else ts,
-                                      patient_name="ÄRZTIN^JÖRG"))
+    (path,) = write_series(
+        simple_head((1, 16, 16)),
+        (1.0, 1.0, 1.0),
+        tmp_path / ts,
+        SeriesSpec(
+            transfer_syntax=ExplicitVRLittleEndian if big_endian else ts, patient_name="ÄRZTIN^JÖRG"
+        ),
+    )
     if big_endian:  # the series writer does not write big endian: re-encode its file
         ds = dcmread(path)
         for _ in ds:  # decode every element before re-encoding it
@@ -61,8 +67,15 @@ def _written(tmp_path: Path, ts: str) -> tuple[Path, bytes]:
     return path, path.read_bytes()
 
 
-@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                                ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian])
+@pytest.mark.parametrize(
+    "ts",
+    [
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+        DeflatedExplicitVRLittleEndian,
+    ],
+)
 def test_dataset_reads_as_dcmread_reads_it(tmp_path: Path, ts: str) -> None:
     path, raw = _written(tmp_path, ts)
     fast = store._parse(raw, ts)

@@ -1,4 +1,4 @@
-"""Dashboard users (ketanode/users.py) and ``ketanode users ...``, on SQLite and PostgreSQL."""
+"""Dashboard users (admin/users.py) and ``ketanode users ...``, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from ketanode.admin_cli import users_app
+from ketanode.admin.users import add_user, authenticate, disable_user, list_users, set_password
+from ketanode.cli.admin import users_app
 from ketanode.db.migrate import upgrade
 from ketanode.db.models import AuditEvent, User
 from ketanode.db.session import make_engine, make_session_factory
-from ketanode.users import add_user, authenticate, disable_user, list_users, set_password
 from tests.support import write_config
 
 PASSWORD = "correct horse battery"

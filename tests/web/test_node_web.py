@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ketanode.admin.users import add_user
 from ketanode.config import Settings
 from ketanode.node import Node
-from ketanode.users import add_user
 from tests.integration.conftest import build_settings
 from tests.integration.dicomtools import make_pki
 from tests.web.webtools import csrf_of

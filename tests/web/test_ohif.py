@@ -20,11 +20,11 @@ from playwright.sync_api import Browser, Page
 from sqlalchemy import select
 
 from ketanode.db.models import EmittedObject, OutboxItem
-from ketanode.dicom.sr import read_sr
-from ketanode.imaging.phantom import make_phantom
-from ketanode.imaging.series_writer import SeriesSpec
-from ketanode.model.demo_model import held_out_cohort
 from ketanode.node import Node
+from ketanode.report.sr import read_sr
+from ketanode.synthetic.demo_model import held_out_cohort
+from ketanode.synthetic.phantom import make_phantom
+from ketanode.synthetic.series_writer import SeriesSpec
 from tests.integration.conftest import build_settings
 from tests.ohiftools import (
     REPORT_SERIES,

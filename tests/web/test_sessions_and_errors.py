@@ -17,8 +17,8 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from ketanode.admin.users import add_user, disable_user, set_password
 from ketanode.db.models import AuditEvent, WebSession
-from ketanode.users import add_user, disable_user, set_password
 from ketanode.web.app import HSTS, MAX_ID, SECURITY_HEADERS
 from ketanode.web.auth import (
     FAILURE_WINDOW_SECONDS,
@@ -49,7 +49,7 @@ def own_server(served: Served, root: Path, **web: object) -> Iterator[WebServer]
 
 
 def _sessions_of(served: Served, username: str) -> int:
-    from ketanode.users import find_user
+    from ketanode.admin.users import find_user
 
     with served.sessions() as s:
         user = find_user(s, username)

@@ -19,6 +19,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
+from ketanode.admin.users import add_user
 from ketanode.db.models import (
     EmittedObject,
     Instance,
@@ -31,7 +32,6 @@ from ketanode.db.models import (
     Study,
 )
 from ketanode.model.files import DEMO_LABEL
-from ketanode.users import add_user
 
 ADMIN = ("admin", "admin-password-1")
 VIEWER = ("viewer", "viewer-password-1")

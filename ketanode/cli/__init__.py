@@ -1,0 +1,1 @@
+"""The ``ketanode`` command: one module per command group."""

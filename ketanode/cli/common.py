@@ -1,0 +1,86 @@
+"""What the CLI sub-apps share: consoles, the ``--json`` option, settings, sessions, tables.
+
+``ketanode/cli/main.py`` builds the main app and imports the sub-apps (``model_cli``,
+``results_cli``), so the sub-apps cannot import ``cli``; they import this module instead.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ketanode.config import ConfigError, Settings, load_settings
+
+console = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    """The settings the main app loaded (``-c FILE``); a sub-app run on its own (tests) loads
+    them from ``$KETANODE_CONFIG`` / the environment. A bad file exits 2 with the reason."""
+    if isinstance(ctx.obj, Settings):
+        return ctx.obj
+    try:
+        return load_settings(None)
+    except ConfigError as exc:
+        err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(2) from exc
+
+
+def engine_for(settings: Settings) -> Engine:
+    """The configured database with a current schema: upgraded first when
+    ``database.auto_upgrade`` (as the node does at start), else an old schema exits 2 with
+    the command that fixes it (never a traceback from a missing column)."""
+    from ketanode.db.migrate import SchemaOutOfDate, ensure_current
+    from ketanode.db.session import make_engine
+
+    engine = make_engine(settings.database.url)
+    try:
+        ensure_current(engine, settings.database.auto_upgrade)
+    except SchemaOutOfDate as exc:
+        engine.dispose()
+        err.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
+    return engine
+
+
+def sessions_for(settings: Settings) -> sessionmaker[Session]:
+    """A session factory on the configured database, its schema current (:func:`engine_for`)."""
+    from ketanode.db.session import make_session_factory
+
+    return make_session_factory(engine_for(settings))
+
+
+def print_rows(
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    as_json: bool,
+    title: str,
+    caption: str | None = None,
+) -> None:
+    """``rows`` as JSON (every key) or as a table of ``columns`` (``None`` shown empty)."""
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title=title, caption=caption)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        # Text, not markup: a reason or a path may contain "[...]"
+        table.add_row(*[Text("" if row.get(c) is None else str(row.get(c))) for c in columns])
+    if console.is_terminal:
+        console.print(table)
+        return
+    # piped or redirected: full rows at their natural width (not squeezed into 80 columns)
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    Console(file=console.file, width=max(console.width, natural)).print(table)

@@ -1,0 +1,252 @@
+"""One job, step by step: each step is a small function, timed and recorded as a JobStep row.
+
+Steps take the JobContext and return a JSON-able dict that is stored with the step and
+handed to later steps through ``ctx.outputs``. Later issues add steps to STEPS.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ketanode.config import Settings
+from ketanode.db.jobqueue import finish
+from ketanode.db.models import Instance, Job, JobStep, Series, utcnow
+from ketanode.dicom.sop import PROCESSED_SOP_CLASSES
+from ketanode.imaging import analysis
+from ketanode.imaging.convert import convert_series
+from ketanode.imaging.qc import QCFailed
+from ketanode.imaging.scratch import scratch_dir
+from ketanode.process import emit, predict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class JobContext:
+    job_id: int
+    attempt: int
+    series_id: int
+    work_dir: Path
+    files: list[Path]
+    settings: Settings
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sessions: sessionmaker[Session] | None = None  # for steps that write rows (predict)
+
+
+Step = Callable[[JobContext], dict[str, Any]]
+
+
+def step_convert(ctx: JobContext) -> dict[str, Any]:
+    volume = convert_series(ctx.files, ctx.work_dir / "t1.nii.gz")
+    return volume.as_dict()
+
+
+def _measure_dir(ctx: JobContext) -> Path:
+    return ctx.work_dir / "measure"
+
+
+def step_qc_input(ctx: JobContext) -> dict[str, Any]:
+    return analysis.step_qc_input(ctx.outputs["convert"]["path"], ctx.settings.pipeline.qc)
+
+
+def step_preprocess(ctx: JobContext) -> dict[str, Any]:
+    return analysis.step_preprocess(
+        ctx.outputs["convert"]["path"], _measure_dir(ctx), ctx.settings.pipeline
+    )
+
+
+def step_qc_registration(ctx: JobContext) -> dict[str, Any]:
+    return analysis.step_qc_registration(ctx.outputs["preprocess"], ctx.settings.pipeline.qc)
+
+
+def step_segment(ctx: JobContext) -> dict[str, Any]:
+    pre = ctx.outputs["preprocess"]
+    return analysis.step_segment(pre, _measure_dir(ctx), ctx.settings.pipeline)
+
+
+def step_measure(ctx: JobContext) -> dict[str, Any]:
+    return analysis.step_measure(ctx.outputs["preprocess"], ctx.outputs["segment"])
+
+
+def step_qc(ctx: JobContext) -> dict[str, Any]:
+    """All QC checks; a failed check fails the job with the checks as its reason."""
+    return analysis.step_qc(
+        ctx.outputs["convert"]["path"],
+        ctx.outputs["preprocess"],
+        ctx.outputs["segment"],
+        ctx.outputs["measure"],
+        ctx.settings.pipeline.qc,
+    )
+
+
+def step_predict(ctx: JobContext) -> dict[str, Any]:
+    """The model's prediction from the measured features, stored as a prediction row."""
+    assert ctx.sessions is not None
+    return predict.predict_job(
+        ctx.sessions,
+        ctx.settings.model,
+        job_id=ctx.job_id,
+        series_id=ctx.series_id,
+        measured=ctx.outputs["measure"],
+    )
+
+
+def step_report(ctx: JobContext) -> dict[str, Any]:
+    """The result row, the SR and the report image on disk, their outbox rows: one commit."""
+    return emit.report_scored(ctx)
+
+
+STEPS: list[tuple[str, Step]] = [
+    ("convert", step_convert),
+    ("qc_input", step_qc_input),
+    ("preprocess", step_preprocess),
+    ("qc_registration", step_qc_registration),
+    ("segment", step_segment),
+    ("measure", step_measure),
+    ("qc", step_qc),
+    ("predict", step_predict),
+    ("report", step_report),
+]
+
+
+def _context(sessions: sessionmaker[Session], settings: Settings, job_id: int) -> JobContext:
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} does not exist")
+        series = session.get(Series, job.series_id)
+        assert series is not None
+        paths = session.scalars(
+            select(Instance.spool_path)
+            .where(
+                Instance.series_id == series.id, Instance.sop_class_uid.in_(PROCESSED_SOP_CLASSES)
+            )
+            .order_by(Instance.instance_number, Instance.id)
+        ).all()
+        work_dir = settings.pipeline.work_dir.resolve() / f"series-{series.id}" / f"job-{job.id}"
+        return JobContext(
+            job_id=job.id,
+            attempt=job.attempt,
+            series_id=series.id,
+            work_dir=work_dir,
+            files=[Path(p) for p in paths],
+            settings=settings,
+            sessions=sessions,
+        )
+
+
+def _record_step(
+    sessions: sessionmaker[Session],
+    ctx: JobContext,
+    name: str,
+    ok: bool,
+    seconds: float,
+    detail: dict[str, Any] | None,
+    error: str | None,
+) -> None:
+    with sessions.begin() as session:
+        session.add(
+            JobStep(
+                job_id=ctx.job_id,
+                attempt=ctx.attempt,
+                name=name,
+                ok=ok,
+                seconds=round(seconds, 4),
+                started_at=utcnow(),
+                detail=detail,
+                error=error,
+            )
+        )
+
+
+def steps_for(settings: Settings) -> list[tuple[str, Step]]:
+    """The node's steps: conversion, then measurement when ``pipeline.measure`` is on, then
+    prediction and the report (SR, report image, outbox) when ``model.predict`` is on too."""
+    if not settings.pipeline.measure:
+        return STEPS[:1]
+    return STEPS if settings.model.predict else STEPS[:-2]
+
+
+def _report_not_scored(
+    sessions: sessionmaker[Session], ctx: JobContext, step: str, exc: Exception
+) -> None:
+    """Quality control stopped the job, or no model is active: report "NOT SCORED" and why
+    (recorded as the ``report`` step). A failure here is logged and recorded; the job keeps
+    its reason."""
+    started = time.perf_counter()
+    try:
+        detail = emit.report_not_scored(ctx, step, exc)
+    except Exception as report_exc:
+        seconds = time.perf_counter() - started
+        logger.exception("job %s: could not report the QC failure", ctx.job_id)
+        error = f"{type(report_exc).__name__}: {report_exc}"
+        _record_step(sessions, ctx, "report", False, seconds, None, error[:4000])
+        return
+    _record_step(sessions, ctx, "report", True, time.perf_counter() - started, detail, None)
+
+
+def run_job(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    job_id: int,
+    owner: str,
+    steps: list[tuple[str, Step]] | None = None,
+) -> bool:
+    """Run every step of a claimed job; returns True when all succeeded. Never raises."""
+    try:
+        ctx = _context(sessions, settings, job_id)
+    except Exception as exc:
+        logger.exception("job %s: cannot prepare", job_id)
+        finish(sessions, job_id, owner, ok=False, failed_step="prepare", error=str(exc))
+        return False
+    logger.info(
+        "job %s (series row %s, attempt %s): %d files",
+        job_id,
+        ctx.series_id,
+        ctx.attempt,
+        len(ctx.files),
+    )
+    chosen = steps or steps_for(settings)
+    # every temporary file a library writes stays in the job's folder, removed at the end
+    with scratch_dir(ctx.work_dir / "tmp"):
+        return _run_steps(sessions, settings, ctx, owner, chosen)
+
+
+def _run_steps(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    ctx: JobContext,
+    owner: str,
+    chosen: list[tuple[str, Step]],
+) -> bool:
+    job_id = ctx.job_id
+    reports = settings.reports.not_scored and any(n == "report" for n, _ in chosen)
+    for name, fn in chosen:
+        started = time.perf_counter()
+        try:
+            detail = fn(ctx)
+        except Exception as exc:
+            seconds = time.perf_counter() - started
+            # a QC failure reads as itself ("QC failed: ..."); anything else names its type
+            error = str(exc) if isinstance(exc, QCFailed) else f"{type(exc).__name__}: {exc}"
+            logger.warning(
+                "job %s: step %s failed after %.2f s: %s", job_id, name, seconds, type(exc).__name__
+            )
+            _record_step(sessions, ctx, name, False, seconds, None, error[:4000])
+            if reports and isinstance(exc, QCFailed | predict.NoModel):
+                _report_not_scored(sessions, ctx, name, exc)
+            finish(sessions, job_id, owner, ok=False, failed_step=name, error=error[:4000])
+            return False
+        seconds = time.perf_counter() - started
+        ctx.outputs[name] = detail
+        _record_step(sessions, ctx, name, True, seconds, detail, None)
+        logger.info("job %s: step %s done in %.2f s", job_id, name, seconds)
+    return finish(sessions, job_id, owner, ok=True)

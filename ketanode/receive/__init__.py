@@ -1,0 +1,3 @@
+"""What comes in: the DICOM listener, its associations, the store handler, series completion and
+selection.
+"""

@@ -1,0 +1,1 @@
+"""What goes out: C-STORE to the PACS, and the dispatcher that retries it."""
