@@ -1,10 +1,9 @@
-"""Association life cycle: the calling-AE allow-list, the association rows, TCP_NODELAY."""
+"""Association life cycle: the calling-AE allow-list and the association rows."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
 import threading
 from collections.abc import Callable
 
@@ -29,16 +28,6 @@ DIAG_CALLED_AE_NOT_RECOGNISED = 0x07
 # "local limit exceeded": pynetdicom's answer when max_associations are open.
 SOURCE_PRESENTATION = 0x03
 DIAG_LOCAL_LIMIT = 0x02
-
-
-def set_nodelay(event: Event) -> None:
-    """EVT_CONN_OPEN handler (both roles): turn Nagle off, pynetdicom leaves it on."""
-    try:
-        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        logger.debug("could not set TCP_NODELAY", exc_info=True)
 
 
 def _same_address(allowed: str, peer: str) -> bool:

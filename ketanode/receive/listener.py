@@ -12,8 +12,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ketanode.config import NodeSettings, TLSSettings
+from ketanode.dicom.net import set_nodelay
 from ketanode.dicom.sop import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
-from ketanode.receive.associations import AssociationLog, set_nodelay
+from ketanode.receive.associations import AssociationLog
 from ketanode.receive.store import StoreService, handle_store
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from ketanode.receive.associations import set_nodelay
+from ketanode.dicom.net import set_nodelay
 
 logger = logging.getLogger(__name__)
 
