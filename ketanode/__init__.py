@@ -1,5 +1,3 @@
 """ketanode: a DICOM node that scores structural 3D T1 MRI. Research use only."""
 
 __version__ = "0.1.0"
-
-RESEARCH_USE_ONLY = "RESEARCH USE ONLY - not for clinical decisions"

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ketanode import RESEARCH_USE_ONLY, __version__
+from ketanode import __version__
 from ketanode.cli.admin import audit_app, retention_app, users_app
 from ketanode.cli.common import sessions_for
 from ketanode.cli.model import model_app
@@ -24,6 +24,7 @@ from ketanode.config import ConfigError, Settings, load_settings
 from ketanode.db import queries
 from ketanode.db.session import make_engine
 from ketanode.logs import setup_logging
+from ketanode.texts import RESEARCH_USE_ONLY
 
 app = typer.Typer(
     help=f"ketanode: scores structural 3D T1 MRI. {RESEARCH_USE_ONLY}.",

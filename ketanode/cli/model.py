@@ -13,10 +13,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ketanode import RESEARCH_USE_ONLY
 from ketanode.cli.common import JsonOpt, console, engine_for, err
 from ketanode.cli.common import settings_of as _settings
 from ketanode.config import Settings
+from ketanode.texts import DEMO_LABEL, RESEARCH_USE_ONLY
 
 model_app = typer.Typer(
     help=f"Train, validate and manage ketamine-response models. {RESEARCH_USE_ONLY}.",
@@ -132,7 +132,6 @@ def train_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Nested CV, permutation test, final model, report; writes MODEL.skops + MODEL.json."""
-    from ketanode.model.files import DEMO_LABEL
     from ketanode.model.training import train
     from ketanode.model.validation import Protocol
 

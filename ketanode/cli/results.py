@@ -20,10 +20,10 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from ketanode import RESEARCH_USE_ONLY
 from ketanode.cli.common import JsonOpt, console, err, print_rows, sessions_for, settings_of
 from ketanode.db import results as q
 from ketanode.db.models import DispatchState, ResultStatus
+from ketanode.texts import DEMO, RESEARCH_USE_ONLY
 
 results_app = typer.Typer(
     help=f"Results the node sent back to PACS (SR, report image). {RESEARCH_USE_ONLY}.",
@@ -159,7 +159,7 @@ def _table_row(row: dict[str, Any]) -> dict[str, Any]:
         "P(response)": num(row["probability"], ".2f"),
         "decision": num(row["decision_value"], "+.2f"),
         "model": f"{row['model_name']} ({sha[:12]})" if sha else None,
-        "synthetic": "DEMO" if row["synthetic"] else "",
+        "synthetic": DEMO if row["synthetic"] else "",
         "qc": row["qc_outcome"],
         "current": "yes" if row["current"] else "superseded",
     }
@@ -167,7 +167,7 @@ def _table_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def _demo_caption(rows: list[dict[str, Any]]) -> str | None:
     labels = sorted({str(r["model_label"] or "synthetic model") for r in rows if r["synthetic"]})
-    parts = ["DEMO: " + "; ".join(labels)] if labels else []
+    parts = [f"{DEMO}: " + "; ".join(labels)] if labels else []
     if any(r["predicted_class"] == "indeterminate" for r in rows):
         parts.append(INDETERMINATE_NOTE)
     return "\n".join(parts) or None
@@ -257,7 +257,7 @@ def results_show(
     )
     if data["synthetic"]:
         console.print(
-            f"[bold red]DEMO: {escape(data['model_label'] or 'synthetic model')}[/bold red]"
+            f"[bold red]{DEMO}: {escape(data['model_label'] or 'synthetic model')}[/bold red]"
         )
     line = rule_line(data)
     if line:
@@ -379,12 +379,12 @@ def dispatch_list(
             "next_at": _short_time(r["next_at"]) if r["state"] in DUE else None,
             "sent_at": _short_time(r["sent_at"]),
             "last_status": None if r["last_status"] is None else f"0x{r['last_status']:04X}",
-            "synthetic": "DEMO" if r["synthetic"] else "",
+            "synthetic": DEMO if r["synthetic"] else "",
         }
         for r in rows
     ]
     caption = (
-        "DEMO: objects of a demonstration model" if any(r["synthetic"] for r in rows) else None
+        f"{DEMO}: objects of a demonstration model" if any(r["synthetic"] for r in rows) else None
     )
     print_rows(shown, OUTBOX_COLUMNS, False, _title("outbox"), caption=caption)
 

@@ -53,7 +53,7 @@ import skops
 import skops.io as sio
 from sklearn.calibration import CalibratedClassifierCV
 
-from ketanode import RESEARCH_USE_ONLY, __version__
+from ketanode import __version__
 from ketanode.imaging.features import FeatureSpec, default_spec
 from ketanode.model.classifier import (
     DECISION_RULE_TEXT,
@@ -62,6 +62,7 @@ from ketanode.model.classifier import (
     TrainedModel,
     decision_threshold,
 )
+from ketanode.texts import DEMO_LABEL, RESEARCH_USE_ONLY
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,6 @@ INTENDED_USE = (
     "IV ketamine infusion in treatment-resistant depression from regional grey-matter "
     "volumes of a structural 3D T1 MRI. Not for clinical decisions."
 )
-DEMO_LABEL = "DEMONSTRATION MODEL trained on synthetic data - not a clinical prediction"
 
 #: The types a ketanode model archive may hold beyond skops' own defaults (builtins, numpy
 #: arrays), checked before loading and passed to ``skops.io.load``.

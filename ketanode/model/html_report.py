@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from numpy.typing import NDArray  # noqa: E402
 
-from ketanode import RESEARCH_USE_ONLY  # noqa: E402
+from ketanode.texts import RESEARCH_USE_ONLY  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def write_report(
         summary.get("ci_method") or (summary.get("protocol") or {}).get("ci_method", "")
     )
     banner = html.escape(label)
-    if label != RESEARCH_USE_ONLY:
+    if RESEARCH_USE_ONLY not in label:
         banner += "<br>" + html.escape(RESEARCH_USE_ONLY)
     doc = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>

@@ -18,21 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ketanode.texts import RESEARCH_USE_ONLY
+
 RESPONDER, NON_RESPONDER = "responder", "non-responder"
 INDETERMINATE = "indeterminate"
 CLASSES = (RESPONDER, NON_RESPONDER, INDETERMINATE)
 QC_OUTCOMES = ("pass", "warn", "fail")
-RESEARCH_USE_ONLY = "RESEARCH USE ONLY"
 NOT_SCORED = "NOT SCORED"
-DEMO_TEXT = "DEMONSTRATION MODEL trained on synthetic data - not a clinical prediction"
-#: What marks a result of a synthetic (demonstration) model in series descriptions and text.
-DEMO = "DEMO"
 DEMO_RESULT_TEXT = (
     "DEMO result: scored by a model trained on synthetic phantoms (the node's demonstration "
     "model), not on patients. It says nothing about this patient."
 )
 DISCLAIMER = (
-    "RESEARCH USE ONLY. Not a medical device; not for diagnosis or treatment decisions. "
+    f"{RESEARCH_USE_ONLY}. Not a medical device; not for diagnosis or treatment decisions. "
     "The estimate comes from regional grey-matter volumes of one T1 MRI and a research "
     "model; it has not been validated for clinical use."
 )

@@ -57,12 +57,9 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from ketanode.report.content import (
-    DEMO,
-    DEMO_TEXT,
     DISCLAIMER,
     INDETERMINATE,
     NOT_SCORED,
-    RESEARCH_USE_ONLY,
     RESPONDER,
     ResultForReport,
     check_text,
@@ -75,6 +72,7 @@ from ketanode.report.content import (
     region_of,
 )
 from ketanode.report.source_header import clean_source_header
+from ketanode.texts import DEMO, DEMO_LABEL, RESEARCH_USE_ONLY
 
 logger = logging.getLogger(__name__)
 # Body Part Examined defined terms (PS3.16 CID 4031) of the head, none of them paired
@@ -531,7 +529,7 @@ def _title(fig: Figure, result: ResultForReport) -> float:
         fig.text(
             0.5,
             y - 0.0215,
-            f"{DEMO}: {DEMO_TEXT}",
+            f"{DEMO}: {DEMO_LABEL}",
             ha="center",
             va="center",
             fontsize=21,
@@ -868,7 +866,7 @@ def build_report_image(
     sc.BodyPartExamined = body if body in HEAD_BODY_PARTS else "BRAIN"
     sc.BurnedInAnnotation = "NO"  # text is drawn, but no patient identifiers
     comment = "" if result.scored else f": {not_scored_headline(result)}"
-    demo = f"{DEMO}: {DEMO_TEXT}. " if result.demo else ""
+    demo = f"{DEMO}: {DEMO_LABEL}. " if result.demo else ""
     sc.ImageComments = (
         f"{demo}{RESEARCH_USE_ONLY}. ketanode report page{comment}; see the SR of this study."
     )

@@ -69,13 +69,10 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from ketanode.report.content import (
-    DEMO,
     DEMO_RESULT_TEXT,
-    DEMO_TEXT,
     DISCLAIMER,
     INDETERMINATE,
     NON_RESPONDER,
-    RESEARCH_USE_ONLY,
     RESPONDER,
     ResultForReport,
     check_text,
@@ -88,6 +85,7 @@ from ketanode.report.content import (
 )
 from ketanode.report.region_outlines import RegionOutline, region_outlines
 from ketanode.report.source_header import clean_source_header
+from ketanode.texts import DEMO, DEMO_LABEL, RESEARCH_USE_ONLY
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +326,7 @@ def _texts(result: ResultForReport) -> list[hd.sr.TextContentItem]:
         items.append(_text(MODEL_LABEL, result.model_label))
     items.append(_text(RUO_NOTICE, DISCLAIMER))
     if result.model_synthetic:
-        items.append(_text(DEMO_NOTICE, DEMO_TEXT))
+        items.append(_text(DEMO_NOTICE, DEMO_LABEL))
     if result.demo:
         items.append(_text(DEMO_RESULT, DEMO_RESULT_TEXT))
     return items

@@ -11,7 +11,7 @@
    calibrated with the sigmoid anchored at the cohort's response rate (threshold 0.5).
 4. Written to ``ketanode/data/models/demo.skops`` (metadata sealed inside) + ``demo.json``
    + ``demo.report.html``, with ``synthetic: true`` and the label
-   :data:`ketanode.model.files.DEMO_LABEL`. A new file's SHA-256 and ``estimator_sha256``
+   :data:`ketanode.texts.DEMO_LABEL`. A new file's SHA-256 and ``estimator_sha256``
    must then be added to :data:`ketanode.model.files.KNOWN_SYNTHETIC` (kept with the old
    ones), so that the code knows it as synthetic whatever its metadata says.
 
@@ -28,10 +28,10 @@ from typing import Any
 
 from ketanode.config import PipelineSettings
 from ketanode.model.cohort import extract_features, read_cohort
-from ketanode.model.files import DEMO_LABEL
 from ketanode.model.training import train
 from ketanode.model.validation import Protocol
 from ketanode.synthetic.cohort import SyntheticCohort, write_cohort
+from ketanode.texts import DEMO_LABEL
 
 DEMO_SEED = 2026
 DEMO_COHORT = SyntheticCohort(

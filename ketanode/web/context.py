@@ -15,12 +15,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from ketanode import __version__
 from ketanode.config import Settings
 from ketanode.scheduler import Timers
+from ketanode.texts import RESEARCH_USE_ONLY
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES_DIR = HERE / "templates"
 STATIC_DIR = HERE / "static"
 
-RESEARCH_USE_ONLY = "RESEARCH USE ONLY"
 DEMO_MARKER = "DEMONSTRATION MODEL (synthetic)"
 
 

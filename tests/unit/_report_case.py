@@ -14,8 +14,9 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 
-from ketanode.report.content import DEMO_TEXT, ResultForReport
+from ketanode.report.content import ResultForReport
 from ketanode.synthetic.phantom import PhantomSpec, make_phantom
+from ketanode.texts import DEMO_LABEL
 
 DCIODVFY = "/usr/bin/dciodvfy"
 DSRDUMP = "/usr/bin/dsrdump"
@@ -101,7 +102,7 @@ def make_case(root: Path) -> tuple[list[Dataset], ResultForReport]:
         model_version="1",
         model_sha256=SHA,
         model_synthetic=True,
-        model_label=DEMO_TEXT,
+        model_label=DEMO_LABEL,
         decision_threshold=0.5,
         indeterminate_margin=0.05,
         training_response_rate=0.5,

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from ketanode.cli.model import model_app
 from ketanode.imaging.features import default_spec
-from ketanode.model.files import DEMO_LABEL
 from ketanode.synthetic.cohort import SyntheticCohort, feature_cohort
+from ketanode.texts import DEMO_LABEL
 
 
 def _cohort(path: Path, seed: int, n: int = 40) -> Path:

@@ -14,7 +14,6 @@ from ketanode.imaging.features import default_spec
 from ketanode.model.classifier import fit_model, predict
 from ketanode.model.cohort import FeatureTable
 from ketanode.model.files import (
-    DEMO_LABEL,
     ModelRefused,
     file_sha256,
     load_model,
@@ -25,6 +24,7 @@ from ketanode.model.files import (
 from ketanode.model.training import evaluate, train
 from ketanode.model.validation import Protocol
 from ketanode.synthetic.cohort import SyntheticCohort, feature_cohort
+from ketanode.texts import DEMO_LABEL
 
 
 @pytest.fixture(scope="module")

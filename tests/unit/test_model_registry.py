@@ -11,7 +11,7 @@ from ketanode.db.migrate import upgrade
 from ketanode.db.models import Job, ModelRecord, Prediction, Series, Study
 from ketanode.db.session import make_engine, make_session_factory
 from ketanode.model.classifier import fit_model, predict
-from ketanode.model.files import DEMO_LABEL, ModelRefused, make_metadata, save_model
+from ketanode.model.files import ModelRefused, make_metadata, save_model
 from ketanode.model.registry import (
     RegistryError,
     activate,
@@ -22,6 +22,7 @@ from ketanode.model.registry import (
     register,
 )
 from ketanode.synthetic.cohort import SyntheticCohort, feature_cohort
+from ketanode.texts import DEMO_LABEL
 
 
 def _model(path: Path, seed: int, synthetic: bool) -> str:

@@ -15,7 +15,6 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from ketanode import RESEARCH_USE_ONLY
 from ketanode.cli.main import app
 from ketanode.db.migrate import upgrade
 from ketanode.db.models import (
@@ -30,6 +29,7 @@ from ketanode.db.models import (
 from ketanode.db.results import requeue
 from ketanode.db.session import make_engine, make_session_factory
 from ketanode.model.files import DEMO_LABEL
+from ketanode.texts import RESEARCH_USE_ONLY
 
 SHA_REAL = "a1" * 32
 SHA_DEMO = "b2" * 32

@@ -15,8 +15,9 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from ketanode.report.content import DEMO_TEXT, ResultForReport
+from ketanode.report.content import ResultForReport
 from ketanode.report.sr import SCHEME, build_sr, read_sr
+from ketanode.texts import DEMO_LABEL
 from tests.unit._report_case import (
     DCIODVFY,
     DSRDUMP,
@@ -95,7 +96,7 @@ def test_values_read_back_equal_the_input(
     assert values.algorithm["version"] == "0.1.0"
     assert values.volumes == pytest.approx(dict(result.volumes), abs=1e-9)
     assert values.contributions == pytest.approx(dict(result.contributions), abs=1e-9)
-    assert DEMO_TEXT in values.texts["Demonstration model notice"]
+    assert DEMO_LABEL in values.texts["Demonstration model notice"]
     assert values.demo and values.texts["DEMO result"][0].startswith("DEMO result:")
     # the decision rule and the training cohort's response rate, as numbers and in words
     assert (values.decision_threshold, values.indeterminate_margin) == (0.5, 0.05)

@@ -31,7 +31,7 @@ from ketanode.db.models import (
     Series,
     Study,
 )
-from ketanode.model.files import DEMO_LABEL
+from ketanode.texts import DEMO_LABEL
 
 ADMIN = ("admin", "admin-password-1")
 VIEWER = ("viewer", "viewer-password-1")
