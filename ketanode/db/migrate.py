@@ -10,14 +10,32 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def migrations_dir() -> Path:
+    """The Alembic scripts: ``ketanode/migrations`` in an installed wheel (pyproject.toml
+    maps the repository's ``migrations/`` there), else ``migrations/`` beside the package
+    in a source tree (an editable install, or the checkout on ``sys.path``)."""
+    installed = PACKAGE_DIR / "migrations"
+    checkout = PACKAGE_DIR.parent
+    candidates = [installed]
+    if (checkout / "pyproject.toml").is_file():
+        candidates.append(checkout / "migrations")
+    for candidate in candidates:
+        if (candidate / "env.py").is_file():
+            return candidate
+    looked = ", ".join(str(c) for c in candidates)
+    raise RuntimeError(
+        f"Alembic migrations not found (looked in {looked}): this installation of ketanode "
+        "lacks ketanode/migrations; a wheel built from the repository (`pip wheel .`) "
+        "carries them"
+    )
 
 
 def alembic_config(engine: Engine) -> Config:
-    if not (MIGRATIONS_DIR / "env.py").is_file():
-        raise RuntimeError(f"Alembic migrations not found at {MIGRATIONS_DIR}")
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.attributes["engine"] = engine
     return cfg
 

@@ -424,7 +424,25 @@ def test_dockerfile_copies_files_that_exist_and_are_not_ignored() -> None:
             assert (REPO / src).exists(), f"COPY {src}: not in the build context"
             assert not any(fnmatch.fnmatch(src, pat) for pat in ignored), f"{src} is ignored"
     copied = {s for ins in copies for s in shlex.split(ins.value)[:-1]}
-    assert {"pyproject.toml", "ketanode", "migrations"} <= copied
+    # what the wheel is built from (tests/e2e/test_wheel_install.py builds the same)
+    assert {"pyproject.toml", "setup.py", "README.md", "ketanode", "migrations"} <= copied
+
+
+def test_dockerfile_and_unit_install_the_wheel() -> None:
+    """Both install ketanode from its wheel (which carries the migrations), never editable
+    from a source tree (issue 14)."""
+    runs = " ".join(i.value for i in _dockerfile() if i.cmd == "RUN")
+    assert re.search(r"\bpip wheel\b[^&]*\s\.(\s|$)", runs), runs
+    assert re.search(r"\bpip install\b[^&]*\S+\.whl\b", runs), runs
+    assert re.search(r"\bketanode db upgrade\b", runs), "the image build checks the migrations"
+    guide = re.search(r"## systemd\n(.*?)\n## ", PRODUCTION_MD.read_text(), re.S)
+    assert guide, "docs/production.md has a systemd section"
+    for name, text in (("Dockerfile", runs), (UNIT.name, UNIT.read_text()),
+                       ("docs/production.md", PRODUCTION_MD.read_text())):  # fmt: skip
+        assert not re.search(r"pip install\b[^&\n]*\s(-e|--editable)\s", text), name
+    for text in (UNIT.read_text(), guide.group(1)):
+        assert re.search(r"/opt/ketanode/venv/bin/pip wheel --no-deps -w (\S+) ", text)
+        assert re.search(r"/opt/ketanode/venv/bin/pip install \S+/ketanode-\*\.whl", text)
 
 
 # ---------------------------------------------------------------- compose

@@ -1,0 +1,180 @@
+"""A non-editable install works end to end (issue 14): a wheel built from the repository,
+installed into a fresh virtual environment, migrates an empty SQLite and an empty PostgreSQL
+database to head and runs ``ketanode demo``.
+
+The virtual environment sees the machine's site-packages (``--system-site-packages``), so the
+heavy dependencies (torch, antspyx, ...) come from there and nothing is downloaded; the
+wheel goes in with ``--no-deps --no-index --ignore-installed``, in front of the machine's
+editable install. Every command runs from a directory outside the
+repository, with no ``KETANODE_*`` variable from the test's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+from ketanode.model.files import DEMO_LABEL
+from tests.support import REPO, postgres_database
+
+# What the build reads: the files deploy/Dockerfile copies (tests/unit/test_deploy.py).
+BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "ketanode", "migrations")
+
+
+def _repo_head() -> str:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(REPO / "migrations"))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert head is not None
+    return head
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("KETANODE") and k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+    }
+    return {**env, "PIP_DISABLE_PIP_VERSION_CHECK": "1", **extra}
+
+
+def _run(
+    argv: list[str | Path], cwd: Path, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [str(a) for a in argv],
+        cwd=cwd,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (
+        f"{' '.join(map(str, argv))} exited {proc.returncode}\n"
+        f"stdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}"
+    )
+    return proc
+
+
+def _build_wheel(tmp_path: Path) -> Path:
+    """``pip wheel`` on a copy of the build inputs (a build in the repository would leave
+    build/ there and could pick up stale files from an earlier build)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in BUILD_INPUTS:
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=ignore)
+        else:
+            shutil.copy2(path, src / name)
+    dist = tmp_path / "dist"
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index",
+         "--no-build-isolation", "-w", dist, src],
+        cwd=tmp_path,
+    )  # fmt: skip
+    (wheel,) = dist.glob("ketanode-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {n for n in names if n.startswith("ketanode/migrations/")}
+    expected = {
+        f"ketanode/migrations/{p.relative_to(REPO / 'migrations').as_posix()}"
+        for p in (REPO / "migrations").rglob("*")
+        if p.is_file() and p.suffix in (".py", ".mako") and "__pycache__" not in p.parts
+    }
+    assert "ketanode/migrations/env.py" in expected
+    assert shipped == expected, f"migrations in the wheel: {sorted(shipped)}"
+    return wheel
+
+
+def _db_upgrade(ketanode: Path, url: str, cwd: Path) -> str:
+    """``ketanode db upgrade`` then ``db current`` on ``url``; returns the revision."""
+    up = _run([ketanode, "db", "upgrade"], cwd, KETANODE__DATABASE__URL=url)
+    current = _run([ketanode, "db", "current"], cwd, KETANODE__DATABASE__URL=url)
+    match = re.search(r"current (\S+), head (\S+)", current.stdout)
+    assert match, current.stdout
+    assert match.group(1) == match.group(2), current.stdout
+    assert f"database at revision {match.group(1)}" in up.stdout, up.stdout
+    return match.group(1)
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(1200)  # build and install under a minute; the demo minutes when busy
+def test_wheel_installs_migrates_and_runs_the_demo(tmp_path: Path) -> None:
+    wheel = _build_wheel(tmp_path)
+
+    venv = tmp_path / "venv"
+    # Without a pip of its own (ensurepip's would bring an old setuptools in front of the
+    # machine's): the machine's pip, seen through the system site-packages, installs into it.
+    _run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv],
+        cwd=tmp_path,
+    )
+    python, ketanode = venv / "bin" / "python", venv / "bin" / "ketanode"
+    _run(
+        [python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed",
+         wheel],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert ketanode.is_file(), "the wheel installs no ketanode console script"
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    where = _run(
+        [python, "-c",
+         "import ketanode; from ketanode.db.migrate import migrations_dir; "
+         "print(ketanode.__file__); print(migrations_dir())"],
+        outside,
+    ).stdout.split()  # fmt: skip
+    package, migrations = (Path(p).resolve() for p in where)
+    site = venv.resolve()
+    assert package.is_relative_to(site), f"ketanode imported from {package}, not the venv"
+    assert migrations == package.parent / "migrations", migrations
+    assert not package.is_relative_to(REPO) and not migrations.is_relative_to(REPO)
+
+    head = _repo_head()
+    assert _db_upgrade(ketanode, f"sqlite:///{tmp_path / 'empty.db'}", outside) == head
+    with postgres_database() as url:
+        assert _db_upgrade(ketanode, url, outside) == head
+
+    demo = _run(
+        [ketanode, "demo", "--data-dir", tmp_path / "demo", "--json"],
+        outside,
+        timeout=900,
+    )
+    out = json.loads(demo.stdout)
+    assert sorted(s["state"] for s in out["series"]) == ["done", "ignored"], out["series"]
+    (result,) = out["results"]
+    assert result["status"] == "scored" and result["model_label"] == DEMO_LABEL, result
+    assert {o["kind"] for o in result["objects"]} == {"sr", "report_image"}
+    for o in result["objects"]:
+        assert Path(o["path"]).is_file() and Path(o["path"]).is_relative_to(tmp_path), o
+    print(
+        f"wheel {wheel.name}: schema {head} on SQLite and PostgreSQL; demo "
+        f"{result['status']} {result['predicted_class']} "
+        f"(p={result.get('probability')}), objects {[o['kind'] for o in result['objects']]}"
+    )
+
+    # The migrations found were the wheel's: without them the installed node stops with
+    # the message, rather than finding the repository's.
+    shutil.rmtree(migrations)
+    proc = subprocess.run(
+        [str(ketanode), "db", "upgrade"],
+        cwd=outside,
+        env=_env(KETANODE__DATABASE__URL=f"sqlite:///{tmp_path / 'other.db'}"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "Alembic migrations not found" in proc.stderr + proc.stdout, proc.stderr[-2000:]
