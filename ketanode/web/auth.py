@@ -170,14 +170,6 @@ def _throttle(request: Request) -> LoginThrottle:
 # --- sessions -----------------------------------------------------------------------------
 
 
-def csrf_token(request: Request) -> str:
-    token = request.session.get("csrf")
-    if not isinstance(token, str):
-        token = secrets.token_urlsafe(24)
-        request.session["csrf"] = token
-    return token
-
-
 def _csrf_ok(request: Request, sent: str) -> bool:
     token = request.session.get("csrf")
     return isinstance(token, str) and secrets.compare_digest(token, sent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,11 +77,18 @@ def context_of(request: Request) -> WebContext:
     return ctx
 
 
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token (made on first use), which every POST form carries."""
+    token = request.session.get("csrf")
+    if not isinstance(token, str):
+        token = secrets.token_urlsafe(24)
+        request.session["csrf"] = token
+    return token
+
+
 def render(request: Request, template: str, status_code: int = 200, **values: Any) -> HTMLResponse:
     """A page from ``templates/``; every page gets the user (if any) and the CSRF token for
     the logout form."""
-    from ketanode.web.auth import csrf_token
-
     ctx = context_of(request)
     values.setdefault("user", getattr(request.state, "user", None))
     values["csrf"] = csrf_token(request)
