@@ -28,10 +28,10 @@ from ketanode.imaging.atlas import (
     Atlas,
     Region,
     load_atlas,
+    region_territories,
 )
 from ketanode.imaging.preprocess import Registration, pull_to_native, read, template_priors
 from ketanode.imaging.segment import CLASSES, Segmentation
-from ketanode.synthetic.phantom import region_territories
 
 
 @dataclass(frozen=True)

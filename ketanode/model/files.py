@@ -70,6 +70,10 @@ FORMAT = "ketanode-model"
 FORMAT_VERSION = 2
 #: The zip member of a ``.skops`` file that holds the sealed metadata.
 METADATA_MEMBER = "ketanode-metadata.json"
+#: The models shipped in the package, and the demonstration model among them (its recipe is
+#: :mod:`ketanode.synthetic.demo_model`; the node loads the file, never the recipe).
+PACKAGE_MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
+DEMO_MODEL = PACKAGE_MODELS / "demo.skops"
 #: Models that are synthetic whatever their metadata says: SHA-256 of the file or of its
 #: estimator members (:func:`estimator_sha256`) -> what it is. Every shipped demonstration
 #: model is listed (a retrained one is added, never replaces its predecessor).

@@ -29,9 +29,10 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from sqlalchemy import select, update
@@ -53,17 +54,14 @@ from ketanode.db.models import (
     Study,
     utcnow,
 )
+from ketanode.imaging.atlas import region_names_of_default_atlas
 from ketanode.imaging.features import default_spec
 from ketanode.imaging.qc import QCFailed
+from ketanode.process.context import JobContext, need
 from ketanode.report.content import ResultForReport
 from ketanode.spool import Spool
 
-if TYPE_CHECKING:
-    from ketanode.process.pipeline import JobContext
-
 logger = logging.getLogger(__name__)
-
-QC_STEPS = ("qc_input", "qc_registration", "qc")
 
 
 def _source_headers(ctx: JobContext) -> list[Dataset]:
@@ -151,37 +149,31 @@ def _qc_checks(ctx: JobContext) -> list[dict[str, Any]]:
     """Every QC check the job's QC steps recorded (the final QC repeats the header checks:
     the latest value of a check wins)."""
     by_name: dict[str, dict[str, Any]] = {}
-    for step in QC_STEPS:
-        for check in ctx.outputs.get(step, {}).get("checks", []):
+    for qc in ctx.results.qc_steps():
+        for check in qc.table():
             by_name[str(check["name"])] = dict(check)
     return list(by_name.values())
 
 
 def _volumes(ctx: JobContext) -> dict[str, float]:
-    meas = ctx.outputs.get("measure")
-    if not meas:
-        return {}
-    return {str(k): float(v) for k, v in zip(meas["names"], meas["vector"], strict=True)}
+    meas = ctx.results.measure
+    return meas.features() if meas is not None else {}
 
 
 def _images(ctx: JobContext) -> dict[str, Any]:
     """The T1 the page draws (the preprocess step's bias-corrected head on the working grid,
     else the converted image), its brain mask, the GM map and the atlas territories (as the
     measure step wrote them), all on the working grid when preprocessing ran."""
-    from ketanode.report.secondary_capture import region_names_of_default_atlas
-
-    pre = ctx.outputs.get("preprocess")
-    seg = ctx.outputs.get("segment")
-    meas = ctx.outputs.get("measure")
-    conv = ctx.outputs.get("convert")
-    t1 = pre["n4_path"] if pre else conv["path"] if conv else None
+    pre, seg, meas = ctx.results.preprocess, ctx.results.segment, ctx.results.measure
+    conv = ctx.results.convert
+    t1 = pre.n4_path if pre else conv.path if conv else None
     out: dict[str, Any] = {"t1_path": Path(t1) if t1 else None}
-    if pre and pre.get("mask_path"):  # the slices are cropped to the brain and placed in it
-        out["brain_mask_path"] = Path(pre["mask_path"])
+    if pre and pre.mask_path:  # the slices are cropped to the brain and placed in it
+        out["brain_mask_path"] = Path(pre.mask_path)
     if seg:
-        out["gm_path"] = Path(seg["gm_path"])
-    if meas and meas.get("territories_path"):  # the measure step's native territory map
-        out["territories_path"] = Path(meas["territories_path"])
+        out["gm_path"] = Path(seg.gm_path)
+    if meas and meas.territories_path:  # the measure step's native territory map
+        out["territories_path"] = Path(meas.territories_path)
         out["region_names"] = tuple(region_names_of_default_atlas())
     return out
 
@@ -190,16 +182,41 @@ def _existing(session: Session, job_id: int) -> Result | None:
     return session.scalar(select(Result).where(Result.job_id == job_id))
 
 
-def summary(result: Result, dropped: list[str] | None = None) -> dict[str, Any]:
-    """The report step's output: the result row and its objects (ids, UIDs, paths), and the
-    source header's keywords whose values were left empty (``["*"]``: all, minimal SR)."""
-    return {
-        "source_header_dropped": list(dropped or []),
-        "result_id": result.id,
-        "status": result.status,
-        "predicted_class": result.predicted_class,
-        "probability": result.probability,
-        "objects": [
+@dataclass(frozen=True)
+class Reported:
+    """The report step's result: the result row and its objects (kind, UIDs, path), the
+    destinations they are queued for, and the source header's keywords whose values were
+    left empty (``["*"]``: all, minimal SR)."""
+
+    source_header_dropped: list[str]
+    result_id: int
+    status: str
+    predicted_class: str | None
+    probability: float | None
+    objects: list[dict[str, str]]
+    destinations: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source_header_dropped": list(self.source_header_dropped),
+            "result_id": self.result_id,
+            "status": self.status,
+            "predicted_class": self.predicted_class,
+            "probability": self.probability,
+            "objects": [dict(o) for o in self.objects],
+            "destinations": list(self.destinations),
+        }
+
+
+def summary(result: Result, dropped: list[str] | None = None) -> Reported:
+    """The report step's result for a stored result row."""
+    return Reported(
+        source_header_dropped=list(dropped or []),
+        result_id=result.id,
+        status=result.status,
+        predicted_class=result.predicted_class,
+        probability=result.probability,
+        objects=[
             {
                 "kind": o.kind,
                 "sop_instance_uid": o.sop_instance_uid,
@@ -208,8 +225,8 @@ def summary(result: Result, dropped: list[str] | None = None) -> dict[str, Any]:
             }
             for o in result.objects
         ],
-        "destinations": sorted({row.destination for o in result.objects for row in o.outbox}),
-    }
+        destinations=sorted({row.destination for o in result.objects for row in o.outbox}),
+    )
 
 
 def _job_seconds(session: Session, job_id: int, attempt: int) -> float:
@@ -219,7 +236,7 @@ def _job_seconds(session: Session, job_id: int, attempt: int) -> float:
     return round(float(sum(steps)), 3)
 
 
-def _emit(ctx: JobContext, report: ResultForReport, prediction_id: int | None) -> dict[str, Any]:
+def _emit(ctx: JobContext, report: ResultForReport, prediction_id: int | None) -> Reported:
     assert ctx.sessions is not None
     settings = ctx.settings
     with ctx.sessions() as session:
@@ -319,49 +336,49 @@ def _emit(ctx: JobContext, report: ResultForReport, prediction_id: int | None) -
     logger.info(
         "job %s: result %s (%s) reported: %s, %d destinations",
         ctx.job_id,
-        out["result_id"],
-        out["status"],
+        out.result_id,
+        out.status,
         ", ".join(f"{kind} {ds.SOPInstanceUID}" for kind, ds, _ in written),
         len(settings.destinations),
     )
     return out
 
 
-def report_scored(ctx: JobContext) -> dict[str, Any]:
+def report_scored(ctx: JobContext) -> Reported:
     """The pipeline's ``report`` step: the prediction, volumes, QC and model, as SR + page."""
     assert ctx.sessions is not None
-    pred = ctx.outputs["predict"]
-    meas = ctx.outputs["measure"]
-    qc = ctx.outputs["qc"]
-    model = pred["model"]
-    rule = pred.get("decision_rule") or {}
+    pred = need(ctx.results.predict, "predict")
+    meas = need(ctx.results.measure, "measure")
+    qc = need(ctx.results.qc, "qc")
+    model = pred.model
+    rule = pred.decision_rule or {}
     with ctx.sessions() as session:
-        version = _model_version(session, model["sha256"])
+        version = _model_version(session, model.sha256)
     report = ResultForReport(
         decision_threshold=rule.get("threshold"),
         indeterminate_margin=rule.get("margin"),
         training_response_rate=rule.get("training_response_rate"),
-        predicted_class=pred["predicted_class"],
-        probability=float(pred["probability"]),
-        decision_value=float(pred["decision_value"]),
-        contributions=dict(pred["contributions"]),
+        predicted_class=pred.predicted_class,
+        probability=float(pred.probability),
+        decision_value=float(pred.decision_value),
+        contributions=dict(pred.contributions),
         volumes=_volumes(ctx),
-        qc_outcome=qc["outcome"],
+        qc_outcome=qc.outcome,
         qc_checks=_qc_checks(ctx),
-        model_name=model["name"],
+        model_name=model.name,
         model_version=version,
-        model_sha256=model["sha256"],
-        model_synthetic=bool(model["synthetic"]),
-        model_label=model["label"],
-        feature_spec_name=meas["spec"]["name"],
-        feature_spec_sha256=meas["spec"]["sha256"],
+        model_sha256=model.sha256,
+        model_synthetic=bool(model.synthetic),
+        model_label=model.label,
+        feature_spec_name=meas.spec.name,
+        feature_spec_sha256=meas.spec.sha256,
         software_version=ketanode.__version__,
         **_images(ctx),
     )
-    return _emit(ctx, report, pred.get("prediction_id"))
+    return _emit(ctx, report, pred.prediction_id)
 
 
-def report_not_scored(ctx: JobContext, step: str, exc: Exception) -> dict[str, Any]:
+def report_not_scored(ctx: JobContext, step: str, exc: Exception) -> Reported:
     """A job stopped at ``step`` by quality control (:class:`QCFailed`) or for want of a
     model (``NoModel``, after QC passed): an SR and page saying "NOT SCORED" and why."""
     checks = _qc_checks(ctx)
@@ -371,7 +388,8 @@ def report_not_scored(ctx: JobContext, step: str, exc: Exception) -> dict[str, A
         if row["name"] in names:
             checks = [c for c in checks if c["name"] != row["name"]]
         checks.append(row)
-    qc_outcome = "fail" if isinstance(exc, QCFailed) else ctx.outputs.get("qc", {}).get("outcome")
+    final_qc = ctx.results.qc
+    qc_outcome = "fail" if isinstance(exc, QCFailed) else final_qc.outcome if final_qc else None
     spec = default_spec()
     report = ResultForReport(
         predicted_class=None,

@@ -1,7 +1,10 @@
 """One job, step by step: each step is a small function, timed and recorded as a JobStep row.
 
-Steps take the JobContext and return a JSON-able dict that is stored with the step and
-handed to later steps through ``ctx.outputs``. Later issues add steps to STEPS.
+A step takes the :class:`~ketanode.process.context.JobContext`, reads the typed results of
+the steps before it (``ctx.results``), keeps its own there and returns it; its ``as_dict()``
+is stored with the step (``job_steps.detail``). The steps come in named sets
+(:data:`CONVERSION`, :data:`MEASUREMENT`, :data:`SCORING`) that :func:`steps_for` chooses
+from the settings; :data:`STEPS` is all of them, in order.
 """
 
 from __future__ import annotations
@@ -9,9 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,100 +23,121 @@ from ketanode.db.jobqueue import finish
 from ketanode.db.models import Instance, Job, JobStep, Series, utcnow
 from ketanode.dicom.sop import PROCESSED_SOP_CLASSES
 from ketanode.imaging import analysis
-from ketanode.imaging.convert import convert_series
+from ketanode.imaging.analysis import Measured, QCResult
+from ketanode.imaging.convert import Volume, convert_series
+from ketanode.imaging.preprocess import Preprocessed
 from ketanode.imaging.qc import QCFailed
 from ketanode.imaging.scratch import scratch_dir
+from ketanode.imaging.segment import Segmentation
 from ketanode.process import emit, predict
+from ketanode.process.context import JobContext, need
+from ketanode.process.emit import Reported
+from ketanode.process.predict import Predicted
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class JobContext:
-    job_id: int
-    attempt: int
-    series_id: int
-    work_dir: Path
-    files: list[Path]
-    settings: Settings
-    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    sessions: sessionmaker[Session] | None = None  # for steps that write rows (predict)
+class StepResult(Protocol):
+    """What a step returns: its ``as_dict()`` is stored with the step."""
+
+    def as_dict(self) -> dict[str, Any]: ...
 
 
-Step = Callable[[JobContext], dict[str, Any]]
+Step = Callable[[JobContext], StepResult]
 
 
-def step_convert(ctx: JobContext) -> dict[str, Any]:
-    volume = convert_series(ctx.files, ctx.work_dir / "t1.nii.gz")
-    return volume.as_dict()
+def step_convert(ctx: JobContext) -> Volume:
+    ctx.results.convert = convert_series(ctx.files, ctx.work_dir / "t1.nii.gz")
+    return ctx.results.convert
 
 
 def _measure_dir(ctx: JobContext) -> Path:
     return ctx.work_dir / "measure"
 
 
-def step_qc_input(ctx: JobContext) -> dict[str, Any]:
-    return analysis.step_qc_input(ctx.outputs["convert"]["path"], ctx.settings.pipeline.qc)
+def _t1_path(ctx: JobContext) -> str:
+    return need(ctx.results.convert, "convert").path
 
 
-def step_preprocess(ctx: JobContext) -> dict[str, Any]:
-    return analysis.step_preprocess(
-        ctx.outputs["convert"]["path"], _measure_dir(ctx), ctx.settings.pipeline
+def step_qc_input(ctx: JobContext) -> QCResult:
+    ctx.results.qc_input = analysis.step_qc_input(_t1_path(ctx), ctx.settings.pipeline.qc)
+    return ctx.results.qc_input
+
+
+def step_preprocess(ctx: JobContext) -> Preprocessed:
+    ctx.results.preprocess = analysis.step_preprocess(
+        _t1_path(ctx), _measure_dir(ctx), ctx.settings.pipeline
     )
+    return ctx.results.preprocess
 
 
-def step_qc_registration(ctx: JobContext) -> dict[str, Any]:
-    return analysis.step_qc_registration(ctx.outputs["preprocess"], ctx.settings.pipeline.qc)
+def step_qc_registration(ctx: JobContext) -> QCResult:
+    pre = need(ctx.results.preprocess, "preprocess")
+    ctx.results.qc_registration = analysis.step_qc_registration(pre, ctx.settings.pipeline.qc)
+    return ctx.results.qc_registration
 
 
-def step_segment(ctx: JobContext) -> dict[str, Any]:
-    pre = ctx.outputs["preprocess"]
-    return analysis.step_segment(pre, _measure_dir(ctx), ctx.settings.pipeline)
+def step_segment(ctx: JobContext) -> Segmentation:
+    pre = need(ctx.results.preprocess, "preprocess")
+    ctx.results.segment = analysis.step_segment(pre, _measure_dir(ctx), ctx.settings.pipeline)
+    return ctx.results.segment
 
 
-def step_measure(ctx: JobContext) -> dict[str, Any]:
-    return analysis.step_measure(ctx.outputs["preprocess"], ctx.outputs["segment"])
+def step_measure(ctx: JobContext) -> Measured:
+    ctx.results.measure = analysis.step_measure(
+        need(ctx.results.preprocess, "preprocess"), need(ctx.results.segment, "segment")
+    )
+    return ctx.results.measure
 
 
-def step_qc(ctx: JobContext) -> dict[str, Any]:
+def step_qc(ctx: JobContext) -> QCResult:
     """All QC checks; a failed check fails the job with the checks as its reason."""
-    return analysis.step_qc(
-        ctx.outputs["convert"]["path"],
-        ctx.outputs["preprocess"],
-        ctx.outputs["segment"],
-        ctx.outputs["measure"],
+    ctx.results.qc = analysis.step_qc(
+        _t1_path(ctx),
+        need(ctx.results.preprocess, "preprocess"),
+        need(ctx.results.segment, "segment"),
+        need(ctx.results.measure, "measure"),
         ctx.settings.pipeline.qc,
     )
+    return ctx.results.qc
 
 
-def step_predict(ctx: JobContext) -> dict[str, Any]:
+def step_predict(ctx: JobContext) -> Predicted:
     """The model's prediction from the measured features, stored as a prediction row."""
     assert ctx.sessions is not None
-    return predict.predict_job(
+    measured = need(ctx.results.measure, "measure")
+    ctx.results.predict = predict.predict_job(
         ctx.sessions,
         ctx.settings.model,
         job_id=ctx.job_id,
         series_id=ctx.series_id,
-        measured=ctx.outputs["measure"],
+        feature_spec_sha256=measured.spec.sha256,
+        names=measured.names,
+        vector=measured.vector,
     )
+    return ctx.results.predict
 
 
-def step_report(ctx: JobContext) -> dict[str, Any]:
+def step_report(ctx: JobContext) -> Reported:
     """The result row, the SR and the report image on disk, their outbox rows: one commit."""
     return emit.report_scored(ctx)
 
 
-STEPS: list[tuple[str, Step]] = [
-    ("convert", step_convert),
+#: The series as a NIfTI volume: the node always does this.
+CONVERSION: list[tuple[str, Step]] = [("convert", step_convert)]
+#: Quality control and regional volumes (``pipeline.measure``).
+MEASUREMENT: list[tuple[str, Step]] = [
     ("qc_input", step_qc_input),
     ("preprocess", step_preprocess),
     ("qc_registration", step_qc_registration),
     ("segment", step_segment),
     ("measure", step_measure),
     ("qc", step_qc),
-    ("predict", step_predict),
-    ("report", step_report),
 ]
+#: The prediction and the report to the PACS (SR, report image, outbox; ``model.predict``).
+SCORING: list[tuple[str, Step]] = [("predict", step_predict), ("report", step_report)]
+#: Every step, in order.
+STEPS: list[tuple[str, Step]] = CONVERSION + MEASUREMENT + SCORING
 
 
 def _context(sessions: sessionmaker[Session], settings: Settings, job_id: int) -> JobContext:
@@ -171,8 +194,8 @@ def steps_for(settings: Settings) -> list[tuple[str, Step]]:
     """The node's steps: conversion, then measurement when ``pipeline.measure`` is on, then
     prediction and the report (SR, report image, outbox) when ``model.predict`` is on too."""
     if not settings.pipeline.measure:
-        return STEPS[:1]
-    return STEPS if settings.model.predict else STEPS[:-2]
+        return list(CONVERSION)
+    return CONVERSION + MEASUREMENT + (SCORING if settings.model.predict else [])
 
 
 def _report_not_scored(
@@ -183,7 +206,7 @@ def _report_not_scored(
     its reason."""
     started = time.perf_counter()
     try:
-        detail = emit.report_not_scored(ctx, step, exc)
+        detail = emit.report_not_scored(ctx, step, exc).as_dict()
     except Exception as report_exc:
         seconds = time.perf_counter() - started
         logger.exception("job %s: could not report the QC failure", ctx.job_id)
@@ -232,7 +255,7 @@ def _run_steps(
     for name, fn in chosen:
         started = time.perf_counter()
         try:
-            detail = fn(ctx)
+            detail = fn(ctx).as_dict()
         except Exception as exc:
             seconds = time.perf_counter() - started
             # a QC failure reads as itself ("QC failed: ..."); anything else names its type
@@ -246,7 +269,6 @@ def _run_steps(
             finish(sessions, job_id, owner, ok=False, failed_step=name, error=error[:4000])
             return False
         seconds = time.perf_counter() - started
-        ctx.outputs[name] = detail
         _record_step(sessions, ctx, name, True, seconds, detail, None)
         logger.info("job %s: step %s done in %.2f s", job_id, name, seconds)
     return finish(sessions, job_id, owner, ok=True)

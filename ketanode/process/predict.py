@@ -15,6 +15,8 @@ on; when it does, its result is marked DEMO everywhere (``demo`` in the step's o
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import Engine, delete
@@ -25,8 +27,7 @@ from ketanode.db.models import Prediction
 from ketanode.imaging.features import default_spec
 from ketanode.model import registry
 from ketanode.model.classifier import predict
-from ketanode.model.files import LoadedModel, load_model
-from ketanode.synthetic.demo_model import DEMO_MODEL
+from ketanode.model.files import DEMO_MODEL, LoadedModel, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,58 @@ NO_MODEL_REASON = "no active model"
 
 class NoModel(RuntimeError):
     """No model to score with: the series is reported NOT SCORED with this reason."""
+
+
+@dataclass(frozen=True)
+class ModelUsed:
+    """The model a prediction was made with, as the report names it."""
+
+    sha256: str
+    name: str
+    synthetic: bool
+    synthetic_reasons: list[str]
+    label: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "sha256": self.sha256,
+            "name": self.name,
+            "synthetic": self.synthetic,
+            "synthetic_reasons": list(self.synthetic_reasons),
+            "label": self.label,
+        }
+
+
+@dataclass(frozen=True)
+class Predicted:
+    """The predict step's result: class, probability, the regional contributions, the
+    model's decision rule (threshold, margin, training response rate, as the model file
+    states them) and the model; ``prediction_id`` is its row."""
+
+    prediction_id: int
+    predicted_class: str
+    probability: float
+    decision_value: float
+    contributions: dict[str, float]
+    decision_rule: dict[str, Any]
+    model: ModelUsed
+
+    @property
+    def demo(self) -> bool:
+        """A result of a synthetic (demonstration) model: DEMO in every output."""
+        return self.model.synthetic
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prediction_id": self.prediction_id,
+            "predicted_class": self.predicted_class,
+            "probability": self.probability,
+            "decision_value": self.decision_value,
+            "contributions": self.contributions,
+            "decision_rule": self.decision_rule,
+            "demo": self.demo,
+            "model": self.model.as_dict(),
+        }
 
 
 def model_for_node(sessions: sessionmaker[Session], settings: ModelSettings) -> LoadedModel:
@@ -62,15 +115,18 @@ def predict_job(
     *,
     job_id: int,
     series_id: int,
-    measured: dict[str, Any],
-) -> dict[str, Any]:
-    """Predict from the measure step's output; one prediction row per job (a re-run job
-    replaces its row). Returns the step's output (class, probability, model, label)."""
+    feature_spec_sha256: str,
+    names: Sequence[str],
+    vector: Sequence[float],
+) -> Predicted:
+    """Predict from the measured feature vector (``names`` and ``vector`` in the order of
+    the feature spec whose hash is ``feature_spec_sha256``); one prediction row per job (a
+    re-run job replaces its row)."""
     spec = default_spec()
-    if measured["spec"]["sha256"] != spec.sha256 or measured["names"] != list(spec.features):
+    if feature_spec_sha256 != spec.sha256 or list(names) != list(spec.features):
         raise ValueError("the measured features were made under another feature spec")
     model = model_for_node(sessions, settings)
-    (result,) = predict(model.model, [measured["vector"]])
+    (result,) = predict(model.model, [list(vector)])
     with sessions.begin() as session:
         session.execute(delete(Prediction).where(Prediction.job_id == job_id))
         row = registry.record_prediction(
@@ -88,20 +144,18 @@ def predict_job(
         model.sha256[:12],
         " (demonstration model, synthetic data)" if model.synthetic else "",
     )
-    return {
-        "prediction_id": prediction_id,
-        "predicted_class": result["predicted_class"],
-        "probability": result["probability"],
-        "decision_value": result["decision_value"],
-        "contributions": result["contributions"],
-        "decision_rule": rule,
-        # a result of a synthetic (demonstration) model: DEMO in every output
-        "demo": model.synthetic,
-        "model": {
-            "sha256": model.sha256,
-            "name": str(model.metadata.get("name") or model.path.stem),
-            "synthetic": model.synthetic,
-            "synthetic_reasons": list(model.synthetic_reasons),
-            "label": model.label,
-        },
-    }
+    return Predicted(
+        prediction_id=prediction_id,
+        predicted_class=result["predicted_class"],
+        probability=result["probability"],
+        decision_value=result["decision_value"],
+        contributions=result["contributions"],
+        decision_rule=rule,
+        model=ModelUsed(
+            sha256=model.sha256,
+            name=str(model.metadata.get("name") or model.path.stem),
+            synthetic=model.synthetic,
+            synthetic_reasons=list(model.synthetic_reasons),
+            label=model.label,
+        ),
+    )

@@ -896,17 +896,9 @@ def write_png(result_or_ds: ResultForReport | Dataset, path: str | Path) -> Path
     return out
 
 
-def region_names_of_default_atlas() -> list[str]:
-    """The region names whose 1-based index the territory labels are (default atlas)."""
-    from ketanode.imaging.atlas import load_atlas
-
-    return [r.name for r in load_atlas().regions]
-
-
 __all__ = [
     "SliceGeometry",
     "build_report_image",
-    "region_names_of_default_atlas",
     "render_report_page",
     "slice_geometry",
     "write_png",

@@ -28,6 +28,7 @@ from typing import Any
 
 from ketanode.config import PipelineSettings
 from ketanode.model.cohort import extract_features, read_cohort
+from ketanode.model.files import DEMO_MODEL as DEMO_MODEL  # where the recipe writes it
 from ketanode.model.training import train
 from ketanode.model.validation import Protocol
 from ketanode.synthetic.cohort import SyntheticCohort, write_cohort
@@ -40,8 +41,6 @@ DEMO_COHORT = SyntheticCohort(
 DEMO_PROTOCOL = Protocol(
     folds=5, repeats=10, inner_folds=5, seed=DEMO_SEED, n_permutations=100, n_jobs=2
 )
-PACKAGE_MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
-DEMO_MODEL = PACKAGE_MODELS / "demo.skops"
 COMMAND = "ketanode model demo-train --work ketanode-data/demo-cohort --jobs 2"
 
 

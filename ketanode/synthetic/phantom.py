@@ -9,7 +9,7 @@ GM/WM maps (see ``ketanode/data/templates/SOURCE.md``):
    (CSF = intracranial mask minus GM and WM), a skull and a scalp shell from the distance to
    the intracranial mask, and a *territory* map that gives every intracranial voxel the
    nearest atlas region (cortical regions within the cerebrum, cerebellar regions within the
-   cerebellum; :func:`region_territories`).
+   cerebellum; :func:`ketanode.imaging.atlas.region_territories`).
 2. Subject (seeded): GM scaled per region (chosen factors times a small random variation),
    grown or shrunk at the grey/white interface (WM exchanged; CSF and TIV unchanged); head
    size, a random rigid pose plus a small anisotropic scaling, and a smooth random warp.
@@ -43,6 +43,7 @@ from ketanode.imaging.atlas import (
     TEMPLATE_WM,
     Atlas,
     load_atlas,
+    region_territories,
 )
 from ketanode.synthetic.series_writer import ORIENTATIONS, SeriesSpec, write_series
 
@@ -88,9 +89,6 @@ INTENSITY = {"wm": 1.0, "gm": 0.62, "csf": 0.16, "skull": 0.06, "scalp": 1.08}
 WM_SIGNAL = 2000.0
 #: Linear scale from the (large) ICBM152 head to an average adult head (TIV ~ 1.5 L).
 REFERENCE_SCALE = 0.92
-#: Atlas labels of the cerebellum and of the brain stem (no region territory there).
-CEREBELLUM_LABELS = frozenset({6, 7, 8, 45, 46, 47})
-BRAINSTEM_LABELS = frozenset({15, 16})
 SKULL_MM = 5.5
 SCALP_MM = 6.0
 _PAD = 18  # voxels of padding around the intracranial box, for skull and scalp
@@ -132,6 +130,10 @@ class PhantomSpec:
         out = asdict(self)
         out["grid_shape"] = list(self.grid_shape())
         return out
+
+    def make(self, atlas: Atlas | None = None) -> Phantom:
+        """The phantom of this spec (:func:`make_phantom`); a subclass brings its generator."""
+        return _make_template_phantom(self, atlas)
 
     def default_series(self) -> SeriesSpec:
         """The DICOM series header :meth:`Phantom.write_dicom` uses by default."""
@@ -199,74 +201,6 @@ def _load_u8(path: Path) -> tuple[F32, F64]:
     assert isinstance(img, nib.Nifti1Image)
     data = np.asanyarray(img.dataobj).astype(np.float32) / np.float32(255.0)
     return data, np.asarray(img.affine, dtype=np.float64)
-
-
-def _resample_labels(
-    atlas_img: nib.Nifti1Image, shape: tuple[int, ...], affine: F64
-) -> NDArray[np.int32]:
-    """Nearest-neighbour resampling of a label image onto a grid (shape, affine)."""
-    labels = np.asanyarray(atlas_img.dataobj).astype(np.int32)
-    vox = np.linalg.inv(np.asarray(atlas_img.affine, dtype=np.float64)) @ affine
-    out = np.zeros(shape, dtype=np.int32)
-    for k in range(shape[0]):
-        j, i = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
-        pts = np.stack([np.full(j.size, k), j.ravel(), i.ravel()]).astype(np.float64)
-        src = np.rint(vox[:3, :3] @ pts + vox[:3, 3:4]).astype(np.int64)
-        ok = np.all((src >= 0) & (src < np.array(labels.shape)[:, None]), axis=0)
-        plane = np.zeros(j.size, dtype=np.int32)
-        plane[ok] = labels[src[0, ok], src[1, ok], src[2, ok]]
-        out[k] = plane.reshape(j.shape)
-    return out
-
-
-def _is_cerebellar(region_labels: tuple[int, ...]) -> bool:
-    return all(label in CEREBELLUM_LABELS for label in region_labels)
-
-
-def region_territories(
-    atlas: Atlas,
-    reference_img: nib.Nifti1Image,
-    mask: NDArray[np.bool_] | None = None,
-    max_distance_mm: float = 6.0,
-) -> tuple[NDArray[np.int16], list[str]]:
-    """Region territories of ``atlas`` on the grid of ``reference_img`` (an MNI-space image).
-
-    The atlas label image is resampled (nearest neighbour) onto the reference grid; every
-    voxel in ``mask`` (default: within ``max_distance_mm`` of an atlas label) then gets the
-    nearest region: cerebral regions within the cerebrum, cerebellar regions within the
-    cerebellum (the compartment of a voxel is that of its nearest atlas label; the brain stem
-    and 4th ventricle get no region). Returns the volume (0 = no region, k = ``names[k-1]``)
-    and the region names in atlas order.
-    """
-    affine = np.asarray(reference_img.affine, dtype=np.float64)
-    shape = tuple(int(s) for s in reference_img.shape[:3])
-    labels = _resample_labels(atlas.image(), shape, affine)
-    sampling = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
-    dist, nearest = ndi.distance_transform_edt(labels == 0, sampling=sampling, return_indices=True)
-    nearest_label = labels[tuple(nearest)]
-    del nearest
-    if mask is None:
-        mask = dist <= max_distance_mm
-    cerebellum = np.isin(nearest_label, list(CEREBELLUM_LABELS))
-    cerebrum = ~cerebellum & ~np.isin(nearest_label, list(BRAINSTEM_LABELS)) & (nearest_label > 0)
-    names = [r.name for r in atlas.regions]
-    lut = np.zeros(int(labels.max()) + 1, dtype=np.int16)
-    for k, region in enumerate(atlas.regions, start=1):
-        for label in region.labels:
-            if label < lut.size:
-                lut[label] = k
-    region_map = lut[labels]
-    out = np.zeros(shape, dtype=np.int16)
-    cerebellar_ids = [k for k, r in enumerate(atlas.regions, 1) if _is_cerebellar(r.labels)]
-    for compartment, want_cerebellar in ((cerebrum, False), (cerebellum, True)):
-        ids = [k for k in range(1, len(names) + 1) if (k in cerebellar_ids) == want_cerebellar]
-        seeds = np.isin(region_map, ids)
-        if not seeds.any():
-            continue
-        _, idx = ndi.distance_transform_edt(~seeds, sampling=sampling, return_indices=True)
-        sel = compartment & mask
-        out[sel] = region_map[tuple(i[sel] for i in idx)]
-    return out, names
 
 
 @dataclass(frozen=True)
@@ -640,11 +574,12 @@ def make_phantom(spec: PhantomSpec, atlas: Atlas | None = None) -> Phantom:
     """A realistic T1 head with known regional volumes (see the module docstring).
 
     A :class:`ketanode.synthetic.realistic_phantom.RealisticSpec` gives the non-circular
-    whole-head phantom of that module instead."""
-    from ketanode.synthetic import realistic_phantom
+    whole-head phantom of that module instead (its :meth:`PhantomSpec.make`)."""
+    return spec.make(atlas)
 
-    if isinstance(spec, realistic_phantom.RealisticSpec):
-        return realistic_phantom.make_realistic_phantom(spec, atlas)
+
+def _make_template_phantom(spec: PhantomSpec, atlas: Atlas | None) -> Phantom:
+    """The template-based head of :func:`make_phantom`."""
     if spec.orientation not in ORIENTATIONS:
         raise ValueError(f"unknown orientation {spec.orientation!r}")
     model = _template_model(atlas or load_atlas())

@@ -38,7 +38,7 @@ little. ``make_realistic_phantom(RealisticSpec(...))`` (or ``make_phantom`` with
 **Truth** (``phantom.truth``): GM, WM and CSF (mL) per atlas region, their totals and TIV
 (GM + WM + CSF inside the intracranial mask: the ICBM152 intracranial volume, brain stem down
 to the template's lower edge, no spinal cord) of *this* phantom: its own individualised tissue
-fractions and the atlas territory map (:func:`~ketanode.synthetic.phantom.region_territories`:
+fractions and the atlas territory map (:func:`~ketanode.imaging.atlas.region_territories`:
 nearest atlas region within cerebrum / cerebellum, the definition the node measures with),
 both carried through the phantom's own transform (pose, scaling and nonlinear warp) and
 summed in native space (linear interpolation for the fractions, nearest neighbour for the
@@ -228,6 +228,9 @@ class RealisticSpec(PhantomSpec):
     sulcal_widening: tuple[float, float] = (-0.10, 0.30)  # mean GM->CSF exchange at sulci
     top_margin_mm: tuple[float, float] = (6.0, 20.0)  # head top below the FOV's top edge
     truth_step_mm: float | None = None  # None: min(voxel size, 1 mm)
+
+    def make(self, atlas: Atlas | None = None) -> Phantom:
+        return make_realistic_phantom(self, atlas)
 
     def default_series(self) -> SeriesSpec:
         vendor, pattern = SERIES[self.contrast]

@@ -1,5 +1,5 @@
 """The outbox and the dispatcher against real peers: Orthanc as the PACS, DCMTK storescp as a
-second destination. Objects are made by the report step's writer (``reporting._emit``) from
+second destination. Objects are made by the report step's writer (``emit._emit``) from
 a small phantom case, so rows, files and UIDs are the ones the node makes.
 
 Shown: the SR and the report image land in the source study; with the PACS down the rows
@@ -28,8 +28,8 @@ from ketanode.config import Settings
 from ketanode.db.migrate import upgrade
 from ketanode.db.models import Job, JobState, OutboxItem, Series, Study, utcnow
 from ketanode.db.session import make_engine, make_session_factory
+from ketanode.process.context import JobContext
 from ketanode.process.emit import _emit
-from ketanode.process.pipeline import JobContext
 from ketanode.send.dispatcher import Dispatcher, backoff_seconds
 from tests.peers import Orthanc, StoreSCP
 from tests.support import write_config
@@ -111,7 +111,7 @@ class Outbox:
             self.settings,
             sessions=self.sessions,
         )
-        return _emit(ctx, self.result, None)
+        return _emit(ctx, self.result, None).as_dict()
 
     def rows(self) -> list[OutboxItem]:
         with self.sessions() as s:
@@ -311,7 +311,7 @@ def test_series_reported_again_keeps_both_results_newest_current(outbox_factory:
     ctx = JobContext(
         job_id, 1, box.series_id, box.tmp / "again", box.files, box.settings, sessions=box.sessions
     )
-    again = _emit(ctx, box.result, None)
+    again = _emit(ctx, box.result, None).as_dict()
     assert again["result_id"] == second["result_id"]
     assert again["objects"] == second["objects"]
     with box.sessions() as s:

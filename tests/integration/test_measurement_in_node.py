@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from ketanode.db.models import EmittedObject, Job, Result, Series
+from ketanode.imaging.atlas import region_names_of_default_atlas
 from ketanode.imaging.features import default_spec
 from ketanode.process import pipeline
-from ketanode.report.secondary_capture import region_names_of_default_atlas
 from ketanode.synthetic.phantom import PhantomSpec, make_phantom, noise_volume, slab_spec
 from ketanode.synthetic.series_writer import SeriesSpec
 from tests.integration.conftest import NodeFactory, RunningNode

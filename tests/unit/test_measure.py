@@ -19,10 +19,12 @@ from ketanode.config import QCSettings, Settings
 from ketanode.imaging import qc
 from ketanode.imaging.analysis import analyse
 from ketanode.imaging.atlas import TEMPLATE_T1, load_atlas
+from ketanode.imaging.convert import describe
 from ketanode.imaging.features import FeatureSpec, default_spec
 from ketanode.imaging.measure import Measurement, RegionVolumes, template_truth
 from ketanode.imaging.scratch import scratch_dir
 from ketanode.process import pipeline
+from ketanode.process.context import JobContext
 from ketanode.synthetic.phantom import PhantomSpec, make_phantom, noise_volume, slab_spec
 
 # --- feature spec ----------------------------------------------------------------------------
@@ -105,11 +107,10 @@ def template_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """All pipeline steps after convert, on the template-based image."""
     work = tmp_path_factory.mktemp("template")
     settings = Settings()
-    ctx = pipeline.JobContext(1, 1, 1, work, [], settings)
-    ctx.outputs["convert"] = {"path": str(_template_image(work / "t1.nii.gz"))}
-    for name, fn in pipeline.STEPS[1:-2]:  # the measurement steps (no predict, no report)
-        ctx.outputs[name] = fn(ctx)
-    return ctx.outputs
+    ctx = JobContext(1, 1, 1, work, [], settings)
+    ctx.results.convert = describe(_template_image(work / "t1.nii.gz"))
+    # the measurement steps (no predict, no report), as stored with each step
+    return {name: fn(ctx).as_dict() for name, fn in pipeline.MEASUREMENT}
 
 
 def test_pipeline_steps_run_on_a_nifti(template_run: dict[str, Any]) -> None:
@@ -246,9 +247,9 @@ def test_qc_fails_a_5mm_slab_before_heavy_work(tmp_path: Path) -> None:
     assert result["qc"]["outcome"] == "fail" and "features" not in result
 
 
-def _ctx_with(work: Path, path: Path) -> pipeline.JobContext:
-    ctx = pipeline.JobContext(1, 1, 1, work, [], Settings())
-    ctx.outputs["convert"] = {"path": str(path)}
+def _ctx_with(work: Path, path: Path) -> JobContext:
+    ctx = JobContext(1, 1, 1, work, [], Settings())
+    ctx.results.convert = describe(path)
     return ctx
 
 

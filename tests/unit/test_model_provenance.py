@@ -123,14 +123,15 @@ def test_relabelled_copy_of_the_demo_model_is_synthetic_everywhere(
     sessions = make_session_factory(engine)
     job_id, series_id = _job(sessions)
     source, case = make_case(tmp_path / "case")
-    measured = {
-        "spec": {"name": default_spec().name, "sha256": default_spec().sha256},
-        "names": list(default_spec().features),
-        "vector": [float(case.volumes.get(f, 50.0)) for f in default_spec().features],
-    }
     out = predict_job(
-        sessions, ModelSettings(), job_id=job_id, series_id=series_id, measured=measured
-    )
+        sessions,
+        ModelSettings(),
+        job_id=job_id,
+        series_id=series_id,
+        feature_spec_sha256=default_spec().sha256,
+        names=list(default_spec().features),
+        vector=[float(case.volumes.get(f, 50.0)) for f in default_spec().features],
+    ).as_dict()
     assert out["demo"] is True and out["model"]["synthetic"] is True
     assert out["model"]["label"] == DEMO_LABEL
 

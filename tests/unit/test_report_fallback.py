@@ -35,8 +35,8 @@ from ketanode.db.models import (
     utcnow,
 )
 from ketanode.db.session import make_engine, make_session_factory
+from ketanode.process.context import JobContext
 from ketanode.process.emit import _emit
-from ketanode.process.pipeline import JobContext
 from ketanode.report.content import ResultForReport
 from ketanode.report.secondary_capture import build_report_image
 from ketanode.report.sr import build_sr
@@ -153,7 +153,7 @@ def test_a_header_the_builders_cannot_take_gets_a_minimal_not_scored_sr(
 
     caplog.set_level(logging.DEBUG)
     with mock.patch("ketanode.report.sr.build_sr", refuse):
-        out = _emit(node.context(), not_scored(node.result), None)
+        out = _emit(node.context(), not_scored(node.result), None).as_dict()
     assert out["status"] == "report_failed"
     assert out["source_header_dropped"] == ["*"]
     with node.sessions() as s:
@@ -183,7 +183,7 @@ def test_a_scored_report_that_cannot_be_built_is_sent_as_not_scored(node: Node) 
         raise RuntimeError("matplotlib gave up")
 
     with mock.patch("ketanode.report.secondary_capture.build_report_image", refuse):
-        out = _emit(node.context(), node.result, None)
+        out = _emit(node.context(), node.result, None).as_dict()
     assert out["status"] == "report_failed"
     with node.sessions() as s:
         result = s.get(Result, out["result_id"])
@@ -198,7 +198,7 @@ def test_unreadable_source_headers_still_get_a_minimal_sr_from_the_database(
     node: Node, tmp_path: Path
 ) -> None:
     gone = [tmp_path / "gone" / f.name for f in node.files]
-    out = _emit(node.context(files=gone), not_scored(node.result), None)
+    out = _emit(node.context(files=gone), not_scored(node.result), None).as_dict()
     assert out["status"] == "report_failed"
     ds = pydicom.dcmread(_objects(node, out["result_id"])[0].path)
     assert ds.StudyInstanceUID == node.study_uid
@@ -210,7 +210,7 @@ def test_unreadable_source_headers_still_get_a_minimal_sr_from_the_database(
 
 
 def test_the_full_report_records_what_it_left_empty(node: Node) -> None:
-    out = _emit(node.context(), not_scored(node.result), None)
+    out = _emit(node.context(), not_scored(node.result), None).as_dict()
     assert out["status"] == "not_scored"
     assert {"StudyDate", "PatientBirthDate"} <= set(out["source_header_dropped"])
     assert [o["kind"] for o in out["objects"]] == ["sr", "report_image"]
