@@ -8,17 +8,23 @@ Changes are audited with the actor ``cli:<OS user>``.
 from __future__ import annotations
 
 import datetime as dt
-import getpass
 import json
 import sys
 from typing import Annotated, Any
 
 import typer
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from ketanode.cli.common import JsonOpt, console, err, print_rows, sessions_for, settings_of
-from ketanode.config import Settings
+from ketanode.cli.common import (
+    JsonOpt,
+    cli_actor,
+    console,
+    err,
+    print_rows,
+    sessions_for,
+    settings_of,
+)
 from ketanode.db.models import AuditEvent, UserRole
 
 users_app = typer.Typer(help="Dashboard users (argon2 password hashes).", no_args_is_help=True)
@@ -26,20 +32,6 @@ audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
 retention_app = typer.Typer(
     help="Removing spool and report files past retention.", no_args_is_help=True
 )
-
-
-def cli_actor() -> str:
-    """Who runs this command, for the audit trail."""
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (OSError, KeyError):
-        return "cli:unknown"
-
-
-def _sessions(settings: Settings) -> sessionmaker[Session]:
-    """Sessions on the configured database, its schema current (so ``users add`` works
-    before the first ``serve``; see :func:`ketanode.cli.common.engine_for`)."""
-    return sessions_for(settings)
 
 
 def _refused(exc: Exception) -> typer.Exit:
@@ -76,7 +68,7 @@ def users_add(
 
     password = _read_password(password_stdin)
     try:
-        with _sessions(settings_of(ctx)).begin() as session:
+        with sessions_for(settings_of(ctx)).begin() as session:
             user = add_user(session, name, password, role, actor=cli_actor())
             user_id = user.id
     except ValueError as exc:
@@ -89,7 +81,7 @@ def users_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Users, their role, whether they are disabled, their last login."""
     from ketanode.admin.users import list_users, user_row
 
-    with _sessions(settings_of(ctx))() as session:
+    with sessions_for(settings_of(ctx))() as session:
         rows = [user_row(u) for u in list_users(session)]
     print_rows(
         rows,
@@ -107,7 +99,7 @@ def users_disable(
     from ketanode.admin.users import disable_user
 
     try:
-        with _sessions(settings_of(ctx)).begin() as session:
+        with sessions_for(settings_of(ctx)).begin() as session:
             disable_user(session, name, actor=cli_actor())
     except ValueError as exc:
         raise _refused(exc) from exc
@@ -125,7 +117,7 @@ def users_passwd(
 
     password = _read_password(password_stdin)
     try:
-        with _sessions(settings_of(ctx)).begin() as session:
+        with sessions_for(settings_of(ctx)).begin() as session:
             set_password(session, name, password, actor=cli_actor())
     except ValueError as exc:
         raise _refused(exc) from exc
@@ -205,7 +197,7 @@ def audit_list(
     """Audit events, newest first."""
     start = _moment(since, "'--since'", end=False)
     stop = _moment(until, "'--until'", end=True)
-    with _sessions(settings_of(ctx))() as session:
+    with sessions_for(settings_of(ctx))() as session:
         rows = audit_rows(session, kind, actor, start, stop, limit)
     if not as_json:
         for row in rows:
@@ -239,7 +231,7 @@ def retention_run(
 
     settings = settings_of(ctx)
     report = sweep(
-        _sessions(settings), settings, dry_run=dry_run, actor=cli_actor(), prune_dirs=True
+        sessions_for(settings), settings, dry_run=dry_run, actor=cli_actor(), prune_dirs=True
     )
     if as_json:
         print(json.dumps(report.as_dict(), indent=2, default=str))

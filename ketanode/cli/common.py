@@ -1,12 +1,15 @@
-"""What the CLI sub-apps share: consoles, the ``--json`` option, settings, sessions, tables.
+"""What the CLI modules share: consoles, the ``--json`` option, settings, sessions, the
+audit actor, tables (markup-escaped).
 
-``ketanode/cli/main.py`` builds the main app and imports the sub-apps (``model_cli``,
-``results_cli``), so the sub-apps cannot import ``cli``; they import this module instead.
+``ketanode/cli/main.py`` builds the main app and imports the sub-apps (``model``,
+``results``, ``admin``), so the sub-apps cannot import ``main``; they import this module.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -25,16 +28,30 @@ err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
-def settings_of(ctx: typer.Context) -> Settings:
-    """The settings the main app loaded (``-c FILE``); a sub-app run on its own (tests) loads
-    them from ``$KETANODE_CONFIG`` / the environment. A bad file exits 2 with the reason."""
-    if isinstance(ctx.obj, Settings):
-        return ctx.obj
+def load_settings_or_exit(path: Path | None) -> Settings:
+    """The settings of ``path`` (``None``: ``$KETANODE_CONFIG``, else the environment and the
+    embedded defaults); a bad file exits 2 with the reason."""
     try:
-        return load_settings(None)
+        return load_settings(path)
     except ConfigError as exc:
         err.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(2) from exc
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    """The settings the main app loaded (``-c FILE``); a sub-app run on its own (tests) loads
+    them from ``$KETANODE_CONFIG`` / the environment (:func:`load_settings_or_exit`)."""
+    if isinstance(ctx.obj, Settings):
+        return ctx.obj
+    return load_settings_or_exit(None)
+
+
+def cli_actor() -> str:
+    """Who runs this command, for the audit trail: ``cli:<OS user>``."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):
+        return "cli:unknown"
 
 
 def engine_for(settings: Settings) -> Engine:

@@ -12,15 +12,21 @@ from types import FrameType
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ketanode import __version__
 from ketanode.cli.admin import audit_app, retention_app, users_app
-from ketanode.cli.common import sessions_for
+from ketanode.cli.common import (
+    JsonOpt,
+    console,
+    err,
+    load_settings_or_exit,
+    print_rows,
+    sessions_for,
+    settings_of,
+)
 from ketanode.cli.model import model_app
 from ketanode.cli.results import dispatch_app, results_app
-from ketanode.config import ConfigError, Settings, load_settings
 from ketanode.db import queries
 from ketanode.db.session import make_engine
 from ketanode.logs import setup_logging
@@ -44,17 +50,7 @@ app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
 app.add_typer(retention_app, name="retention")
 
-console = Console()
-err = Console(stderr=True)
 logger = logging.getLogger(__name__)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings = ctx.obj
-    assert isinstance(settings, Settings)
-    return settings
 
 
 @app.callback()
@@ -69,27 +65,7 @@ def main(
         ),
     ] = None,
 ) -> None:
-    try:
-        ctx.obj = load_settings(config)
-    except ConfigError as exc:
-        err.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(2) from exc
-
-
-def _print(rows: list[dict[str, Any]], columns: list[str], as_json: bool, title: str) -> None:
-    if as_json:
-        print(json.dumps(rows, indent=2, default=str))
-        return
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*["" if row.get(c) is None else str(row.get(c)) for c in columns])
-    console.print(table)
-
-
-def _sessions(settings: Settings) -> Any:
-    return sessions_for(settings)
+    ctx.obj = load_settings_or_exit(config)
 
 
 @app.command()
@@ -103,7 +79,7 @@ def serve(ctx: typer.Context) -> None:
     """Run the node: DICOM listener, series tracking, workers. Stops on SIGTERM or Ctrl-C."""
     from ketanode.node import Node
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     setup_logging(settings.logging)
     stop = threading.Event()
 
@@ -127,7 +103,7 @@ def db_upgrade(ctx: typer.Context, revision: str = "head") -> None:
     """Apply the Alembic migrations."""
     from ketanode.db.migrate import current_revision, upgrade
 
-    engine = make_engine(_settings(ctx).database.url)
+    engine = make_engine(settings_of(ctx).database.url)
     upgrade(engine, revision)
     print(f"database at revision {current_revision(engine)}")
 
@@ -137,7 +113,7 @@ def db_current(ctx: typer.Context) -> None:
     """Show the schema revision and the newest one this version knows."""
     from ketanode.db.migrate import current_revision, head_revision
 
-    engine = make_engine(_settings(ctx).database.url)
+    engine = make_engine(settings_of(ctx).database.url)
     print(f"current {current_revision(engine)}, head {head_revision(engine)}")
 
 
@@ -146,8 +122,8 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Counts of series, jobs, associations and refusals."""
     import shutil
 
-    settings = _settings(ctx)
-    with _sessions(settings)() as session:
+    settings = settings_of(ctx)
+    with sessions_for(settings)() as session:
         data = queries.status(session)
     spool = settings.spool.path
     data["spool_free_mb"] = (shutil.disk_usage(spool).free // 2**20) if spool.exists() else None
@@ -167,9 +143,9 @@ def series_list(
     ctx: typer.Context, state: str | None = None, limit: int = 50, as_json: JsonOpt = False
 ) -> None:
     """Recent series with their state and reason."""
-    with _sessions(_settings(ctx))() as session:
+    with sessions_for(settings_of(ctx))() as session:
         rows = queries.list_series(session, state, limit)
-    _print(
+    print_rows(
         rows,
         ["id", "modality", "description", "n_instances", "state", "completion_trigger", "reason"],
         as_json,
@@ -185,7 +161,7 @@ def series_show(
     patient: Annotated[bool, typer.Option(help="Include patient identifiers.")] = False,
 ) -> None:
     """One series (row id or Series Instance UID): facts, selection checks, jobs and steps."""
-    with _sessions(_settings(ctx))() as session:
+    with sessions_for(settings_of(ctx))() as session:
         found = queries.find_series(session, key)
         if found is None:
             err.print(f"no series {key!r}")
@@ -202,11 +178,11 @@ def jobs_list(
     ctx: typer.Context, state: str | None = None, limit: int = 50, as_json: JsonOpt = False
 ) -> None:
     """Recent jobs, their state, attempts and failure reasons."""
-    with _sessions(_settings(ctx))() as session:
+    with sessions_for(settings_of(ctx))() as session:
         rows = queries.list_jobs(session, state, limit)
     for row in rows:
         row["steps_s"] = ", ".join(f"{s['name']} {s['seconds']:.2f}" for s in row["steps"])
-    _print(
+    print_rows(
         rows,
         [
             "id",
@@ -227,9 +203,9 @@ def jobs_list(
 @app.command()
 def failures(ctx: typer.Context, limit: int = 50, as_json: JsonOpt = False) -> None:
     """C-STOREs the node refused: status, reason, where the dataset was kept."""
-    with _sessions(_settings(ctx))() as session:
+    with sessions_for(settings_of(ctx))() as session:
         rows = queries.list_failures(session, limit)
-    _print(
+    print_rows(
         rows,
         ["id", "association_id", "status", "reason", "received_at", "quarantine_path"],
         as_json,
@@ -240,9 +216,9 @@ def failures(ctx: typer.Context, limit: int = 50, as_json: JsonOpt = False) -> N
 @app.command()
 def associations(ctx: typer.Context, limit: int = 50, as_json: JsonOpt = False) -> None:
     """Recent associations: caller, address, outcome, counts."""
-    with _sessions(_settings(ctx))() as session:
+    with sessions_for(settings_of(ctx))() as session:
         rows = queries.list_associations(session, limit)
-    _print(
+    print_rows(
         rows,
         [
             "id",
@@ -307,15 +283,17 @@ def measure(
     from ketanode.imaging.analysis import analyse_path
 
     with tempfile.TemporaryDirectory(prefix="ketanode-measure-") as tmp:
-        result = analyse_path(path, out_dir or Path(tmp), _settings(ctx).pipeline)
+        result = analyse_path(path, out_dir or Path(tmp), settings_of(ctx).pipeline)
     if as_json:
         print(json.dumps(result, indent=2, default=str))
     else:
         feats = result.get("features") or {"names": [], "vector": []}
         pairs = zip(feats["names"], feats["vector"], strict=True)
         title = f"features {feats.get('spec', {}).get('name', '')}"
-        _print([{"feature": n, "mL": v} for n, v in pairs], ["feature", "mL"], False, title)
-        _print(result["qc"]["checks"], ["name", "value", "warn", "fail", "outcome"], False, "QC")
+        print_rows([{"feature": n, "mL": v} for n, v in pairs], ["feature", "mL"], False, title)
+        print_rows(
+            result["qc"]["checks"], ["name", "value", "warn", "fail", "outcome"], False, "QC"
+        )
         console.print(f"QC: {result['qc']['outcome']}  seconds: {result['seconds']}")
         if result.get("error"):
             console.print(f"reason: {result['error']}")
@@ -336,7 +314,7 @@ def demo(
     from ketanode.cli.demo import run_demo
 
     setup_logging(_settings_for_demo())
-    result = run_demo(data_dir.resolve(), destinations=_settings(ctx).destinations)
+    result = run_demo(data_dir.resolve(), destinations=settings_of(ctx).destinations)
     if as_json:
         print(
             json.dumps(
@@ -353,7 +331,7 @@ def demo(
     else:
         console.print(f"[bold]ketanode demo[/bold] ({RESEARCH_USE_ONLY})")
         console.print(f"sent over DICOM to port {result.port}: {result.sent}")
-        _print(
+        print_rows(
             [s for s in result.series],
             ["id", "description", "n_instances", "state", "completion_trigger", "reason"],
             False,
@@ -391,7 +369,9 @@ def _print_demo_measurement(by_name: dict[str, Any], truth: dict[str, Any]) -> N
     for row in rows:
         row["error_%"] = round(100 * (row["measured"] / row["truth"] - 1), 1)
         row["measured"], row["truth"] = round(row["measured"], 1), round(row["truth"], 1)
-    _print(rows, ["volume", "measured", "truth", "error_%"], False, "volumes (mL) vs phantom truth")
+    print_rows(
+        rows, ["volume", "measured", "truth", "error_%"], False, "volumes (mL) vs phantom truth"
+    )
     qc = by_name.get("qc") or {}
     checks = ", ".join(f"{c['name']} {c['outcome']}" for c in qc.get("checks", []))
     console.print(f"QC {qc.get('outcome', '?')}: {checks}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import getpass
 import io
 import json
 import sys
@@ -20,7 +19,15 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from ketanode.cli.common import JsonOpt, console, err, print_rows, sessions_for, settings_of
+from ketanode.cli.common import (
+    JsonOpt,
+    cli_actor,
+    console,
+    err,
+    print_rows,
+    sessions_for,
+    settings_of,
+)
 from ketanode.db import results as q
 from ketanode.db.models import DispatchState, ResultStatus
 from ketanode.texts import DEMO, RESEARCH_USE_ONLY
@@ -105,13 +112,6 @@ OUTBOX_COLUMNS = [
 
 def _title(what: str) -> str:
     return f"{what} ({RESEARCH_USE_ONLY})"
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
 
 
 def _filters(
@@ -333,7 +333,7 @@ def results_export(
     record_now(
         sessions,
         AuditKind.EXPORT,
-        _actor(),
+        cli_actor(),
         subject="results",
         detail={
             "format": fmt,
@@ -417,7 +417,7 @@ def dispatch_retry(
                 record(
                     session,
                     AuditKind.REQUEUE,
-                    _actor(),
+                    cli_actor(),
                     subject="outbox:" + (",".join(map(str, ids)) if ids else "dead"),
                     detail={
                         "ids": ids or None,
