@@ -33,17 +33,13 @@ import pydicom
 import ketanode
 from ketanode.config import PipelineSettings
 from ketanode.report.content import ResultForReport
-from ketanode.report.secondary_capture import (
-    build_report_image,
-    region_names_of_default_atlas,
-    write_png,
-)
+from ketanode.imaging.atlas import region_names_of_default_atlas
+from ketanode.report.secondary_capture import build_report_image, write_png
 from ketanode.report.sr import build_sr
 from ketanode.imaging.analysis import step_measure, step_preprocess, step_qc, step_segment
 from ketanode.synthetic.phantom import PhantomSpec, make_phantom
 from ketanode.model.classifier import predict
-from ketanode.synthetic.demo_model import DEMO_MODEL
-from ketanode.model.files import load_model
+from ketanode.model.files import DEMO_MODEL, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
@@ -170,12 +166,12 @@ def main() -> None:
     meas = step_measure(pre, seg)
     qc = step_qc(t1, pre, seg, meas, p.qc, False)
     result = scored_result(
-        meas,
-        qc,
-        t1_path=Path(pre["n4_path"]),
-        brain_mask_path=Path(pre["mask_path"]),
-        gm_path=Path(seg["gm_path"]),
-        territories_path=Path(meas["territories_path"]),  # the measure step's native map
+        meas.as_dict(),
+        qc.as_dict(),
+        t1_path=Path(pre.n4_path),
+        brain_mask_path=Path(pre.mask_path),
+        gm_path=Path(seg.gm_path),
+        territories_path=Path(meas.territories_path),  # the measure step's native map
     )
     write_objects(files, result, out, args.png)
 

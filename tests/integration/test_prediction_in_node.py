@@ -15,9 +15,9 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from ketanode.db.models import EmittedObject, Job, ModelRecord, OutboxItem, Prediction, Result
-from ketanode.model.files import file_sha256
+from ketanode.model.files import DEMO_MODEL, file_sha256
 from ketanode.report.sr import read_sr
-from ketanode.synthetic.demo_model import DEMO_MODEL, held_out_cohort
+from ketanode.synthetic.demo_model import held_out_cohort
 from ketanode.synthetic.phantom import PhantomSpec, make_phantom
 from ketanode.synthetic.series_writer import SeriesSpec
 from ketanode.texts import DEMO_LABEL

@@ -24,6 +24,7 @@ from ketanode.imaging.features import default_spec
 from ketanode.model import registry
 from ketanode.model.classifier import fit_model
 from ketanode.model.files import (
+    DEMO_MODEL,
     KNOWN_SYNTHETIC,
     METADATA_MEMBER,
     ModelRefused,
@@ -40,7 +41,6 @@ from ketanode.process.predict import predict_job
 from ketanode.report.secondary_capture import build_report_image
 from ketanode.report.sr import build_sr, read_sr
 from ketanode.synthetic.cohort import SyntheticCohort, feature_cohort
-from ketanode.synthetic.demo_model import DEMO_MODEL
 from ketanode.texts import DEMO_LABEL
 from tests.unit._report_case import make_case
 
