@@ -49,7 +49,8 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from ketanode.admin.audit import AuditKind, record_now
 from ketanode.config import Settings
 from ketanode.db.models import (
-    DispatchState,
+    FINISHED_JOB_STATES,
+    UNSENT_STATES,
     EmittedObject,
     Instance,
     Job,
@@ -66,8 +67,6 @@ from ketanode.db.session import rowcount
 logger = logging.getLogger(__name__)
 
 ACTIVE_JOB = (JobState.QUEUED, JobState.RUNNING)
-FINISHED_JOB = (JobState.DONE, JobState.FAILED)
-UNSENT = (DispatchState.PENDING, DispatchState.RETRYING)
 
 
 @dataclass
@@ -140,14 +139,14 @@ def _series_due(cutoff: dt.datetime) -> ColumnElement[bool]:
     latest_id = select(func.max(any_job.id)).where(any_job.series_id == Series.id).correlate(Series)
     latest_finished_long_ago = exists().where(
         latest.id == latest_id.scalar_subquery(),
-        latest.state.in_(FINISHED_JOB),
+        latest.state.in_(FINISHED_JOB_STATES),
         latest.finished_at <= cutoff,
     )
     unsent = exists().where(
         Result.series_id == Series.id,
         EmittedObject.result_id == Result.id,
         OutboxItem.object_id == EmittedObject.id,
-        OutboxItem.state.in_(UNSENT),
+        OutboxItem.state.in_(UNSENT_STATES),
     )
     # not purged yet, or received again: a purge deletes the instance rows, so any that
     # exist arrived after it
@@ -167,7 +166,9 @@ def _series_due(cutoff: dt.datetime) -> ColumnElement[bool]:
 
 def _object_due(cutoff: dt.datetime) -> ColumnElement[bool]:
     """The report rule for ``EmittedObject`` (correlated)."""
-    unsent = exists().where(OutboxItem.object_id == EmittedObject.id, OutboxItem.state.in_(UNSENT))
+    unsent = exists().where(
+        OutboxItem.object_id == EmittedObject.id, OutboxItem.state.in_(UNSENT_STATES)
+    )
     last_change = (
         select(func.max(OutboxItem.updated_at))
         .where(OutboxItem.object_id == EmittedObject.id)

@@ -19,13 +19,11 @@ from sqlalchemy import select
 
 from ketanode.config import Destination, Settings
 from ketanode.db import queries
-from ketanode.db.models import DispatchState, OutboxItem, Result, Series, SeriesState
+from ketanode.db.models import FINAL_SERIES_STATES, DispatchState, OutboxItem, Result, Series
 from ketanode.node import Node
 from ketanode.send.sender import store_uncompressed
 from ketanode.synthetic.phantom import PhantomSpec, make_phantom, simple_head
 from ketanode.synthetic.series_writer import SeriesSpec, write_series
-
-FINAL = {SeriesState.DONE, SeriesState.FAILED, SeriesState.IGNORED}
 
 
 @dataclass
@@ -139,7 +137,7 @@ def run_demo(
         while time.monotonic() < deadline:
             with node.sessions() as session:
                 rows = session.query(Series).all()
-                if len(rows) == 2 and all(s.state in FINAL for s in rows):
+                if len(rows) == 2 and all(s.state in FINAL_SERIES_STATES for s in rows):
                     break
             time.sleep(0.25)
         if destinations:  # give the dispatcher its chance (a PACS that is down: retrying)

@@ -29,7 +29,7 @@ from ketanode.cli.common import (
     settings_of,
 )
 from ketanode.db import results as q
-from ketanode.db.models import DispatchState, ResultStatus
+from ketanode.db.models import UNSENT_STATES, DispatchState, ResultStatus
 from ketanode.texts import DEMO, RESEARCH_USE_ONLY
 
 results_app = typer.Typer(
@@ -42,7 +42,6 @@ dispatch_app = typer.Typer(
 )
 
 DATE_FORMATS = ["%Y-%m-%d"]
-DUE = (DispatchState.PENDING, DispatchState.RETRYING)
 SinceOpt = Annotated[
     dt.datetime | None,
     typer.Option(
@@ -376,7 +375,7 @@ def dispatch_list(
     shown = [
         r
         | {
-            "next_at": _short_time(r["next_at"]) if r["state"] in DUE else None,
+            "next_at": _short_time(r["next_at"]) if r["state"] in UNSENT_STATES else None,
             "sent_at": _short_time(r["sent_at"]),
             "last_status": None if r["last_status"] is None else f"0x{r['last_status']:04X}",
             "synthetic": DEMO if r["synthetic"] else "",

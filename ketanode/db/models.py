@@ -77,12 +77,20 @@ class SeriesState(enum.StrEnum):
     FAILED = "failed"
 
 
+#: Where a series rests until it is received again (in this order on the metrics page).
+FINAL_SERIES_STATES = (SeriesState.IGNORED, SeriesState.DONE, SeriesState.FAILED)
+
+
 class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
     SUPERSEDED = "superseded"
+
+
+#: A job that ran to its end, well or not (a superseded job never ran).
+FINISHED_JOB_STATES = (JobState.DONE, JobState.FAILED)
 
 
 class Association(Base):
@@ -365,6 +373,11 @@ class DispatchState(enum.StrEnum):
     RETRYING = "retrying"
     SENT = "sent"
     DEAD = "dead"
+
+
+#: Outbox rows still to be sent: the dispatcher sends them when due, retention keeps their
+#: objects' files.
+UNSENT_STATES = (DispatchState.PENDING, DispatchState.RETRYING)
 
 
 class OutboxItem(Base):

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.admin.audit import AuditKind, record
 from ketanode.config import Destination, DispatchSettings, Settings
-from ketanode.db.models import DispatchState, EmittedObject, OutboxItem, utcnow
+from ketanode.db.models import UNSENT_STATES, DispatchState, EmittedObject, OutboxItem, utcnow
 from ketanode.send.sender import (
     AssociationFailed,
     StoreOutcome,
@@ -36,8 +36,6 @@ from ketanode.send.sender import (
 )
 
 logger = logging.getLogger(__name__)
-
-DUE_STATES = (DispatchState.PENDING, DispatchState.RETRYING)
 
 
 def _audit(session: Session, row: OutboxItem, outcome: str, dest: str, **extra: object) -> None:
@@ -83,7 +81,7 @@ def due_rows(session: Session, now: dt.datetime, limit: int) -> list[tuple[int, 
             EmittedObject.sop_instance_uid,
         )
         .join(EmittedObject, EmittedObject.id == OutboxItem.object_id)
-        .where(OutboxItem.state.in_(DUE_STATES), OutboxItem.next_at <= now)
+        .where(OutboxItem.state.in_(UNSENT_STATES), OutboxItem.next_at <= now)
         .order_by(OutboxItem.next_at, OutboxItem.id)
         .limit(limit)
     ).all()
@@ -192,7 +190,7 @@ class Dispatcher:
         cfg = self.settings.dispatch
         with self.sessions.begin() as session:
             row = session.get(OutboxItem, row_id)
-            if row is None or row.state not in DUE_STATES:
+            if row is None or row.state not in UNSENT_STATES:
                 return
             now = utcnow()
             row.attempts += 1

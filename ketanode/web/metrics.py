@@ -44,6 +44,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.db.models import (
+    FINAL_SERIES_STATES,
+    FINISHED_JOB_STATES,
     DispatchState,
     Instance,
     Job,
@@ -61,8 +63,6 @@ from ketanode.web.context import context_of
 
 logger = logging.getLogger(__name__)
 
-FINAL_SERIES_STATES = (SeriesState.IGNORED, SeriesState.DONE, SeriesState.FAILED)
-FINISHED_JOB_STATES = (JobState.DONE, JobState.FAILED)
 # seconds: a job is 30-60 s on 2 cores; conversion-only jobs take about 2 s
 DURATION_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 300.0, 600.0, 1800.0)
 
