@@ -327,6 +327,36 @@ class WebSettings(_Section):
         return self
 
 
+class ClusterSettings(_Section):
+    """Cluster mode: the roles run apart (listeners, one active scheduler, Celery workers,
+    the dashboard), on PostgreSQL and RabbitMQ. Off: ``ketanode serve`` is the embedded
+    all-in-one node (docs/scaling.md)."""
+
+    enabled: bool = False
+    # The Celery broker (RabbitMQ); a message carries only a job id.
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    # The work queue (a RabbitMQ priority queue: live scans before batch reprocessing).
+    queue: str = Field(default="ketanode.jobs", min_length=1, max_length=200)
+    # Message priority of a live scan and of batch reprocessing (0..9, higher first).
+    live_priority: int = Field(default=9, ge=0, le=9)
+    batch_priority: int = Field(default=1, ge=0, le=9)
+    # Jobs one `ketanode worker` runs at once (one Celery prefork process each).
+    worker_concurrency: int = Field(default=1, ge=1, le=64)
+    # How often the scheduler publishes queued jobs, and when it publishes a job again that
+    # no worker claimed (the broker may have dropped the message; a duplicate changes
+    # nothing, the claim is a conditional UPDATE). With the queue empty, after
+    # ``republish_idle_seconds``; else after ``republish_seconds``.
+    publish_interval_seconds: float = Field(default=1.0, gt=0)
+    republish_idle_seconds: float = Field(default=10.0, gt=0)
+    republish_seconds: float = Field(default=600.0, gt=0)
+    # Every role process writes a heartbeat row; it counts as alive for 3 heartbeats.
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    # A standby scheduler tries to become the active one this often.
+    standby_poll_seconds: float = Field(default=2.0, gt=0)
+    # How often the active scheduler runs the recovery sweep (expired leases re-queued).
+    recovery_interval_seconds: float = Field(default=15.0, gt=0)
+
+
 class Settings(_Section):
     node: NodeSettings = Field(default_factory=NodeSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
@@ -340,6 +370,7 @@ class Settings(_Section):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> Settings:

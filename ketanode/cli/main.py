@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ketanode import __version__
 from ketanode.cli.admin import audit_app, retention_app, users_app
+from ketanode.cli.cluster import cluster_app, serve_role, worker
 from ketanode.cli.common import (
     JsonOpt,
     console,
@@ -49,6 +50,8 @@ app.add_typer(dispatch_app, name="dispatch")
 app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
 app.add_typer(retention_app, name="retention")
+app.add_typer(cluster_app, name="cluster")
+app.command("worker")(worker)
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +78,19 @@ def version() -> None:
 
 
 @app.command()
-def serve(ctx: typer.Context) -> None:
+def serve(
+    ctx: typer.Context,
+    role: Annotated[
+        str | None,
+        typer.Option(help="Cluster mode ([cluster] enabled): listener, scheduler or web."),
+    ] = None,
+) -> None:
     """Run the node: DICOM listener, series tracking, workers. Stops on SIGTERM or Ctrl-C."""
     from ketanode.node import Node
 
+    if role is not None or ctx.obj.cluster.enabled:
+        serve_role(ctx.obj, role)
+        return
     settings = settings_of(ctx)
     setup_logging(settings.logging)
     stop = threading.Event()

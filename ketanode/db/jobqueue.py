@@ -12,10 +12,10 @@ import os
 import socket
 import uuid
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from ketanode.db.models import Job, JobState, Series, SeriesState, utcnow
+from ketanode.db.models import Job, JobLane, JobState, Series, SeriesState, utcnow
 from ketanode.db.session import rowcount
 
 logger = logging.getLogger(__name__)
@@ -61,44 +61,88 @@ def enqueue(session: Session, series: Series, max_attempts: int) -> Job:
 
 
 def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> int | None:
-    """Take the oldest queued job; returns its id or None."""
+    """Take the oldest queued job (live before batch); returns its id or None."""
     for _ in range(5):
-        with sessions.begin() as session:
+        with sessions() as session:
             job_id = session.scalar(
-                select(Job.id).where(Job.state == JobState.QUEUED).order_by(Job.id).limit(1)
+                select(Job.id)
+                .where(Job.state == JobState.QUEUED)
+                .order_by((Job.lane == JobLane.BATCH).asc(), Job.id)
+                .limit(1)
             )
-            if job_id is None:
-                return None
-            now = utcnow()
-            taken = rowcount(
-                session.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.state == JobState.QUEUED)
-                    .values(
-                        state=JobState.RUNNING,
-                        lease_owner=owner,
-                        lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                        attempt=Job.attempt + 1,
-                        started_at=now,
-                        error=None,
-                        failed_step=None,
-                    )
-                )
-            )
-            if taken:
-                job = session.get(Job, job_id)
-                assert job is not None
-                session.execute(
-                    update(Series)
-                    .where(
-                        Series.id == job.series_id,
-                        Series.generation == job.series_generation,
-                        Series.state == SeriesState.QUEUED,
-                    )
-                    .values(state=SeriesState.PROCESSING)
-                )
-                return job_id
+        if job_id is None:
+            return None
+        if claim_job(sessions, job_id, owner, lease_seconds):
+            return job_id
     return None
+
+
+def claim_job(
+    sessions: sessionmaker[Session], job_id: int, owner: str, lease_seconds: float
+) -> bool:
+    """Take one job by id, if it is still queued: the conditional UPDATE that makes a
+    message delivered twice, or a job published twice, run once."""
+    with sessions.begin() as session:
+        now = utcnow()
+        taken = rowcount(
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.QUEUED)
+                .values(
+                    state=JobState.RUNNING,
+                    lease_owner=owner,
+                    lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                    attempt=Job.attempt + 1,
+                    started_at=now,
+                    error=None,
+                    failed_step=None,
+                )
+            )
+        )
+        if not taken:
+            return False
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.execute(
+            update(Series)
+            .where(
+                Series.id == job.series_id,
+                Series.generation == job.series_generation,
+                Series.state == SeriesState.QUEUED,
+            )
+            .values(state=SeriesState.PROCESSING)
+        )
+        return True
+
+
+def to_publish(
+    session: Session, now: dt.datetime, republish_after_seconds: float, limit: int = 500
+) -> list[tuple[int, str]]:
+    """(job id, lane) of queued jobs never published, or published longer ago than
+    ``republish_after_seconds`` and still not claimed (live first, then oldest)."""
+    cutoff = now - dt.timedelta(seconds=republish_after_seconds)
+    rows = session.execute(
+        select(Job.id, Job.lane)
+        .where(
+            Job.state == JobState.QUEUED,
+            or_(Job.published_at.is_(None), Job.published_at < cutoff),
+        )
+        .order_by((Job.lane == JobLane.BATCH).asc(), Job.id)
+        .limit(limit)
+    ).all()
+    return [(int(r[0]), str(r[1])) for r in rows]
+
+
+def mark_published(sessions: sessionmaker[Session], job_ids: list[int]) -> None:
+    """Record that these jobs' ids went to the broker (only while they are still queued)."""
+    if not job_ids:
+        return
+    with sessions.begin() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.state == JobState.QUEUED)
+            .values(published_at=utcnow(), publish_count=Job.publish_count + 1)
+        )
 
 
 def renew(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> int:
@@ -156,6 +200,7 @@ def release(sessions: sessionmaker[Session], job_id: int, owner: str, reason: st
         job.attempt = max(0, job.attempt - 1)
         job.lease_owner = None
         job.lease_expires_at = None
+        job.published_at = None
         job.error = reason
         series = _current_series(session, job)
         if series is not None and series.state == SeriesState.PROCESSING:
@@ -185,6 +230,7 @@ def recover(sessions: sessionmaker[Session]) -> int:
             else:
                 job.state = JobState.QUEUED
                 job.error = f"re-queued after attempt {job.attempt}: worker died or lease expired"
+                job.published_at = None
                 if series is not None:
                     series.state = SeriesState.QUEUED
             job.lease_owner = None

@@ -93,6 +93,11 @@ class JobState(enum.StrEnum):
 FINISHED_JOB_STATES = (JobState.DONE, JobState.FAILED)
 
 
+class JobLane(enum.StrEnum):
+    LIVE = "live"  # a scan that just arrived
+    BATCH = "batch"  # reprocessing of series already received
+
+
 class Association(Base):
     """One DICOM association (accepted or rejected): who called, from where, what it carried."""
 
@@ -230,6 +235,11 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None]
     failed_step: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    # cluster mode: live scans go before batch reprocessing ("live" | "batch"); when the
+    # scheduler last published the job id to the broker, and how often it did
+    lane: Mapped[str] = mapped_column(String(8), default=JobLane.LIVE)
+    published_at: Mapped[dt.datetime | None]
+    publish_count: Mapped[int] = mapped_column(Integer, default=0)
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     steps: Mapped[list[JobStep]] = relationship(
@@ -456,4 +466,22 @@ class AuditEvent(Base):
     address: Mapped[str | None] = mapped_column(String(64))
     subject: Mapped[str | None] = mapped_column(String(128))
     outcome: Mapped[str] = mapped_column(String(16), default="ok")
+    detail: Mapped[dict[str, Any] | None]
+
+
+class ClusterMember(Base):
+    """One role process of a cluster (listener, scheduler, worker, web): where it runs and its
+    heartbeat. ``detail`` says what it is doing (the active scheduler, a listener's port)."""
+
+    __tablename__ = "cluster_member"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(160), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    stopped_at: Mapped[dt.datetime | None]
     detail: Mapped[dict[str, Any] | None]
