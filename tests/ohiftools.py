@@ -110,6 +110,47 @@ def view_sr(page: Page, steps: int, shot: Callable[[Page, int], None] | None = N
     return view
 
 
+@dataclass
+class Panel:
+    """OHIF's measurement panel after the SR's measurements were restored (tracked)."""
+
+    titles: list[str]
+    rows: list[str]
+
+    def lists_region(self, feature: str, volume_ml: float) -> bool:
+        return f"{region_label(feature)}: {volume_ml:.2f} ml" in self.titles
+
+    @property
+    def lists_overall(self) -> bool:
+        return any(SUMMARY.search(t) and "RESEARCH USE ONLY" in t for t in self.titles)
+
+
+def region_label(feature: str) -> str:
+    """The name the SR gives a model input's group (``gm_left_frontal`` -> ``left frontal GM``)."""
+    return feature.removeprefix("gm_").replace("_", " ") + " GM"
+
+
+def track_sr(page: Page, shot: Callable[[Page, int], None] | None = None) -> Panel:
+    """Open the SR, accept OHIF's offer to track its measurements, open the measurement panel
+    and read its rows (``shot(page, 0)`` once the panel is drawn)."""
+    page.get_by_text(SR_SERIES, exact=False).dblclick()
+    page.locator("[data-cy='yes-hydrate-btn']").click(timeout=120_000)
+    panel = page.locator("[data-cy='trackedMeasurements-panel']")
+    for button in ("side-panel-header-right", "trackedMeasurements-btn"):
+        if panel.count() and panel.first.is_visible():
+            break
+        page.locator(f"[data-cy='{button}']").first.click()
+        page.wait_for_timeout(1000)
+    panel.first.wait_for(timeout=60_000)
+    page.locator("[data-cy='measurement-table-row-0']").wait_for(timeout=60_000)
+    page.wait_for_timeout(1500)
+    if shot is not None:
+        shot(page, 0)
+    titles = panel.first.locator("[data-cy='data-row-title']").all_inner_texts()
+    rows = panel.first.locator("[data-cy^='measurement-table-row-']").all_inner_texts()
+    return Panel([t.strip() for t in titles], [" ".join(r.split()) for r in rows])
+
+
 def drivers_by_contribution(contributions: Mapping[str, float]) -> Sequence[str]:
     return [f for f, _ in sorted(contributions.items(), key=lambda kv: -abs(kv[1]))]
 

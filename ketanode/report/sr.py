@@ -8,7 +8,8 @@ Layout of the content tree::
       Procedure Reported = Brain MRI (LN 24590-2)
       CONTAINER Imaging Measurements
         CONTAINER Measurement Group (TID 1501)
-          Tracking Identifier / Tracking Unique Identifier
+          Tracking Identifier "[Cornerstone3DTools@^0.1.0:PlanarFreehandROI ]ketanode ketamine
+            response prediction" (the prefix when the probability has coordinates) / UID
           Finding = Ketamine response prediction (99KETANODE)
           Algorithm Name "ketanode", Version (the node software's), Parameters (model,
             model SHA-256, synthetic demonstration model yes/no, feature spec; the model
@@ -31,16 +32,21 @@ Layout of the content tree::
             TEXT DEMO result (a result of a synthetic model: also "DEMO" at the start of the
             series description)
         CONTAINER Measurement Group (TID 1410), for each model input       (scored only)
-          Tracking Identifier "<region> GM" / Tracking Unique Identifier
+          Tracking Identifier "Cornerstone3DTools@^0.1.0:PlanarFreehandROI <region> GM" / UID
           SCOORD POLYLINE: the region's outline on the source instance where its
             cross-section is largest (:mod:`ketanode.report.region_outlines`)
           Finding = Grey matter volume, Finding Site (+ Laterality)
-          NUM Grey matter volume (ml), NUM Contribution to decision value (1)
+          NUM Grey matter volume (ml), INFERRED FROM a copy of the SCOORD;
+          NUM Contribution to decision value (1)
+          TEXT Comment "<region> GM: <volume> ml" (the name OHIF lists it under)
 
 Viewers that draw TID 1500 (OHIF, for one) draw a measurement group only through an image
 region, so each model input has a planar ROI group whose polyline is the region's outline on
 a slice of the T1; the probability in the first group is INFERRED FROM the brain's outline
 on its largest slice (OHIF 3.13 stops with an error on a group without any coordinates).
+OHIF lists a group in its measurement panel (after the user accepts to track the SR's
+measurements) only when its Tracking Identifier starts with a Cornerstone3D tool's and its
+first NUM holds the coordinates: hence the prefix and the NUM's copy of the image region.
 Outlines need the native territory map (``territories_path``) and single-frame source
 instances with plane geometry; without them the SR has the first group only.
 
@@ -55,6 +61,7 @@ Coding Scheme Identification Sequence. :func:`read_sr` reads the values back.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 import socket
@@ -65,6 +72,7 @@ from typing import Any
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
@@ -164,6 +172,7 @@ TOTALS: dict[str, tuple[Code, Code]] = {
     "tiv": (VOLUME, Code("128319008", "SCT", "Intracranial structure")),
 }
 TRACKING_ID = "ketanode ketamine response prediction"
+VIEWER_TOOL = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
 
 
 def default_device_uid() -> str:
@@ -348,30 +357,65 @@ def region_groups(
             graphic_data=outline.points,
             source_image=_source_image(outline),
         )
-        label = region_of(feature).replace("_", " ")
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=generate_uid(), identifier=f"{label} GM"
+        label = f"{region_of(feature).replace('_', ' ')} GM"
+        volume = float(result.volumes[feature])
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=generate_uid(), identifier=viewer_tracking_id(label)
+            ),
+            referenced_region=region,
+            finding_type=_concept(GM_VOLUME),
+            finding_sites=[_finding_site(feature)],
+            measurements=[
+                hd.sr.Measurement(name=_concept(GM_VOLUME), value=volume, unit=_concept(ML)),
+                hd.sr.Measurement(
+                    name=_concept(CONTRIBUTION),
+                    value=float(contribution),
+                    unit=_concept(NO_UNITS),
                 ),
-                referenced_region=region,
-                finding_type=_concept(GM_VOLUME),
-                finding_sites=[_finding_site(feature)],
-                measurements=[
-                    hd.sr.Measurement(
-                        name=_concept(GM_VOLUME),
-                        value=float(result.volumes[feature]),
-                        unit=_concept(ML),
-                    ),
-                    hd.sr.Measurement(
-                        name=_concept(CONTRIBUTION),
-                        value=float(contribution),
-                        unit=_concept(NO_UNITS),
-                    ),
-                ],
-            )
+            ],
         )
+        items = group[0].ContentSequence
+        _infer_from(_num(items, GM_VOLUME), _scoord(items))
+        items.append(_text(COMMENT, f"{label}: {volume:.2f} ml"))
+        groups.append(group)
     return groups
+
+
+def viewer_tracking_id(label: str) -> str:
+    """A group's Tracking Identifier: the Cornerstone tool prefix, then the label.
+
+    OHIF (3.13) restores a group into its measurement panel only when the identifier starts
+    with a Cornerstone3D tool's (``Cornerstone3DTools@^0.1.0:PlanarFreehandROI``, a planar
+    closed polyline: what each group holds); the label after it keeps the identifier
+    readable, and OHIF shows the group's DCM Comment as its name.
+    """
+    return f"{VIEWER_TOOL} {label}"
+
+
+def _num(items: Sequence[Dataset], concept: Code) -> Dataset:
+    code = _concept(concept)
+    return next(
+        i
+        for i in items
+        if i.ValueType == "NUM"
+        and i.ConceptNameCodeSequence[0].CodeValue == code.value
+        and i.ConceptNameCodeSequence[0].CodingSchemeDesignator == code.scheme_designator
+    )
+
+
+def _scoord(items: Sequence[Dataset]) -> Dataset:
+    return next(i for i in items if i.ValueType == "SCOORD")
+
+
+def _infer_from(num: Dataset, scoord: Dataset) -> None:
+    """The NUM INFERRED FROM a copy of the group's image region (TID 300 allows it): the
+    Cornerstone adapters read a planar ROI's outline from under its first NUM."""
+    region = copy.deepcopy(scoord)
+    region.RelationshipType = "INFERRED FROM"
+    if "ContentSequence" not in num:
+        num.ContentSequence = DicomSequence()
+    num.ContentSequence.append(region)
 
 
 def outlines_for(
@@ -420,8 +464,11 @@ def measurement_report(
             _concept(PREDICTED_CLASS), _concept(CLASS_CODES[result.predicted_class])
         )
         evaluations.insert(0, predicted)
+    # a viewer restores the group as a planar ROI only when its probability has coordinates
+    drawn = brain is not None and result.probability is not None
+    overall_id = viewer_tracking_id(TRACKING_ID) if drawn else TRACKING_ID
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=TRACKING_ID),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=overall_id),
         finding_type=_concept(FINDING),
         algorithm_id=algorithm_identification(result),
         measurements=_measurements(result, brain) or None,

@@ -24,6 +24,7 @@ from tests.ohiftools import (
     drivers_by_contribution,
     screenshot,
     study_page,
+    track_sr,
     view_sr,
     with_valid_dates,
 )
@@ -110,11 +111,16 @@ def test_real_head_is_scored_and_reported_in_the_pacs(
         try:
             with chromium() as browser, study_page(browser, viewer.url, study) as page:
                 view = view_sr(page, len(drivers) + 2, screenshot("ohif-real-head"))
+            with chromium() as browser, study_page(browser, viewer.url, study) as page:
+                panel = track_sr(page, screenshot("ohif-real-head-panel", steps=(0,)))
         finally:
             viewer.stop()
         assert not view.errors and view.overall_drawn, view.labels
         missing = [f for f in drivers if not view.region_drawn(values.volumes[f])]
         assert not missing, (missing, view.labels)
+        assert panel.lists_overall, panel.titles
+        unlisted = [f for f in drivers if not panel.lists_region(f, values.volumes[f])]
+        assert not unlisted, (unlisted, panel.titles)
     finally:
         pacs.stop()
 

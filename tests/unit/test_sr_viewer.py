@@ -68,8 +68,19 @@ def test_a_planar_roi_group_per_model_input(
     for group, feature in zip(regions, ranked, strict=True):
         items = list(group.ContentSequence)
         ident = next(i for i in items if _code(i) == ("DCM", "112039"))
-        assert ident.TextValue == feature[3:].replace("_", " ") + " GM"
+        label = feature[3:].replace("_", " ") + " GM"
+        # OHIF restores a group into its measurement panel only under a Cornerstone tool's
+        # tracking identifier, with the outline under the group's first NUM, and lists it
+        # under its DCM Comment
+        assert ident.TextValue == f"Cornerstone3DTools@^0.1.0:PlanarFreehandROI {label}"
+        comment = [i.TextValue for i in items if _code(i) == ("DCM", "121106")]
+        assert comment == [f"{label}: {result.volumes[feature]:.2f} ml"]
+        first_num = next(i for i in items if i.ValueType == "NUM")
+        assert first_num.ConceptNameCodeSequence[0].CodeMeaning == "Grey matter volume"
+        (inferred,) = [i for i in first_num.ContentSequence if i.ValueType == "SCOORD"]
+        assert inferred.RelationshipType == "INFERRED FROM"
         scoord = next(i for i in items if i.ValueType == "SCOORD")
+        assert list(inferred.GraphicData) == list(scoord.GraphicData)
         assert _code(scoord) == IMAGE_REGION and scoord.GraphicType == "POLYLINE"
         ref = scoord.ContentSequence[0].ReferencedSOPSequence[0]
         src = by_uid[str(ref.ReferencedSOPInstanceUID)]  # an instance of the source series
@@ -135,6 +146,9 @@ def test_no_outline_without_territories(
     ds = pydicom.dcmread(path)
     assert len(_groups(ds)) == 1
     assert "SCOORD" not in _value_types(ds)
+    # without coordinates the group does not claim to be a viewer's planar ROI
+    (ident,) = [i for i in _groups(ds)[0].ContentSequence if _code(i) == ("DCM", "112039")]
+    assert ident.TextValue == "ketanode ketamine response prediction"
     assert read_sr(ds).probability == pytest.approx(result.probability)
 
 
@@ -162,5 +176,7 @@ def test_dsr2html_reads_well(case: tuple[list[Dataset], ResultForReport], sr_fil
         # each volume with its name, not a bare number (containers are SEPARATE)
         assert re.search(rf"(Grey matter volume|Volume): {re.escape(str(ml))} ml", text), feature
     for group in ("left frontal GM", "right cerebellum GM"):
-        assert f'Tracking Identifier = "{group}"' in text
+        # each region group named by its Comment; the long tracking identifier in an annex
+        assert re.search(rf"Comment: \"?{group}: \d+\.\d\d ml", text), group
+        assert f"Cornerstone3DTools@^0.1.0:PlanarFreehandROI {group}" in text
     assert "Image Region: Polyline" in text

@@ -1,7 +1,9 @@
 """The SR in a web viewer (issue 15): a phantom study goes through the node to Orthanc (with
 its DICOMweb plugin); the published OHIF build (npm, installed by scripts/setup.sh) opens the
 study in headless Chromium, loads the SR, draws each driving region's outline on the T1 with
-its grey-matter volume, and the overall result with the probability; the report image opens.
+its grey-matter volume, and the overall result with the probability; once the user accepts to
+track the SR's measurements, OHIF's measurement panel lists the overall result and every
+driving region with its volume; the report image opens.
 
 ``KETANODE_SCREENSHOTS=docs/screenshots python -m pytest tests/web/test_ohif.py`` saves
 screenshots of the study, the SR and the report image (the ones in README.md).
@@ -32,6 +34,7 @@ from tests.ohiftools import (
     drivers_by_contribution,
     screenshot,
     study_page,
+    track_sr,
     view_sr,
 )
 from tests.peers import OhifViewer, Orthanc
@@ -143,6 +146,14 @@ def test_the_sr_draws_each_driving_region_with_its_volume(page: Page, study: Stu
     missing = [f for f in study.drivers if not view.region_drawn(study.sr_volumes[f])]
     assert not missing, f"regions not drawn with their volume: {missing} in {view.labels}"
     assert view.outlines >= 1
+
+
+def test_the_measurement_panel_lists_each_driving_region(page: Page, study: Study) -> None:
+    panel = track_sr(page, screenshot("ohif-panel", steps=(0,)))
+    assert panel.lists_overall, panel.titles
+    missing = [f for f in study.drivers if not panel.lists_region(f, study.sr_volumes[f])]
+    assert not missing, f"regions not listed with their volume: {missing} in {panel.titles}"
+    assert len(panel.rows) == len(study.drivers) + 1, panel.rows
 
 
 def test_the_report_image_opens(page: Page) -> None:
