@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from pynetdicom.events import Event
@@ -28,6 +29,9 @@ DIAG_CALLED_AE_NOT_RECOGNISED = 0x07
 # "local limit exceeded": pynetdicom's answer when max_associations are open.
 SOURCE_PRESENTATION = 0x03
 DIAG_LOCAL_LIMIT = 0x02
+# How long a connection closed after the association's last answer waits for the
+# association thread to record how it ended (it is a matter of microseconds).
+_END_ANNOUNCED_SECONDS = 0.5
 
 
 def _same_address(allowed: str, peer: str) -> bool:
@@ -253,8 +257,15 @@ class AssociationLog:
 
     def handle_conn_closed(self, event: Event) -> None:
         # A peer that drops the connection without A-RELEASE or A-ABORT.
-        self._end(event, AssociationOutcome.ABORTED)
         assoc = event.assoc
+        if getattr(getattr(assoc.dul, "state_machine", None), "current_state", None) == "Sta13":
+            # Closed after the A-RELEASE-RP (or an A-ABORT) went out: the peer may close
+            # before the association thread, which queued that answer, has announced the
+            # end (EVT_RELEASED); it does so at once, without waiting for this thread.
+            deadline = time.monotonic() + _END_ANNOUNCED_SECONDS
+            while self.row_id(assoc) is not None and time.monotonic() < deadline:
+                time.sleep(0.001)
+        self._end(event, AssociationOutcome.ABORTED)
         if assoc.is_acceptor and assoc.requestor.primitive is None and not assoc.is_established:
             # Closed before its A-ASSOCIATE-RQ: pynetdicom's acceptor would wait for one until
             # the ACSE timeout, holding a slot of max_associations. An empty item wakes it as

@@ -14,6 +14,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from ketanode.config import NodeSettings, TLSSettings
 from ketanode.dicom.net import set_nodelay
 from ketanode.dicom.sop import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
+from ketanode.receive import wakeups
 from ketanode.receive.associations import AssociationLog
 from ketanode.receive.store import StoreService, handle_store
 
@@ -67,8 +68,12 @@ class Listener:
         self.server: ThreadedAssociationServer | None = None
 
     def start(self) -> tuple[str, int]:
+        # pynetdicom's reactors woken by their work, not every millisecond (wakeups.py)
+        wakeups.install()
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_CONN_OPEN, wakeups.attach),
+            (evt.EVT_CONN_CLOSE, wakeups.detach),
             (evt.EVT_REQUESTED, self.log.handle_requested),
             (evt.EVT_ACCEPTED, self.log.handle_accepted),
             (evt.EVT_REJECTED, self.log.handle_rejected),
