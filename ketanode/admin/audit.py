@@ -4,15 +4,18 @@ auditor may ask about: associations, logins, result views, exports, dispatches, 
 :func:`record` adds a row in the caller's transaction (so the event and what it records
 commit together); :func:`record_now` commits its own. Neither puts patient identifiers in a
 row: subjects are row ids and UIDs. Recording never breaks the action it records:
-:func:`record_now` logs and swallows database errors.
+:func:`record_now` logs and swallows database errors. :func:`list_events` reads the trail
+(``ketanode audit list``, the dashboard's audit page).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import logging
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.db.models import AuditEvent
@@ -67,3 +70,31 @@ def record_now(
             record(session, kind, actor, **kwargs)
     except Exception:
         logger.exception("could not record an audit event (%s by %s)", kind, actor)
+
+
+def list_events(
+    session: Session,
+    *,
+    kind: str | None = None,
+    actor: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    limit: int = 100,
+) -> list[AuditEvent]:
+    """Audit events, newest first; ``since`` inclusive, ``until`` exclusive."""
+    stmt = select(AuditEvent)
+    if kind:
+        stmt = stmt.where(AuditEvent.kind == kind)
+    if actor:
+        stmt = stmt.where(AuditEvent.actor == actor)
+    if since is not None:
+        stmt = stmt.where(AuditEvent.at >= since)
+    if until is not None:
+        stmt = stmt.where(AuditEvent.at < until)
+    stmt = stmt.order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
+    return list(session.scalars(stmt))
+
+
+def event_kinds(session: Session) -> list[str]:
+    """The kinds of event the trail holds, sorted."""
+    return sorted(str(k) for k in session.scalars(select(AuditEvent.kind).distinct()))

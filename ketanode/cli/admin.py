@@ -13,9 +13,9 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ketanode.admin.audit import list_events
 from ketanode.cli.common import (
     JsonOpt,
     cli_actor,
@@ -25,7 +25,7 @@ from ketanode.cli.common import (
     sessions_for,
     settings_of,
 )
-from ketanode.db.models import AuditEvent, UserRole
+from ketanode.db.models import UserRole
 
 users_app = typer.Typer(help="Dashboard users (argon2 password hashes).", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
@@ -150,17 +150,8 @@ def audit_rows(
     until: dt.datetime | None = None,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
-    """Audit events, newest first (``until`` exclusive)."""
-    stmt = select(AuditEvent)
-    if kind:
-        stmt = stmt.where(AuditEvent.kind == kind)
-    if actor:
-        stmt = stmt.where(AuditEvent.actor == actor)
-    if since is not None:
-        stmt = stmt.where(AuditEvent.at >= since)
-    if until is not None:
-        stmt = stmt.where(AuditEvent.at < until)
-    stmt = stmt.order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
+    """Audit events as rows, newest first (``until`` exclusive)."""
+    events = list_events(session, kind=kind, actor=actor, since=since, until=until, limit=limit)
     return [
         {
             "id": e.id,
@@ -172,7 +163,7 @@ def audit_rows(
             "outcome": e.outcome,
             "detail": e.detail,
         }
-        for e in session.scalars(stmt)
+        for e in events
     ]
 
 

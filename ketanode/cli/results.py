@@ -9,6 +9,7 @@ and ``app.add_typer(dispatch_app, name="dispatch")``. Patient identifiers are pr
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -113,7 +114,7 @@ def _title(what: str) -> str:
     return f"{what} ({RESEARCH_USE_ONLY})"
 
 
-def _filters(
+def _result_filter(
     since: dt.datetime | None,
     until: dt.datetime | None,
     status: str | None,
@@ -122,7 +123,8 @@ def _filters(
     accession: str | None,
     predicted_class: str | None,
     include_all: bool,
-) -> dict[str, Any]:
+) -> q.ResultFilter:
+    """The filter options of ``results list`` and ``results export``, checked."""
     if since is not None and until is not None and until < since:
         raise typer.BadParameter(
             f"{until.date()} is before --since {since.date()}", param_hint="'--until'"
@@ -131,16 +133,16 @@ def _filters(
         raise typer.BadParameter(
             " or ".join(s.value for s in ResultStatus), param_hint="'--status'"
         )
-    return {
-        "since": since.date() if since else None,
-        "until": until.date() if until else None,
-        "status": status,
-        "model": model,
-        "patient_id": patient_id,
-        "accession": accession,
-        "predicted_class": predicted_class,
-        "current_only": not include_all,
-    }
+    return q.ResultFilter(
+        since=since.date() if since else None,
+        until=until.date() if until else None,
+        status=status,
+        model=model,
+        patient_id=patient_id,
+        accession=accession,
+        predicted_class=predicted_class,
+        current_only=not include_all,
+    )
 
 
 def _short_time(value: str | None) -> str | None:
@@ -211,11 +213,11 @@ def results_list(
     patient: PatientOpt = False,
 ) -> None:
     """Results, newest first (current ones only unless --all)."""
-    filters = _filters(
+    filters = _result_filter(
         since, until, status, model, patient_id, accession, predicted_class, include_all
     )
     with sessions_for(settings_of(ctx))() as session:
-        rows = q.list_results(session, **filters, limit=limit, with_patient=patient)
+        rows = q.list_results(session, filters, limit=limit, with_patient=patient)
     if as_json:
         print_rows(rows, [], True, "")
         return
@@ -297,15 +299,15 @@ def results_export(
 
     if fmt not in ("csv", "json"):
         raise typer.BadParameter("csv or json", param_hint="'--format'")
-    filters = _filters(
+    filters = _result_filter(
         since, until, status, model, patient_id, accession, predicted_class, include_all
     )
     sessions = sessions_for(settings_of(ctx))
     with sessions() as session:
         if fmt == "csv":
-            rows = q.export_rows(session, **filters, limit=limit, with_patient=patient)
+            rows = q.export_rows(session, filters, limit=limit, with_patient=patient)
         else:
-            rows = q.list_results(session, **filters, limit=limit, with_patient=patient)
+            rows = q.list_results(session, filters, limit=limit, with_patient=patient)
     if fmt == "json":
         text = json.dumps(rows, indent=2, default=str) + "\n"
     else:
@@ -341,7 +343,7 @@ def results_export(
             # the filters, but never a patient identifier itself
             "filters": {
                 k: (v is not None) if k in ("patient_id", "accession") else str(v) if v else v
-                for k, v in filters.items()
+                for k, v in dataclasses.asdict(filters).items()
             },
         },
     )

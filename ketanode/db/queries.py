@@ -1,4 +1,5 @@
-"""Read-side queries for the CLI (and later the dashboard): plain dicts, JSON-ready."""
+"""Read-side queries for the CLI and the dashboard: plain dicts, JSON-ready. The helpers
+that make a row (:func:`iso_time`, :func:`patient_of`) serve ``db/results.py`` too."""
 
 from __future__ import annotations
 
@@ -11,8 +12,19 @@ from sqlalchemy.orm import Session
 from ketanode.db.models import Association, Instance, Job, JobStep, Series, StoreFailure, Study
 
 
-def _iso(value: dt.datetime | None) -> str | None:
+def iso_time(value: dt.datetime | None) -> str | None:
+    """A timestamp of a row as ISO 8601 text to the millisecond; ``None`` stays ``None``."""
     return value.isoformat(timespec="milliseconds") if value else None
+
+
+def patient_of(study: Study) -> dict[str, str | None]:
+    """The patient identifiers of a study (only for a caller that asked for them)."""
+    return {
+        "name": study.patient_name,
+        "id": study.patient_id,
+        "birth_date": study.patient_birth_date,
+        "accession": study.accession_number,
+    }
 
 
 def counts_by(session: Session, column: Any) -> dict[str, int]:
@@ -43,7 +55,7 @@ def status(session: Session) -> dict[str, Any]:
             )
             or 0
         ),
-        "last_instance_at": _iso(session.scalar(select(func.max(Instance.received_at)))),
+        "last_instance_at": iso_time(session.scalar(select(func.max(Instance.received_at)))),
     }
 
 
@@ -59,9 +71,9 @@ def series_row(series: Series) -> dict[str, Any]:
         "n_instances": series.n_instances,
         "expected_instances": series.expected_instances,
         "generation": series.generation,
-        "first_received_at": _iso(series.first_received_at),
-        "last_received_at": _iso(series.last_received_at),
-        "completed_at": _iso(series.completed_at),
+        "first_received_at": iso_time(series.first_received_at),
+        "last_received_at": iso_time(series.last_received_at),
+        "completed_at": iso_time(series.completed_at),
         "completion_trigger": series.completion_trigger,
     }
 
@@ -90,9 +102,9 @@ def job_row(job: Job) -> dict[str, Any]:
         "state": job.state,
         "attempt": job.attempt,
         "max_attempts": job.max_attempts,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso_time(job.created_at),
+        "started_at": iso_time(job.started_at),
+        "finished_at": iso_time(job.finished_at),
         "failed_step": job.failed_step,
         "error": job.error,
         "steps": [step_row(s) for s in job.steps],
@@ -129,13 +141,7 @@ def series_detail(session: Session, series: Series, with_patient: bool = False) 
         }
     )
     if with_patient:
-        st = series.study
-        out["patient"] = {
-            "name": st.patient_name,
-            "id": st.patient_id,
-            "birth_date": st.patient_birth_date,
-            "accession": st.accession_number,
-        }
+        out["patient"] = patient_of(series.study)
     return out
 
 
@@ -156,7 +162,7 @@ def list_failures(session: Session, limit: int = 50) -> list[dict[str, Any]]:
             "reason": f.reason,
             "sop_instance_uid": f.sop_instance_uid,
             "quarantine_path": f.quarantine_path,
-            "received_at": _iso(f.received_at),
+            "received_at": iso_time(f.received_at),
         }
         for f in session.scalars(query)
     ]
@@ -176,8 +182,8 @@ def list_associations(session: Session, limit: int = 50) -> list[dict[str, Any]]
             "stored": a.n_stored,
             "duplicates": a.n_duplicate,
             "failed": a.n_failed,
-            "started_at": _iso(a.started_at),
-            "ended_at": _iso(a.ended_at),
+            "started_at": iso_time(a.started_at),
+            "ended_at": iso_time(a.ended_at),
         }
         for a in session.scalars(query)
     ]

@@ -1,8 +1,9 @@
-"""Results and the outbox for the CLI (and later the dashboard): plain dicts, JSON-ready.
+"""Results and the outbox for the CLI and the dashboard: plain dicts, JSON-ready.
 
 Patient identifiers (name, ID, birth date, accession number) are in a row only when the
-caller asks with ``with_patient=True``; filtering by patient ID or accession never puts them
-in the output. Dates filter on the result's creation time, in UTC, both ends inclusive.
+caller asks with ``with_patient=True``; filtering by patient ID or accession
+(:class:`ResultFilter`) never puts them in the output. Dates filter on the result's creation
+time, in UTC, both ends inclusive.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from ketanode.db.models import (
@@ -26,6 +27,7 @@ from ketanode.db.models import (
     Study,
     utcnow,
 )
+from ketanode.db.queries import iso_time, patient_of
 from ketanode.db.session import rowcount
 
 PATIENT_FIELDS = ("patient_name", "patient_id", "patient_birth_date", "accession_number")
@@ -54,51 +56,57 @@ EXPORT_COLUMNS = (
 )
 
 
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat(timespec="milliseconds") if value else None
-
-
 def _day_start(day: dt.date) -> dt.datetime:
     return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
 
 
-def _filtered(
-    *,
-    since: dt.date | None,
-    until: dt.date | None,
-    status: str | None,
-    model: str | None,
-    patient_id: str | None,
-    accession: str | None,
-    predicted_class: str | None,
-    current_only: bool,
-    limit: int | None,
-) -> Select[Result, Series, Study]:
+@dataclass(frozen=True, kw_only=True)
+class ResultFilter:
+    """Which results a list or an export holds (every field set narrows it; the default:
+    the current results). ``since`` and ``until`` are days of the result's creation, in UTC,
+    both inclusive; ``model`` is a SHA-256 prefix; ``current_only=False`` adds the superseded
+    results (the series was received again and scored anew)."""
+
+    since: dt.date | None = None
+    until: dt.date | None = None
+    status: str | None = None
+    model: str | None = None
+    patient_id: str | None = None
+    accession: str | None = None
+    predicted_class: str | None = None
+    current_only: bool = True
+
+
+def _found(
+    session: Session, filters: ResultFilter | None, limit: int | None
+) -> list[tuple[Result, Series, Study]]:
+    """The results ``filters`` selects, with their series and study, newest first."""
+    f = filters or ResultFilter()
     query = (
         select(Result, Series, Study)
         .join(Series, Series.id == Result.series_id)
         .join(Study, Study.id == Series.study_id)
         .order_by(Result.created_at.desc(), Result.id.desc())
     )
-    if since is not None:
-        query = query.where(Result.created_at >= _day_start(since))
-    if until is not None:
-        query = query.where(Result.created_at < _day_start(until) + dt.timedelta(days=1))
-    if status:
-        query = query.where(Result.status == status)
-    if model:
-        query = query.where(Result.model_sha256.startswith(model.lower(), autoescape=True))
-    if patient_id:
-        query = query.where(Study.patient_id == patient_id)
-    if accession:
-        query = query.where(Study.accession_number == accession)
-    if predicted_class:
-        query = query.where(Result.predicted_class == predicted_class)
-    if current_only:
+    if f.since is not None:
+        query = query.where(Result.created_at >= _day_start(f.since))
+    if f.until is not None:
+        query = query.where(Result.created_at < _day_start(f.until) + dt.timedelta(days=1))
+    if f.status:
+        query = query.where(Result.status == f.status)
+    if f.model:
+        query = query.where(Result.model_sha256.startswith(f.model.lower(), autoescape=True))
+    if f.patient_id:
+        query = query.where(Study.patient_id == f.patient_id)
+    if f.accession:
+        query = query.where(Study.accession_number == f.accession)
+    if f.predicted_class:
+        query = query.where(Result.predicted_class == f.predicted_class)
+    if f.current_only:
         query = query.where(Result.current.is_(True))
     if limit is not None:
         query = query.limit(limit)
-    return query
+    return [(r, se, st) for r, se, st in session.execute(query)]
 
 
 def _dispatch_text(states: dict[str, int]) -> str:
@@ -146,7 +154,7 @@ def _row(
 ) -> dict[str, Any]:
     row: dict[str, Any] = {
         "id": result.id,
-        "created_at": _iso(result.created_at),
+        "created_at": iso_time(result.created_at),
         "series_id": series.id,
         "series_uid": series.series_uid,
         "study_uid": study.study_uid,
@@ -187,63 +195,25 @@ def _rows(
 
 def list_results(
     session: Session,
+    filters: ResultFilter | None = None,
     *,
-    since: dt.date | None = None,
-    until: dt.date | None = None,
-    status: str | None = None,
-    model: str | None = None,
-    patient_id: str | None = None,
-    accession: str | None = None,
-    predicted_class: str | None = None,
-    current_only: bool = True,
     limit: int | None = 50,
     with_patient: bool = False,
 ) -> list[dict[str, Any]]:
-    """Results, newest first. ``model`` is a SHA-256 prefix; ``current_only=False`` adds the
-    superseded results (the series was received again and scored anew)."""
-    query = _filtered(
-        since=since,
-        until=until,
-        status=status,
-        model=model,
-        patient_id=patient_id,
-        accession=accession,
-        predicted_class=predicted_class,
-        current_only=current_only,
-        limit=limit,
-    )
-    found = [(r, se, st) for r, se, st in session.execute(query)]
-    return _rows(session, found, with_patient)
+    """The results ``filters`` selects (default: the current ones), newest first."""
+    return _rows(session, _found(session, filters, limit), with_patient)
 
 
 def export_rows(
     session: Session,
+    filters: ResultFilter | None = None,
     *,
-    since: dt.date | None = None,
-    until: dt.date | None = None,
-    status: str | None = None,
-    model: str | None = None,
-    patient_id: str | None = None,
-    accession: str | None = None,
-    predicted_class: str | None = None,
-    current_only: bool = True,
     limit: int | None = None,
     with_patient: bool = False,
 ) -> list[dict[str, Any]]:
     """The rows of :func:`list_results` made flat for CSV: every row has the same keys, one
     ``vol_<feature>`` column per volume any row has (empty where a result has none)."""
-    query = _filtered(
-        since=since,
-        until=until,
-        status=status,
-        model=model,
-        patient_id=patient_id,
-        accession=accession,
-        predicted_class=predicted_class,
-        current_only=current_only,
-        limit=limit,
-    )
-    found = [(r, se, st) for r, se, st in session.execute(query)]
+    found = _found(session, filters, limit)
     rows = _rows(session, found, with_patient)
     features = sorted({str(k) for r, _, _ in found for k in (r.volumes or {})})
     columns = list(EXPORT_COLUMNS) + (list(PATIENT_FIELDS) if with_patient else [])
@@ -289,10 +259,10 @@ def _outbox_row(item: OutboxItem, obj: EmittedObject, synthetic: bool) -> dict[s
         "destination": item.destination,
         "state": item.state,
         "attempts": item.attempts,
-        "next_at": _iso(item.next_at),
+        "next_at": iso_time(item.next_at),
         "last_status": item.last_status,
         "last_error": item.last_error,
-        "sent_at": _iso(item.sent_at),
+        "sent_at": iso_time(item.sent_at),
         "result_id": obj.result_id,
         "synthetic": synthetic,
     }
@@ -325,7 +295,7 @@ def result_detail(session: Session, result: Result, with_patient: bool = False) 
             "job_id": result.job_id,
             "prediction_id": result.prediction_id,
             "software_version": result.software_version,
-            "job_started_at": _iso(result.job_started_at),
+            "job_started_at": iso_time(result.job_started_at),
             "series_description": series.description,
             "modality": series.modality,
             "qc_checks": result.qc_checks,
@@ -342,8 +312,8 @@ def result_detail(session: Session, result: Result, with_patient: bool = False) 
                     "path": obj.path,
                     "size_bytes": obj.size_bytes,
                     "sha256": obj.sha256,
-                    "created_at": _iso(obj.created_at),
-                    "purged_at": _iso(obj.purged_at),
+                    "created_at": iso_time(obj.created_at),
+                    "purged_at": iso_time(obj.purged_at),
                     "outbox": [
                         _outbox_row(item, obj, result.model_synthetic)
                         for item in sorted(obj.outbox, key=lambda i: i.id)
@@ -364,12 +334,7 @@ def result_detail(session: Session, result: Result, with_patient: bool = False) 
     out["other_results"] = _rows(session, others, with_patient=False)
     out["decision_rule"] = decision_rule(session, result.model_sha256)
     if with_patient:
-        out["patient"] = {
-            "name": study.patient_name,
-            "id": study.patient_id,
-            "birth_date": study.patient_birth_date,
-            "accession": study.accession_number,
-        }
+        out["patient"] = patient_of(study)
     return out
 
 

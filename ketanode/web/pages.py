@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ketanode.admin.audit import AuditKind, record_now
+from ketanode.admin.audit import AuditKind, event_kinds, list_events, record_now
 from ketanode.db import queries as db_queries
 from ketanode.db import results as db_results
 from ketanode.db.models import (
@@ -33,6 +33,7 @@ from ketanode.db.models import (
     Series,
     SeriesState,
 )
+from ketanode.db.results import ResultFilter
 from ketanode.web import plots, queries
 from ketanode.web.auth import WebUser, admin_user, api_user, client_address, page_user
 from ketanode.web.context import context_of, render
@@ -80,7 +81,7 @@ def results_page(
 ) -> Response:
     with _session(request) as session:
         rows = db_results.list_results(
-            session, status=_blank(status), current_only=current, limit=limit
+            session, ResultFilter(status=_blank(status), current_only=current), limit=limit
         )
         counts = db_queries.counts_by(session, Result.status)
     return render(
@@ -106,7 +107,7 @@ def results_json(
     """The results list as JSON (no patient identifiers)."""
     with _session(request) as session:
         return db_results.list_results(
-            session, status=_blank(status), current_only=current, limit=limit
+            session, ResultFilter(status=_blank(status), current_only=current), limit=limit
         )
 
 
@@ -300,8 +301,8 @@ def audit_page(
     limit: Limit = 200,
 ) -> Response:
     with _session(request) as session:
-        events = queries.list_audit(session, kind=_blank(kind), limit=limit)
-        kinds = queries.audit_kinds(session)
+        events = list_events(session, kind=_blank(kind), limit=limit)
+        kinds = event_kinds(session)
     return render(request, "audit.html", user=user, events=events, kinds=kinds, kind=kind or "")
 
 

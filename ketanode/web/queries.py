@@ -1,5 +1,6 @@
 """Read queries of the dashboard that the shared query modules (``ketanode/db/queries.py``,
-``ketanode/db/results.py``) do not have: the audit trail, the data behind the plots.
+``ketanode/db/results.py``, ``ketanode/admin/audit.py``) do not have: the data behind the
+plots, the jobs page's series descriptions, a result's patient ID.
 
 Times are grouped by UTC hour or day in SQL (``strftime`` on SQLite, ``to_char`` on
 PostgreSQL), so an ingest plot does not load every instance row.
@@ -15,7 +16,6 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from ketanode.db.models import (
-    AuditEvent,
     Instance,
     Job,
     JobStep,
@@ -113,14 +113,3 @@ def patient_id_of_result(session: Session, result_id: int) -> str | None:
         .where(Result.id == result_id)
     )
     return str(found) if found else None
-
-
-def list_audit(session: Session, kind: str | None = None, limit: int = 200) -> list[AuditEvent]:
-    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
-    if kind:
-        query = query.where(AuditEvent.kind == kind)
-    return list(session.scalars(query))
-
-
-def audit_kinds(session: Session) -> list[str]:
-    return sorted(str(k) for k in session.scalars(select(AuditEvent.kind).distinct()))
