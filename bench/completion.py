@@ -2,9 +2,9 @@
 
     python bench/completion.py [--repeats 5] [--instances 160] [--postgres]
 
-DICOM has no end-of-series message (DESIGN.md section 4); ketanode completes a series when
-the expected number of instances is known and reached, or when the association that
-carried it was released and a short grace passed. This measures both paths with default
+DICOM has no end-of-series message (docs/architecture.md, Data flow); ketanode completes a
+series when the expected number of instances is known and reached, or when the association
+that carried it was released and a short grace passed. This measures both paths with default
 settings (grace 1 s, sweep every 0.5 s), on ``ketanode serve`` as a subprocess fed by DCMTK
 ``storescu`` (one association per series, released at the end):
 

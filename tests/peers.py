@@ -31,7 +31,7 @@ OHIF_DIR = Path(
 
 @dataclass
 class Orthanc:
-    """Orthanc as a plain process with a generated config (DESIGN.md section 10)."""
+    """Orthanc as a plain process with a generated config."""
 
     workdir: Path
     node_port: int = 11112

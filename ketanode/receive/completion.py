@@ -1,4 +1,4 @@
-"""Where a series becomes complete (DESIGN.md section 4), and what happens then.
+"""Where a series becomes complete, and what happens then (docs/architecture.md, Data flow).
 
 A series is complete when the expected number of instances has arrived, or when the
 association that carried it was released and a short grace passed with nothing new,

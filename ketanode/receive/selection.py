@@ -1,4 +1,4 @@
-"""Which series are processed: the structural 3D T1 rules (DESIGN.md section 6)."""
+"""Which series are processed: the structural 3D T1 rules."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The dispatcher: sends the outbox's due rows to their destinations (C-STORE SCU).
 
-It reads only the ``outbox`` table (DESIGN.md section 5, rule 4): every row is one object
-(SR or report image) for one configured destination. A row moves
+It reads only the ``outbox`` table (docs/architecture.md, rules that protect data, 5):
+every row is one object (SR or report image) for one configured destination. A row moves
 ``pending -> sent``, or on failure to ``retrying`` with ``next_at`` pushed back
 exponentially (``backoff_initial_seconds * 2**(attempts - 1)``, at most
 ``backoff_max_seconds``), and to ``dead`` after ``max_attempts`` tries; an operator

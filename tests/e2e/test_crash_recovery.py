@@ -1,4 +1,4 @@
-"""Crashes and stops of ``ketanode serve`` (DESIGN.md section 5 rules 1 and 3).
+"""Crashes and stops of ``ketanode serve`` (docs/architecture.md, rules that protect data).
 
 * SIGKILL while a series is being received: everything storescu saw acknowledged is
   durable (row + file + intact pixels), the open association is recorded as aborted, no

@@ -1,5 +1,5 @@
-"""DESIGN.md section 5 rule 5: no patient identifiers in logs (name, ID, birth date,
-accession), nor in what the everyday admin commands print.
+"""No patient identifiers in logs (name, ID, birth date, accession; docs/architecture.md,
+rules that protect data, 4), nor in what the everyday admin commands print.
 
 Two series with distinctive identifiers are sent to ``ketanode serve`` (DEBUG logging):
 a copy of the real GE series re-identified with DCMTK dcmodify, and a generated series.

@@ -1,4 +1,4 @@
-"""The structural 3D T1 rules (DESIGN.md section 6): each rule can reject, with its reason."""
+"""The structural 3D T1 rules: each rule can reject, with its reason."""
 
 from __future__ import annotations
 
