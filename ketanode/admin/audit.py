@@ -95,6 +95,20 @@ def list_events(
     return list(session.scalars(stmt))
 
 
+def event_row(event: AuditEvent) -> dict[str, Any]:
+    """An audit event as a JSON-ready row."""
+    return {
+        "id": event.id,
+        "at": event.at.isoformat(timespec="seconds"),
+        "kind": event.kind,
+        "actor": event.actor,
+        "address": event.address,
+        "subject": event.subject,
+        "outcome": event.outcome,
+        "detail": event.detail,
+    }
+
+
 def event_kinds(session: Session) -> list[str]:
     """The kinds of event the trail holds, sorted."""
     return sorted(str(k) for k in session.scalars(select(AuditEvent.kind).distinct()))

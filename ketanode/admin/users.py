@@ -93,6 +93,12 @@ def _existing(session: Session, username: str) -> User:
     return user
 
 
+def _audit(session: Session, user: User, actor: str, action: str, **extra: str) -> None:
+    """The USER audit row of a change to ``user``, in the caller's transaction."""
+    detail = {"action": action, "username": user.username, **extra}
+    record(session, AuditKind.USER, actor, subject=f"user:{user.id}", detail=detail)
+
+
 def add_user(
     session: Session,
     username: str,
@@ -113,13 +119,7 @@ def add_user(
         session.flush()
     except IntegrityError as exc:  # added by someone else in the meantime
         raise ValueError(f"user {username!r} already exists") from exc
-    record(
-        session,
-        AuditKind.USER,
-        actor,
-        subject=f"user:{user.id}",
-        detail={"action": "add", "username": username, "role": str(user_role)},
-    )
+    _audit(session, user, actor, "add", role=str(user_role))
     logger.info("user %s added (role %s) by %s", user.id, user_role, actor)
     return user
 
@@ -129,13 +129,7 @@ def set_password(session: Session, username: str, password: str, *, actor: str =
     user = _existing(session, username)
     user.password_hash = hash_password(password)
     end_sessions_of(session, user.id)
-    record(
-        session,
-        AuditKind.USER,
-        actor,
-        subject=f"user:{user.id}",
-        detail={"action": "password", "username": username},
-    )
+    _audit(session, user, actor, "password")
     logger.info("password of user %s changed by %s", user.id, actor)
     return user
 
@@ -145,13 +139,7 @@ def disable_user(session: Session, username: str, *, actor: str = "system") -> U
     user = _existing(session, username)
     user.disabled = True
     end_sessions_of(session, user.id)
-    record(
-        session,
-        AuditKind.USER,
-        actor,
-        subject=f"user:{user.id}",
-        detail={"action": "disable", "username": username},
-    )
+    _audit(session, user, actor, "disable")
     logger.info("user %s disabled by %s", user.id, actor)
     return user
 

@@ -13,9 +13,8 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from sqlalchemy.orm import Session
 
-from ketanode.admin.audit import list_events
+from ketanode.admin.audit import AuditKind, event_row, list_events
 from ketanode.cli.common import (
     JsonOpt,
     cli_actor,
@@ -142,40 +141,12 @@ def _moment(value: str | None, option: str, end: bool) -> dt.datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
-def audit_rows(
-    session: Session,
-    kind: str | None = None,
-    actor: str | None = None,
-    since: dt.datetime | None = None,
-    until: dt.datetime | None = None,
-    limit: int = 100,
-) -> list[dict[str, Any]]:
-    """Audit events as rows, newest first (``until`` exclusive)."""
-    events = list_events(session, kind=kind, actor=actor, since=since, until=until, limit=limit)
-    return [
-        {
-            "id": e.id,
-            "at": e.at.isoformat(timespec="seconds"),
-            "kind": e.kind,
-            "actor": e.actor,
-            "address": e.address,
-            "subject": e.subject,
-            "outcome": e.outcome,
-            "detail": e.detail,
-        }
-        for e in events
-    ]
-
-
 @audit_app.command("list")
 def audit_list(
     ctx: typer.Context,
     kind: Annotated[
         str | None,
-        typer.Option(
-            help="association, login, logout, result_view, export, "
-            "dispatch, requeue, user, retention."
-        ),
+        typer.Option(help=", ".join(AuditKind) + "."),
     ] = None,
     actor: Annotated[str | None, typer.Option(help="Exactly this actor.")] = None,
     since: Annotated[str | None, typer.Option(help="From this day (YYYY-MM-DD, UTC).")] = None,
@@ -189,7 +160,8 @@ def audit_list(
     start = _moment(since, "'--since'", end=False)
     stop = _moment(until, "'--until'", end=True)
     with sessions_for(settings_of(ctx))() as session:
-        rows = audit_rows(session, kind, actor, start, stop, limit)
+        events = list_events(session, kind=kind, actor=actor, since=start, until=stop, limit=limit)
+        rows = [event_row(e) for e in events]
     if not as_json:
         for row in rows:
             row["detail"] = "" if row["detail"] is None else _compact(row["detail"])
