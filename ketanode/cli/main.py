@@ -27,6 +27,7 @@ from ketanode.cli.common import (
     settings_of,
 )
 from ketanode.cli.model import model_app
+from ketanode.cli.reprocess import reprocess
 from ketanode.cli.results import dispatch_app, results_app
 from ketanode.db import queries
 from ketanode.db.session import make_engine
@@ -52,6 +53,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(retention_app, name="retention")
 app.add_typer(cluster_app, name="cluster")
 app.command("worker")(worker)
+app.command("reprocess")(reprocess)
 
 logger = logging.getLogger(__name__)
 

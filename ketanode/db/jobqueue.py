@@ -238,3 +238,54 @@ def recover(sessions: sessionmaker[Session]) -> int:
             recovered += 1
             logger.warning("job %s recovered (%s)", job.id, job.state)
     return recovered
+
+
+def enqueue_batch(
+    sessions: sessionmaker[Session], series_ids: list[int], max_attempts: int
+) -> list[int]:
+    """Queue existing series again as batch work (reprocessing): a new job per series in
+    the ``batch`` lane, which every worker takes after the live scans. The series keeps its
+    state (its current result stays current until the new job writes one); a series with
+    a queued or running job, or whose files retention removed, is left out. Returns the
+    new jobs' ids."""
+    created: list[int] = []
+    with sessions.begin() as session:
+        for series_id in series_ids:
+            series = session.get(Series, series_id)
+            if series is None or series.state not in (SeriesState.DONE, SeriesState.FAILED):
+                continue
+            if series.purged_at is not None:
+                continue
+            busy = session.scalar(
+                select(Job.id).where(
+                    Job.series_id == series_id,
+                    Job.state.in_((JobState.QUEUED, JobState.RUNNING)),
+                )
+            )
+            if busy is not None:
+                continue
+            job = Job(
+                series_id=series.id,
+                series_generation=series.generation,
+                state=JobState.QUEUED,
+                attempt=0,
+                max_attempts=max_attempts,
+                lane=JobLane.BATCH,
+            )
+            session.add(job)
+            session.flush()
+            created.append(job.id)
+    return created
+
+
+def stop_batch(sessions: sessionmaker[Session], reason: str = "batch stopped") -> int:
+    """Take every queued batch job out of the queue (running ones finish); returns how many.
+    Their messages, if published, find nothing to claim."""
+    with sessions.begin() as session:
+        return rowcount(
+            session.execute(
+                update(Job)
+                .where(Job.lane == JobLane.BATCH, Job.state == JobState.QUEUED)
+                .values(state=JobState.SUPERSEDED, error=reason, finished_at=utcnow())
+            )
+        )

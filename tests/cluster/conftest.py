@@ -198,7 +198,7 @@ class Cluster:
     def depth(self) -> int | None:
         return queue_depth(make_celery(self.settings), self.settings).messages
 
-    def wait_workers(self, n: int, timeout: float = 120.0) -> None:
+    def wait_workers(self, n: int, timeout: float = 600.0) -> None:
         def ready() -> bool:
             for p in self.processes:
                 if p.name.startswith("worker") and p.proc is not None and p.proc.poll() is not None:

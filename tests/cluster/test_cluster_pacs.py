@@ -153,12 +153,13 @@ def test_twenty_series_exactly_once_through_worker_scheduler_and_broker_faults(
     log = tmp_path / "storescu.log"
     try:
         # -- the roles ----------------------------------------------------------------
+        # the workers first: each imports the imaging libraries before it consumes
+        workers = [c.worker(), c.worker(), c.worker()]
         listeners = [c.listener(), c.listener()]
         ports = [p.port for p in listeners if p.port is not None]
         first = c.scheduler()
-        wait_for(c.active_scheduler, 60, interval=0.3, what="an active scheduler")
+        wait_for(c.active_scheduler, 120, interval=0.3, what="an active scheduler")
         standby = c.scheduler()
-        workers = [c.worker(), c.worker(), c.worker()]
         c.wait_workers(3)
         status = json.loads(c.cli("cluster", "status", "--json").stdout)
         assert status["alive"] == {"listener": 2, "scheduler": 2, "worker": 3, "web": 0}
