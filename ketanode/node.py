@@ -47,6 +47,16 @@ def prepare_database(settings: Settings) -> Engine:
     return engine
 
 
+def received_spool(settings: Settings) -> Spool:
+    """The spool of received instances (and of refused ones, kept within their quota)."""
+    return Spool(
+        settings.spool.path,
+        int(settings.spool.min_free_mb * 2**20),
+        keep_rejected=settings.spool.keep_rejected,
+        rejected_max_bytes=int(settings.spool.rejected_max_mb * 2**20),
+    )
+
+
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -54,12 +64,7 @@ class Node:
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self.owner = new_owner()
         self.node_name = f"{socket.gethostname()}/{settings.node.ae_title}"
-        self.spool = Spool(
-            settings.spool.path,
-            int(settings.spool.min_free_mb * 2**20),
-            keep_rejected=settings.spool.keep_rejected,
-            rejected_max_bytes=int(settings.spool.rejected_max_mb * 2**20),
-        )
+        self.spool = received_spool(settings)
         self.timers = Timers()
         self.dispatcher = Dispatcher(self.sessions, settings)
         self.workers = WorkerPool(self.sessions, settings, self.owner, on_job_ended=self._job_ended)
@@ -222,12 +227,7 @@ class ListenerRole(Role):
         self.address: tuple[str, int] | None = None
         # unique per listener (several may run on one host), stable across its restarts
         self.node_name = f"{socket.gethostname()}/{settings.node.ae_title}:{settings.node.port}"
-        self.spool = Spool(
-            settings.spool.path,
-            int(settings.spool.min_free_mb * 2**20),
-            keep_rejected=settings.spool.keep_rejected,
-            rejected_max_bytes=int(settings.spool.rejected_max_mb * 2**20),
-        )
+        self.spool = received_spool(settings)
         self.associations = AssociationLog(
             self.sessions, settings.node, self.node_name, tls=settings.node.tls.enabled
         )

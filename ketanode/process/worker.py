@@ -30,11 +30,13 @@ _CONTEXT = mp.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(["ketanode.process.pipeline"])
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """This process gets SIGKILL when its parent dies (Linux; used by the job processes here
+    and by the cluster worker's pool)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the recovery sweep still re-queues
+    except (OSError, AttributeError):  # not Linux: the lease expiry still re-queues the job
         pass
 
 
@@ -59,7 +61,7 @@ def _watch_node(node_pid: int) -> None:
 
 def _child(settings: Settings, job_id: int, owner: str, node_pid: int) -> None:
     """Entry point of a job's process: its own engine, logging, and the steps."""
-    _die_with_parent()
+    die_with_parent()
     _watch_node(node_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the node, which stops us
     from ketanode.db.session import make_engine, make_session_factory
