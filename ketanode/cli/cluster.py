@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from ketanode import __version__
-from ketanode.cli.common import JsonOpt, console, err, sessions_for, settings_of
+from ketanode.cli.common import (
+    JsonOpt,
+    console,
+    err,
+    run_until_stopped,
+    sessions_for,
+    settings_of,
+    stop_on_signals,
+)
 from ketanode.config import Settings
 from ketanode.logs import setup_logging
 from ketanode.texts import RESEARCH_USE_ONLY
@@ -47,25 +52,14 @@ def serve_role(settings: Settings, role: str | None) -> None:
         )
 
     setup_logging(settings.logging)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()  # never shut pynetdicom down from a signal handler: it deadlocks
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    stop = stop_on_signals()
     try:
         node = make_role(settings, role)
     except ClusterConfigError as exc:
         raise _cluster_error(exc) from exc
     what = node.start()
     logger.info("ketanode %s ready: %s (%s)", __version__, what, RESEARCH_USE_ONLY)
-    try:
-        while not stop.wait(0.5):
-            if node.failed.is_set():
-                break
-    finally:
-        node.stop()
+    run_until_stopped(node, stop, node.failed)
     if node.failed.is_set():
         raise typer.Exit(3)
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import getpass
 import json
+import signal
+import threading
 from pathlib import Path
-from typing import Annotated, Any
+from types import FrameType
+from typing import Annotated, Any, Protocol
 
 import typer
 from rich.console import Console
@@ -76,6 +79,36 @@ def sessions_for(settings: Settings) -> sessionmaker[Session]:
     from ketanode.db.session import make_session_factory
 
     return make_session_factory(engine_for(settings))
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGTERM and SIGINT (Ctrl-C) set, for a serving command to wait on (never
+    shut pynetdicom down from a signal handler: it deadlocks)."""
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    return stop
+
+
+def run_until_stopped(
+    node: _Stoppable, stop: threading.Event, failed: threading.Event | None = None
+) -> None:
+    """Wait until ``stop`` is set (:func:`stop_on_signals`), or ``failed`` (the node ends on
+    its own), then stop ``node``."""
+    try:
+        while not stop.wait(0.5):
+            if failed is not None and failed.is_set():
+                break
+    finally:
+        node.stop()
 
 
 def print_rows(

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -23,8 +20,10 @@ from ketanode.cli.common import (
     err,
     load_settings_or_exit,
     print_rows,
+    run_until_stopped,
     sessions_for,
     settings_of,
+    stop_on_signals,
 )
 from ketanode.cli.model import model_app
 from ketanode.cli.reprocess import reprocess
@@ -95,21 +94,11 @@ def serve(
         return
     settings = settings_of(ctx)
     setup_logging(settings.logging)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()  # never shut pynetdicom down from a signal handler: it deadlocks
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    stop = stop_on_signals()
     node = Node(settings)
     host, port = node.start()
     logger.info("ketanode %s ready on %s:%s (%s)", __version__, host, port, RESEARCH_USE_ONLY)
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        node.stop()
+    run_until_stopped(node, stop)
 
 
 @db_app.command("upgrade")
