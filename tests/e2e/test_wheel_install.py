@@ -5,8 +5,9 @@ database to head and runs ``ketanode demo``.
 The virtual environment sees the machine's site-packages (``--system-site-packages``), so the
 heavy dependencies (torch, antspyx, ...) come from there and nothing is downloaded; the
 wheel goes in with ``--no-deps --no-index --ignore-installed``, in front of the machine's
-editable install. Every command runs from a directory outside the
-repository, with no ``KETANODE_*`` variable from the test's environment.
+editable install. Every command runs from a directory outside the repository, with no
+``KETANODE_*`` variable from the test's environment. The wheel is built and installed once
+for the module; each check is its own test.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -108,48 +110,80 @@ def _db_upgrade(ketanode: Path, url: str, cwd: Path) -> str:
     return match.group(1)
 
 
-@pytest.mark.postgres
-@pytest.mark.timeout(1200)  # build and install under a minute; the demo minutes when busy
-def test_wheel_installs_migrates_and_runs_the_demo(tmp_path: Path) -> None:
-    wheel = _build_wheel(tmp_path)
+@dataclass
+class Installed:
+    wheel: Path
+    venv: Path
+    python: Path
+    ketanode: Path
+    outside: Path  # the working directory of every command: not the repository
+    scratch: Path
 
-    venv = tmp_path / "venv"
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The wheel, built and installed into a fresh virtual environment (once per module)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    wheel = _build_wheel(tmp)
+    venv = tmp / "venv"
     # Without a pip of its own (ensurepip's would bring an old setuptools in front of the
     # machine's): the machine's pip, seen through the system site-packages, installs into it.
     _run(
         [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv],
-        cwd=tmp_path,
+        cwd=tmp,
     )
-    python, ketanode = venv / "bin" / "python", venv / "bin" / "ketanode"
+    python = venv / "bin" / "python"
     _run(
         [python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed",
          wheel],
-        cwd=tmp_path,
+        cwd=tmp,
     )  # fmt: skip
-    assert ketanode.is_file(), "the wheel installs no ketanode console script"
-
-    outside = tmp_path / "elsewhere"
+    outside = tmp / "elsewhere"
     outside.mkdir()
+    return Installed(wheel, venv, python, venv / "bin" / "ketanode", outside, tmp)
+
+
+def _migrations_in_venv(installed: Installed) -> tuple[Path, Path]:
     where = _run(
-        [python, "-c",
+        [installed.python, "-c",
          "import ketanode; from ketanode.db.migrate import migrations_dir; "
          "print(ketanode.__file__); print(migrations_dir())"],
-        outside,
+        installed.outside,
     ).stdout.split()  # fmt: skip
     package, migrations = (Path(p).resolve() for p in where)
-    site = venv.resolve()
-    assert package.is_relative_to(site), f"ketanode imported from {package}, not the venv"
+    return package, migrations
+
+
+@pytest.mark.timeout(600)  # the build and the install: under a minute, more when busy
+def test_the_venv_runs_the_wheel_and_its_migrations(installed: Installed) -> None:
+    assert installed.ketanode.is_file(), "the wheel installs no ketanode console script"
+    package, migrations = _migrations_in_venv(installed)
+    assert package.is_relative_to(installed.venv.resolve()), (
+        f"ketanode imported from {package}, not from the venv"
+    )
     assert migrations == package.parent / "migrations", migrations
     assert not package.is_relative_to(REPO) and not migrations.is_relative_to(REPO)
 
-    head = _repo_head()
-    assert _db_upgrade(ketanode, f"sqlite:///{tmp_path / 'empty.db'}", outside) == head
-    with postgres_database() as url:
-        assert _db_upgrade(ketanode, url, outside) == head
 
+@pytest.mark.timeout(600)
+def test_db_upgrade_on_an_empty_sqlite(installed: Installed) -> None:
+    url = f"sqlite:///{installed.scratch / 'empty.db'}"
+    assert _db_upgrade(installed.ketanode, url, installed.outside) == _repo_head()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(600)
+def test_db_upgrade_on_an_empty_postgresql(installed: Installed) -> None:
+    with postgres_database() as url:
+        assert _db_upgrade(installed.ketanode, url, installed.outside) == _repo_head()
+
+
+@pytest.mark.timeout(1200)  # a minute or two idle, several on a busy 2-core host
+def test_demo_runs_from_the_wheel(installed: Installed) -> None:
+    data_dir = installed.scratch / "demo"
     demo = _run(
-        [ketanode, "demo", "--data-dir", tmp_path / "demo", "--json"],
-        outside,
+        [installed.ketanode, "demo", "--data-dir", data_dir, "--json"],
+        installed.outside,
         timeout=900,
     )
     out = json.loads(demo.stdout)
@@ -158,23 +192,31 @@ def test_wheel_installs_migrates_and_runs_the_demo(tmp_path: Path) -> None:
     assert result["status"] == "scored" and result["model_label"] == DEMO_LABEL, result
     assert {o["kind"] for o in result["objects"]} == {"sr", "report_image"}
     for o in result["objects"]:
-        assert Path(o["path"]).is_file() and Path(o["path"]).is_relative_to(tmp_path), o
+        assert Path(o["path"]).is_file() and Path(o["path"]).is_relative_to(data_dir), o
     print(
-        f"wheel {wheel.name}: schema {head} on SQLite and PostgreSQL; demo "
-        f"{result['status']} {result['predicted_class']} "
-        f"(p={result.get('probability')}), objects {[o['kind'] for o in result['objects']]}"
+        f"ketanode demo from {installed.wheel.name}: {result['status']} "
+        f"{result['predicted_class']} (p={result['probability']}), "
+        f"objects {sorted(o['kind'] for o in result['objects'])}"
     )
 
-    # The migrations found were the wheel's: without them the installed node stops with
-    # the message, rather than finding the repository's.
-    shutil.rmtree(migrations)
-    proc = subprocess.run(
-        [str(ketanode), "db", "upgrade"],
-        cwd=outside,
-        env=_env(KETANODE__DATABASE__URL=f"sqlite:///{tmp_path / 'other.db'}"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+@pytest.mark.timeout(600)
+def test_without_its_migrations_the_installed_node_stops(installed: Installed) -> None:
+    """The migrations found above are the wheel's: with them gone, ``db upgrade`` stops with
+    the message rather than finding the repository's."""
+    _, migrations = _migrations_in_venv(installed)
+    hidden = migrations.with_name("migrations-hidden")
+    migrations.rename(hidden)
+    try:
+        proc = subprocess.run(
+            [str(installed.ketanode), "db", "upgrade"],
+            cwd=installed.outside,
+            env=_env(KETANODE__DATABASE__URL=f"sqlite:///{installed.scratch / 'other.db'}"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        hidden.rename(migrations)
     assert proc.returncode != 0
-    assert "Alembic migrations not found" in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert "Alembic migrations not found" in proc.stderr, proc.stderr[-2000:]
