@@ -2,40 +2,43 @@
 
 The task claims the job with the same conditional UPDATE as the embedded worker pool, so a
 message delivered twice, or a job id published twice, runs once: the second claim finds the
-job running (or done) and the task returns. While the pipeline runs, a thread renews the
-lease; a worker that dies stops renewing, and the active scheduler's recovery sweep re-queues
-the job when the lease expires (at once when the dead worker was on the scheduler's host).
+job running (or done) and the task returns. The pipeline runs in a child process while the
+task's process renews the lease; a worker that dies stops renewing, and the active
+scheduler's recovery sweep re-queues the job when the lease expires (at once when the dead
+worker was on the scheduler's host).
 The message is acknowledged only after the job ended (``acks_late``), and given back to the
 broker when the worker process is lost (``reject_on_worker_lost``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
+import multiprocessing as mp
 import os
 import signal
 import socket
-import threading
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.cluster.engine import TASK_NAME
 from ketanode.config import Settings
-from ketanode.db.jobqueue import claim_job, renew
+from ketanode.db.jobqueue import claim_job, finish, renew
 from ketanode.db.session import make_engine, make_session_factory
 
 # imported here, in the worker's main process, so that the pool's children are forked with
 # the imaging libraries loaded (a child then claims its job at once, not after the imports)
 from ketanode.process.pipeline import run_job
+from ketanode.process.worker import describe_exit, die_with_parent
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
+# the job's process is forked from the pool process, which has the pipeline imported
+_FORK = mp.get_context("fork")
 
 
 class _State:
@@ -65,48 +68,73 @@ def _sessions(settings: Settings) -> sessionmaker[Session]:
     return make_session_factory(_state.engine)
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the lease expiry still re-queues
-        pass
-
-
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _child_started(**_kwargs: Any) -> None:
     """A pool process dies with its worker (SIGKILL of the worker: its jobs are re-queued,
     never left running unwatched)."""
-    _die_with_parent()
+    die_with_parent()
     _state.engine = None
     _state.engine_pid = None
 
 
+def _job_process(settings: Settings, job_id: int, owner: str) -> None:
+    """The job's own process (forked from the pool process, the libraries already loaded):
+    its own engine; it dies with the pool process."""
+    die_with_parent()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    engine = make_engine(settings.database.url)
+    try:
+        ok = run_job(make_session_factory(engine), settings, job_id, owner)
+    finally:
+        engine.dispose()
+    os._exit(0 if ok else 3)  # no finaliser of what the fork inherited runs
+
+
 def run_one(settings: Settings, job_id: int, owner: str) -> str:
     """Claim job ``job_id`` and run it; 'done', 'failed' or 'skipped' (not queued: another
-    delivery ran it, it is running elsewhere, or it was superseded)."""
+    delivery ran it, it is running elsewhere, or it was superseded).
+
+    The pipeline runs in a child process, and this process renews the lease while it waits:
+    an imaging library that holds the interpreter lock for minutes cannot starve the
+    renewal (the lease would expire and the job run twice), and a crash of the pipeline
+    (a segmentation fault, the kernel's OOM killer) fails the job with the reason instead
+    of taking the worker down."""
     sessions = _sessions(settings)
     lease = settings.pipeline.lease_seconds
     if not claim_job(sessions, job_id, owner, lease):
         logger.info("job %s: not queued (a duplicate message, or run elsewhere); skipped", job_id)
         return "skipped"
-    stop = threading.Event()
-
-    def renew_lease() -> None:
-        while not stop.wait(lease / 3):
+    child = _FORK.Process(
+        target=_job_process, args=(settings, job_id, owner), name=f"ketanode-job-{job_id}"
+    )
+    try:
+        child.start()
+        while True:
+            child.join(lease / 3)
+            if child.exitcode is not None:
+                break
             try:
                 renew(sessions, owner, lease)
             except Exception:
                 logger.exception("job %s: could not renew the lease", job_id)
-
-    renewer = threading.Thread(target=renew_lease, name=f"ketanode-lease-{job_id}", daemon=True)
-    renewer.start()
-    try:
-        ok = run_job(sessions, settings, job_id, owner)
-    finally:
-        stop.set()
-        renewer.join(5)
-    return "done" if ok else "failed"
+    except BaseException as exc:  # the soft time limit, a cold shutdown: stop the job too
+        if child.is_alive():
+            child.kill()
+            child.join(10)
+        reason = (
+            f"timed out after {settings.pipeline.job_timeout_seconds:.0f} s"
+            if isinstance(exc, SoftTimeLimitExceeded)
+            else f"interrupted ({type(exc).__name__})"
+        )
+        finish(sessions, job_id, owner, ok=False, failed_step="worker", error=reason)
+        raise
+    if child.exitcode in (0, 3):  # the job's process recorded the outcome itself
+        return "done" if child.exitcode == 0 else "failed"
+    reason = f"pipeline process ended abnormally ({describe_exit(child.exitcode)})"
+    logger.error("job %s: %s", job_id, reason)
+    finish(sessions, job_id, owner, ok=False, failed_step="worker", error=reason)
+    return "failed"
 
 
 def register(app: Celery, settings: Settings, token: str) -> None:
