@@ -422,6 +422,24 @@ class _Subject:
         return m
 
 
+def _linear(spec: PhantomSpec, head: float, aniso: F64, rot: F64) -> tuple[F64, F64]:
+    """(template offset -> native 3x3, the scales): the drawn head size unless the spec
+    fixes it, times the anisotropy, rotated."""
+    scales = REFERENCE_SCALE * (spec.head_scale if spec.head_scale is not None else head) * aniso
+    return _rotation(rot) @ np.diag(scales), scales
+
+
+def _gm_factors(spec: PhantomSpec, names: tuple[str, ...], z: F64) -> dict[str, float]:
+    """Per region: the spec's GM factor times a log-normal spread (``z`` drawn per region)."""
+    unknown = set(spec.gm_factors) - set(names)
+    if unknown:
+        raise ValueError(f"unknown atlas regions in gm_factors: {sorted(unknown)}")
+    return {
+        name: float(spec.gm_factors.get(name, 1.0) * math.exp(spec.region_sd * zi))
+        for name, zi in zip(names, z, strict=True)
+    }
+
+
 def _subject(spec: PhantomSpec, model: _Model) -> _Subject:
     rng = np.random.default_rng(spec.seed)
     # draw everything in a fixed order so that changing one option leaves the rest alone
@@ -438,16 +456,8 @@ def _subject(spec: PhantomSpec, model: _Model) -> _Subject:
         rot = scan.uniform(-spec.rotation_deg, spec.rotation_deg, size=3)
         trans = scan.uniform(-spec.translation_mm, spec.translation_mm, size=3)
         bias = _waves(scan, 4, 1, (250.0, 500.0), math.log1p(spec.bias), np.zeros(3))
-    head = spec.head_scale if spec.head_scale is not None else head
-    scales = REFERENCE_SCALE * head * aniso
-    linear = _rotation(rot) @ np.diag(scales)
-    unknown = set(spec.gm_factors) - set(model.names)
-    if unknown:
-        raise ValueError(f"unknown atlas regions in gm_factors: {sorted(unknown)}")
-    factors = {
-        name: float(spec.gm_factors.get(name, 1.0) * math.exp(spec.region_sd * z))
-        for name, z in zip(model.names, region_noise, strict=True)
-    }
+    linear, scales = _linear(spec, head, aniso, rot)
+    factors = _gm_factors(spec, model.names, region_noise)
     intensity = {
         k: float(v * (1.0 + spec.intensity_sd * z))
         for (k, v), z in zip(INTENSITY.items(), tissue_noise, strict=True)

@@ -98,14 +98,14 @@ from ketanode.imaging.atlas import TEMPLATE_GM, TEMPLATE_T1, TEMPLATE_WM, Atlas,
 from ketanode.synthetic.phantom import (
     F32,
     F64,
-    REFERENCE_SCALE,
     WM_SIGNAL,
     Phantom,
     PhantomSpec,
     _cache_dir,
+    _gm_factors,
     _grid_indices,
+    _linear,
     _Model,
-    _rotation,
     _sample,
     _scaled_tissues,
     _template_model,
@@ -900,16 +900,8 @@ def _individual(spec: RealisticSpec, model: _Model, head: _Head) -> _Individual:
         rot = scan.uniform(-spec.rotation_deg, spec.rotation_deg, size=3)
         jitter = scan.uniform(-1.0, 1.0, size=3)
         bias = _waves(scan, 4, 1, (250.0, 500.0), math.log1p(spec.bias), np.zeros(3))
-    hs = spec.head_scale if spec.head_scale is not None else head_scale
-    scales = REFERENCE_SCALE * hs * aniso
-    linear = _rotation(rot) @ np.diag(scales)
-    unknown = set(spec.gm_factors) - set(model.names)
-    if unknown:
-        raise ValueError(f"unknown atlas regions in gm_factors: {sorted(unknown)}")
-    factors = {
-        name: float(spec.gm_factors.get(name, 1.0) * math.exp(spec.region_sd * z))
-        for name, z in zip(model.names, region_noise, strict=True)
-    }
+    linear, scales = _linear(spec, head_scale, aniso, rot)
+    factors = _gm_factors(spec, model.names, region_noise)
     intensity = {
         k: float(v * (1.0 + spec.intensity_sd * z)) if v > 0 else 0.0
         for (k, v), z in zip(profile.items(), tissue_noise, strict=True)
