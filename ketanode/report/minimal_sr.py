@@ -23,16 +23,17 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 from ketanode.report.source_header import PATIENT_STUDY, TYPE_2, clean_source_header
+from ketanode.texts import RESEARCH_USE_ONLY
 
 logger = logging.getLogger(__name__)
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 SCHEME = "99KETANODE"
 TITLE = "NOT SCORED: report could not be built"
-SERIES_DESCRIPTION = "RESEARCH USE ONLY ketanode ketamine response SR (not scored)"
+SERIES_DESCRIPTION = f"{RESEARCH_USE_ONLY} ketanode ketamine response SR (not scored)"
 SERIES_NUMBER = 9901
 NOTICE = (
-    "RESEARCH USE ONLY. Not for clinical use. ketanode examined this series but could not "
+    f"{RESEARCH_USE_ONLY}. Not for clinical use. ketanode examined this series but could not "
     "build its report; no score is given. See the node's dashboard and log for the job."
 )
 
