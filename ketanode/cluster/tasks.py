@@ -12,11 +12,12 @@ broker when the worker process is lost (``reject_on_worker_lost``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import multiprocessing as mp
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 from celery import Celery
@@ -36,9 +37,6 @@ from ketanode.process.pipeline import run_job
 from ketanode.process.worker import describe_exit, die_with_parent
 
 logger = logging.getLogger(__name__)
-
-# the job's process is forked from the pool process, which has the pipeline imported
-_FORK = mp.get_context("fork")
 
 
 class _State:
@@ -91,6 +89,31 @@ def _job_process(settings: Settings, job_id: int, owner: str) -> None:
     os._exit(0 if ok else 3)  # no finaliser of what the fork inherited runs
 
 
+def _fork_job(settings: Settings, job_id: int, owner: str) -> int:
+    """Fork the job's process; returns its pid. (Not multiprocessing: Celery's pool
+    processes are daemonic to it, and those may not have children.)"""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child: covered by the cluster tests)
+        try:
+            _job_process(settings, job_id, owner)
+        finally:
+            os._exit(70)
+    return pid
+
+
+def _wait(pid: int, seconds: float) -> int | None:
+    """The child's exit code (negative: killed by that signal) once it ended, else None
+    after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+
 def run_one(settings: Settings, job_id: int, owner: str) -> str:
     """Claim job ``job_id`` and run it; 'done', 'failed' or 'skipped' (not queued: another
     delivery ran it, it is running elsewhere, or it was superseded).
@@ -105,23 +128,19 @@ def run_one(settings: Settings, job_id: int, owner: str) -> str:
     if not claim_job(sessions, job_id, owner, lease):
         logger.info("job %s: not queued (a duplicate message, or run elsewhere); skipped", job_id)
         return "skipped"
-    child = _FORK.Process(
-        target=_job_process, args=(settings, job_id, owner), name=f"ketanode-job-{job_id}"
-    )
+    pid: int | None = None
     try:
-        child.start()
-        while True:
-            child.join(lease / 3)
-            if child.exitcode is not None:
-                break
+        pid = _fork_job(settings, job_id, owner)
+        while (code := _wait(pid, lease / 3)) is None:
             try:
                 renew(sessions, owner, lease)
             except Exception:
                 logger.exception("job %s: could not renew the lease", job_id)
     except BaseException as exc:  # the soft time limit, a cold shutdown: stop the job too
-        if child.is_alive():
-            child.kill()
-            child.join(10)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
         reason = (
             f"timed out after {settings.pipeline.job_timeout_seconds:.0f} s"
             if isinstance(exc, SoftTimeLimitExceeded)
@@ -129,9 +148,9 @@ def run_one(settings: Settings, job_id: int, owner: str) -> str:
         )
         finish(sessions, job_id, owner, ok=False, failed_step="worker", error=reason)
         raise
-    if child.exitcode in (0, 3):  # the job's process recorded the outcome itself
-        return "done" if child.exitcode == 0 else "failed"
-    reason = f"pipeline process ended abnormally ({describe_exit(child.exitcode)})"
+    if code in (0, 3):  # the job's process recorded the outcome itself
+        return "done" if code == 0 else "failed"
+    reason = f"pipeline process ended abnormally ({describe_exit(code)})"
     logger.error("job %s: %s", job_id, reason)
     finish(sessions, job_id, owner, ok=False, failed_step="worker", error=reason)
     return "failed"

@@ -12,7 +12,10 @@ model) are sent by DCMTK ``storescu`` to both listeners at once. On the way:
 * SIGKILL of the active scheduler (the standby takes over; completion, publishing and
   dispatch go on: a burst sent after the kill is processed and sent);
 * the broker drops the queued messages (``rabbitmqctl purge_queue`` while no worker
-  consumes): the scheduler publishes the jobs again, and they run.
+  consumes): the scheduler publishes the jobs again, and they run;
+* RabbitMQ restarted (``rabbitmqctl stop_app`` / ``start_app``) while jobs wait in its
+  queue: the scheduler reconnects, and the jobs run (their messages were durable, or are
+  published again).
 
 Every series is processed exactly once (one job, one result), and the PACS holds exactly one
 SR and one report image per study.
@@ -42,7 +45,7 @@ from tests.support import STORESCU, dcmtk_env, wait_for
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(1500)]
 
 RABBITMQCTL = shutil.which("rabbitmqctl")
-N_FIRST = int(os.environ.get("KETANODE_CLUSTER_TEST_SERIES", "11"))  # small ones, phase 1
+N_FIRST = int(os.environ.get("KETANODE_CLUSTER_TEST_SERIES", "9"))  # small ones, phase 1
 
 
 def small_series(dest: Path, seed: int) -> tuple[SeriesSpec, list[Path]]:
@@ -255,6 +258,39 @@ def test_twenty_series_exactly_once_through_worker_scheduler_and_broker_faults(
         c.wait_workers(3)
         wait_for(final(c, n), 600, interval=1.0, what=f"{n} series processed after the drop")
 
+        # -- phase 4: RabbitMQ restarted while jobs wait in its queue ----------------------
+        restarted = []
+        if RABBITMQCTL is not None:
+            for w in workers:
+                w.stop(timeout=120)
+            c.wait_workers(0)
+            for i in range(N_FIRST + 8, N_FIRST + 10):
+                spec, files = small_series(tmp_path / f"small-{i}", i)
+                specs.append(spec)
+                restarted.append(files)
+            send_all(ports, restarted, log)
+            n = len(specs)
+            wait_for(
+                lambda: (
+                    c.db.scalar(
+                        "SELECT count(*) FROM job "
+                        "WHERE state = 'queued' AND published_at IS NOT NULL"
+                    )
+                    == 2
+                ),
+                120,
+                interval=0.3,
+                what="2 jobs published",
+            )
+            subprocess.run([RABBITMQCTL, "stop_app"], check=True, capture_output=True)
+            subprocess.run([RABBITMQCTL, "start_app"], check=True, capture_output=True)
+            subprocess.run(
+                [RABBITMQCTL, "await_startup"], check=True, capture_output=True, timeout=120
+            )
+            workers = [c.worker(), c.worker(), c.worker()]
+            c.wait_workers(3)
+            wait_for(final(c, n), 600, interval=1.0, what=f"{n} series after the restart")
+
         # -- exactly once -----------------------------------------------------------------
         jobs = c.db.rows(
             "SELECT s.series_uid, count(j.id) AS jobs, max(j.attempt) AS attempts, "
@@ -262,13 +298,13 @@ def test_twenty_series_exactly_once_through_worker_scheduler_and_broker_faults(
             "FROM series s JOIN job j ON j.series_id = s.id GROUP BY s.series_uid"
         )
         by_uid = {r["series_uid"]: r for r in jobs}
-        assert len(by_uid) == n == N_FIRST + 9
+        assert len(by_uid) == n == N_FIRST + 9 + len(restarted)
         for spec in specs:
             row = by_uid[spec.series_uid]
             assert row["jobs"] == 1, row
             expected_attempts = 2 if spec is real_spec else 1
             assert row["attempts"] == expected_attempts, row
-        dropped_uids = {s.series_uid for s in specs[-4:]}
+        dropped_uids = {s.series_uid for s in specs[N_FIRST + 5 : N_FIRST + 9]}
         assert all(by_uid[u]["publishes"] >= 2 for u in dropped_uids), [
             by_uid[u] for u in dropped_uids
         ]

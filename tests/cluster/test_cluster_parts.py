@@ -259,3 +259,27 @@ def test_batch_work_waits_for_live_scans_and_can_be_stopped(
         assert progress_counts(session, series_ids) == (1, 0, 0)
     # resumed: the two that were stopped are queued again
     assert len(enqueue_batch(sessions, series_ids, 3)) == 3
+
+
+def test_the_task_runs_the_job_in_a_child_and_records_how_it_ended(
+    pg_url: str, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """run_one claims, forks the job's process, waits while renewing the lease; a job whose
+    process fails records its reason; a second delivery of the same id is skipped."""
+    from ketanode.cluster.tasks import run_one
+
+    settings = Settings.model_validate(
+        {
+            "database": {"url": pg_url},
+            "pipeline": {"work_dir": str(tmp_path / "work"), "lease_seconds": 0.6},
+            "reports": {"path": str(tmp_path / "reports")},
+        }
+    )
+    (job_id,) = _jobs(sessions, 1)  # a series without files: conversion fails
+    assert run_one(settings, job_id, "h:1:w") == "failed"
+    assert run_one(settings, job_id, "h:2:w") == "skipped"
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert (job.state, job.attempt, job.lease_owner) == (JobState.FAILED, 1, "h:1:w")
+        assert job.failed_step in ("prepare", "convert"), job.failed_step
