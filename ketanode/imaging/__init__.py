@@ -1,4 +1,4 @@
-"""Imaging: conversion, phantoms, preprocessing, segmentation, measurement and QC.
+"""Imaging: conversion, preprocessing, segmentation, measurement, QC and the atlas.
 
 Repeatable results: ANTs samples the registration metric at random and, with more than one
 ITK thread, sums in an order that changes run to run; the same scan then gave different

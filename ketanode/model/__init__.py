@@ -7,11 +7,13 @@ One module per concept:
 - ``validation``: repeated stratified nested CV, bootstrap CIs, permutation test,
   leave-site-out, external validation metrics;
 - ``cohort``: cohort CSV files and parallel, cached feature extraction;
-- ``synthetic``: synthetic cohorts of phantoms with the study's direction planted (or null);
-- ``files``: skops model files, metadata JSON, SHA-256, and the refusal rules;
+- ``files``: skops model files, metadata JSON, SHA-256, the refusal rules, and where the
+  shipped demonstration model is;
 - ``registry``: the model registry and prediction rows in the database;
-- ``report``: the HTML report (ROC, confusion matrix, calibration, regional weights);
-- ``training``: the train and evaluate workflows; ``demo_model``: the demonstration model.
+- ``html_report``: the HTML report (ROC, confusion matrix, calibration, regional weights);
+- ``training``: the train and evaluate workflows.
+
+Synthetic cohorts and the demonstration model's recipe are in :mod:`ketanode.synthetic`.
 
 Research use only.
 """
