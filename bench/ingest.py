@@ -119,7 +119,9 @@ def ketanode_peer(workdir: Path, db_url: str | None) -> Iterator[Target]:
 
         yield Target(node.port, node.ae_title, count, details)
     finally:
-        node.stop()
+        # The completed series' conversion job may start as the run ends; on a loaded
+        # machine the worker's process takes a while to finish it before the node exits.
+        node.stop(timeout=180)
 
 
 @contextmanager

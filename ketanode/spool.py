@@ -1,9 +1,10 @@
-"""The durable spool: write to a temporary file, fsync, link into place, fsync the directory.
+"""The durable spool: write the file in place, fsync it, fsync its directory.
 
 Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, with
-``<spool>/.tmp`` for files being written and ``<spool>/rejected`` for datasets the node
-refused (kept for an admin to inspect when ``spool.keep_rejected``, up to a quota of their
-own, ``spool.rejected_max_mb``; retention removes them after ``retention.rejected_hours``).
+``<spool>/.tmp`` for the replacement of an orphan being written and ``<spool>/rejected`` for
+datasets the node refused (kept for an admin to inspect when ``spool.keep_rejected``, up to
+a quota of their own, ``spool.rejected_max_mb``; retention removes them after
+``retention.rejected_hours``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,19 @@ class SpooledFile:
     size: int
     sha256: str
     created: bool  # False when a file for this SOP Instance UID was already there
+
+
+def _raise_if_full(exc: OSError) -> None:
+    """SpoolFull when ``exc`` says the disk (or the quota) is full."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise SpoolFull(f"disk full while writing to the spool ({exc.strerror})") from exc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -123,7 +137,7 @@ class Spool:
         self._known_dirs.add(directory)
 
     def _into_dir(self, directory: Path, put: Callable[[], T]) -> T:
-        """``put()`` (which links a file into ``directory``) after making sure the directory
+        """``put()`` (which puts a file into ``directory``) after making sure the directory
         exists. A directory the cache remembers may have been removed since (retention prunes
         emptied series and study directories): then it is forgotten, created again (with the
         parent fsyncs) and ``put()`` tried once more."""
@@ -143,10 +157,7 @@ class Spool:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                _write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -157,28 +168,51 @@ class Spool:
             raise
         return tmp
 
-    def store(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
-        """Make ``data`` durable at its final path; never overwrites a file already there."""
+    def store(
+        self,
+        data: bytes,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        digest: str | None = None,
+    ) -> SpooledFile:
+        """Make ``data`` durable at its final path; never overwrites a file already there.
+
+        Written in place (created exclusively, written, fsynced, then the directory fsynced):
+        one journal commit per file instead of two for a temporary file linked into place.
+        A crash in the middle leaves a partial file at the final path with no row: the node
+        treats any file without a row as an orphan and replaces it when the instance comes
+        again (``replace``); nothing reads a spool file before its row is committed.
+        ``digest`` is the SHA-256 of ``data`` when the caller has it already.
+        """
         final = self.path_for(study_uid, series_uid, sop_uid)
-        digest = hashlib.sha256(data).hexdigest()
-        if final.exists():
-            return SpooledFile(final, final.stat().st_size, digest, created=False)
-        tmp = self._write_tmp(data)
+        digest = digest or hashlib.sha256(data).hexdigest()
 
-        def link() -> bool:
+        def write() -> bool:
             try:
-                os.link(tmp, final)
-                linked = True
+                fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             except FileExistsError:
-                linked = False
+                return False
+            except OSError as exc:  # no inode left; a removed directory is _into_dir's
+                _raise_if_full(exc)
+                raise
+            try:
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                final.unlink(missing_ok=True)  # no partial file left behind
+                _raise_if_full(exc)
+                raise
             _fsync_dir(final.parent)
-            return linked
+            return True
 
-        try:
-            created = self._into_dir(final.parent, link)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return SpooledFile(final, len(data), digest, created=created)
+        created = self._into_dir(final.parent, write)
+        if not created:
+            return SpooledFile(final, final.stat().st_size, digest, created=False)
+        return SpooledFile(final, len(data), digest, created=True)
 
     def replace(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
         """Overwrite an orphan file (left by a crash before its row was committed)."""

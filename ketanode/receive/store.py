@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 from pydicom import dcmread
@@ -119,9 +119,91 @@ _BUMP_SERIES = (
     .returning(_SERIES.c.id, _SERIES.c.n_instances, _SERIES.c.expected_instances)
 )
 _INSERT_INSTANCE = _INSTANCE.insert()
+_Known = Row[Any, Any, Any, Any, Any]  # a row of _KNOWN
 # A C-STORE whose transaction lost a race to create the same study or series row (two
 # associations bringing a new series at once, on PostgreSQL) is tried again.
 _ATTEMPTS = 3
+
+
+T = TypeVar("T")
+
+
+class _Work(Generic[T]):
+    __slots__ = ("done", "error", "value", "work")
+
+    def __init__(self, work: Callable[[Session], T]) -> None:
+        self.work = work
+        self.done = False
+        self.value: T | None = None
+        self.error: BaseException | None = None
+
+
+class GroupCommit:
+    """The row transactions of concurrent C-STOREs, committed together.
+
+    A caller whose transaction finds no commit in progress runs it at once (alone: one
+    association pays nothing for this). While one commits, the transactions queued by the
+    others wait; the first of them to wake then runs all that queued in one database
+    transaction, each in its own savepoint (an error, such as a duplicate SOP Instance UID,
+    rolls back only that one), and commits once: one fsync of the database for all. Every
+    caller returns only after the commit that holds its rows has returned, with its own
+    result, its own exception, or the commit's exception: an acknowledgement never gets
+    ahead of its row.
+    """
+
+    def __init__(
+        self, sessions: sessionmaker[Session], lock: AbstractContextManager[object]
+    ) -> None:
+        self.sessions = sessions
+        self.lock = lock
+        self._cond = threading.Condition()
+        self._pending: list[_Work[Any]] = []
+        self._busy = False
+        #: transactions committed, and commits (the ratio is the mean group size)
+        self.transactions = 0
+        self.commits = 0
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        item = _Work(work)
+        with self._cond:
+            self._pending.append(item)
+            while self._busy and not item.done:
+                self._cond.wait()
+            if not item.done:  # lead: take every transaction queued so far
+                batch, self._pending = self._pending, []
+                self._busy = True
+        if not item.done:
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+        return cast(T, item.value)
+
+    def _commit(self, batch: list[_Work[Any]]) -> None:
+        try:
+            with self.lock, self.sessions.begin() as session:
+                if len(batch) == 1:
+                    batch[0].value = batch[0].work(session)
+                else:
+                    for item in batch:
+                        try:
+                            with session.begin_nested():
+                                item.value = item.work(session)
+                        except Exception as exc:  # its own statements are rolled back
+                            item.error = exc
+        except BaseException as exc:  # the transaction or its commit failed: all of it
+            for item in batch:
+                if item.error is None:
+                    item.error, item.value = exc, None
+        finally:
+            self.transactions += len(batch)
+            self.commits += 1
+            for item in batch:
+                item.done = True
 
 
 class StoreService:
@@ -147,6 +229,7 @@ class StoreService:
         self.writer_lock: AbstractContextManager[object] = (
             threading.Lock() if sqlite else contextlib.nullcontext()
         )
+        self.commits = GroupCommit(sessions, self.writer_lock)
 
     def _lock_for(self, uid: str) -> threading.Lock:
         return self._locks[hash(uid) % len(self._locks)]
@@ -564,68 +647,62 @@ def _store_locked(
     uid = str(ds.SOPInstanceUID)
     study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
     digest = hashlib.sha256(raw).hexdigest()
-    # A SOP Instance UID already stored is answered before anything is written: the same
-    # bytes are a duplicate (success, first copy kept); other content is refused.
     try:
-        with service.sessions() as session:
-            known = session.connection().execute(_KNOWN, {"b_uid": uid}).first()
-        if known is not None:
-            return _known_instance(service, uid, known, raw, digest, ts, assoc_id)
-    except OperationalError as exc:
-        raise Refused(OUT_OF_RESOURCES, "database unavailable", safe(str(exc.orig), 500)) from exc
-    try:
-        # Never overwrites: a file already there is either a duplicate or a crash orphan.
-        spooled = service.spool.store(raw, study_uid, series_uid, uid)
+        # Never overwrites: a file already there is a duplicate, or an orphan of a crash
+        # (its row was never committed). Either is told apart in the transaction below,
+        # and a duplicate is answered from there without writing anything.
+        spooled = service.spool.store(raw, study_uid, series_uid, uid, digest)
     except SpoolFull as exc:
         raise Refused(OUT_OF_RESOURCES, str(exc)) from exc
     except OSError as exc:
         raise Refused(OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}") from exc
 
     frames = _whole(ds.get("NumberOfFrames")) or 1
+
+    def transaction(session: Session) -> tuple[Row[Any] | None, _Known | None]:
+        """(the series counts, or the row of the instance already stored). The common
+        case is two prebuilt statements: count the instance into its receiving series,
+        insert its row. The same UID stored by another process meanwhile is caught by the
+        unique SOP Instance UID (this transaction, or its savepoint, then rolls back)."""
+        nonlocal spooled
+        conn = session.connection()
+        if not spooled.created:
+            known = conn.execute(_KNOWN, {"b_uid": uid}).first()
+            if known is not None:
+                return None, known
+            # an orphan from a crash before its row was committed
+            spooled = service.spool.replace(raw, study_uid, series_uid, uid)
+        now = utcnow()
+        bump = {"b_series_uid": series_uid, "b_frames": frames, "b_now": now, "b_assoc": assoc_id}
+        counts = conn.execute(_BUMP_SERIES, bump).first()
+        if counts is None:  # a new series, or a late instance that reopens one
+            _series_for(session, ds)
+            session.flush()
+            counts = conn.execute(_BUMP_SERIES, bump).one()
+        conn.execute(
+            _INSERT_INSTANCE,
+            {
+                "series_id": counts.id,
+                "association_id": assoc_id,
+                "sop_instance_uid": uid,
+                "sop_class_uid": str(ds.SOPClassUID),
+                "transfer_syntax_uid": ts,
+                "instance_number": _int_or_none(ds.get("InstanceNumber")),
+                "n_frames": frames,
+                "spool_path": str(spooled.path),
+                "size_bytes": spooled.size,
+                "sha256": spooled.sha256,
+                "received_at": now,
+            },
+        )
+        return counts, None
+
     counts: Row[Any] | None = None
     for attempt in range(1, _ATTEMPTS + 1):
         try:
-            # One short transaction. The common case is two prebuilt statements: count the
-            # instance into its receiving series, insert its row. The same UID stored by
-            # another process since the check above is caught by the unique SOP Instance
-            # UID (the whole transaction then rolls back).
-            with service.writer_lock, service.sessions.begin() as session:
-                conn = session.connection()
-                if not spooled.created:
-                    known = conn.execute(_KNOWN, {"b_uid": uid}).first()
-                    if known is None:
-                        # an orphan from a crash before its row was committed
-                        spooled = service.spool.replace(raw, study_uid, series_uid, uid)
-                if spooled.created:
-                    known = None
-                    now = utcnow()
-                    bump = {
-                        "b_series_uid": series_uid,
-                        "b_frames": frames,
-                        "b_now": now,
-                        "b_assoc": assoc_id,
-                    }
-                    counts = conn.execute(_BUMP_SERIES, bump).first()
-                    if counts is None:  # a new series, or a late instance that reopens one
-                        _series_for(session, ds)
-                        session.flush()
-                        counts = conn.execute(_BUMP_SERIES, bump).one()
-                    conn.execute(
-                        _INSERT_INSTANCE,
-                        {
-                            "series_id": counts.id,
-                            "association_id": assoc_id,
-                            "sop_instance_uid": uid,
-                            "sop_class_uid": str(ds.SOPClassUID),
-                            "transfer_syntax_uid": ts,
-                            "instance_number": _int_or_none(ds.get("InstanceNumber")),
-                            "n_frames": frames,
-                            "spool_path": str(spooled.path),
-                            "size_bytes": spooled.size,
-                            "sha256": spooled.sha256,
-                            "received_at": now,
-                        },
-                    )
+            # Committed with the rows of the other associations' C-STOREs of the moment
+            # (GroupCommit): returns once the commit holding this row is done.
+            counts, known = service.commits.run(transaction)
             if known is not None:
                 return _known_instance(service, uid, known, raw, digest, ts, assoc_id)
             break
@@ -633,7 +710,8 @@ def _store_locked(
             with service.sessions() as session:
                 known = session.connection().execute(_KNOWN, {"b_uid": uid}).first()
                 stored_path = _spool_path(session, known.id) if known is not None else None
-            if known is not None:  # stored concurrently by another process
+            if known is not None:  # stored before, under other study or series UIDs, or
+                # concurrently by another process
                 if spooled.created and str(spooled.path) != stored_path:
                     service.spool.discard(spooled.path)  # ours has no row: no orphan
                 return _known_instance(service, uid, known, raw, digest, ts, assoc_id)

@@ -4,6 +4,8 @@
   durable (row + file + intact pixels), the open association is recorded as aborted, no
   partial files remain, the half series is not processed on its own, and resending the
   series completes it exactly once.
+* The same with four associations storing at once (rows committed together): nothing
+  any of them saw acknowledged is lost, no row points at a missing or partial file.
 * SIGKILL while the worker converts: the recovery sweep re-queues the job and attempt 2
   finishes it.
 * SIGTERM and SIGINT stop the node cleanly (exit 0, "stopped" in the log), also in the
@@ -153,6 +155,62 @@ def test_sigkill_while_receiving_then_resend(
     assert [a["outcome"] for a in assoc] == ["released", "aborted"], assoc
     assert assoc[0]["stored"] == N_INSTANCES - n_before
     assert assoc[0]["duplicates"] == n_before
+    assert node.stop() == 0
+
+
+def test_sigkill_while_four_associations_store(
+    db_url: str,
+    db_reader: Db,
+    tmp_path: Path,
+    node_process: list[NodeProcess],
+    storescu_processes: list[StoreSCUProcess],
+    big_series: list[Path],
+) -> None:
+    """Four associations at once (their rows committed together, GroupCommit): SIGKILL
+    loses none of what any of them saw acknowledged, and each instance's row and file
+    agree; a resend of everything completes the series exactly once."""
+    node = NodeProcess(tmp_path / "node", db_url)
+    node_process.append(node)
+    node.start()
+    quarter = -(-N_INSTANCES // 4)
+    parts = [big_series[i : i + quarter] for i in range(0, N_INSTANCES, quarter)]
+    scus = [
+        start_storescu(node.port, part, tmp_path / f"storescu-{i}.log")
+        for i, part in enumerate(parts)
+    ]
+    storescu_processes.extend(scus)
+    wait_for(
+        lambda: sum(len(scu.acknowledged()) for scu in scus) >= KILL_AFTER_ACKS,
+        60,
+        interval=0.01,
+        what=f"{KILL_AFTER_ACKS} acknowledged C-STOREs over four associations",
+    )
+    node.kill()
+    for scu in scus:
+        scu.wait(30)
+    acked = [f for scu in scus for f in scu.acknowledged()]
+    assert KILL_AFTER_ACKS <= len(acked) < N_INSTANCES, len(acked)
+    assert sum(1 for scu in scus if scu.acknowledged()) >= 2, "not concurrent"
+    for scu, part in zip(scus, parts, strict=True):
+        assert scu.acknowledged() == part[: len(scu.acknowledged())]  # in order, one at a time
+
+    rows = instance_rows(db_reader)
+    by_uid = {str(r["sop_instance_uid"]): r for r in rows}
+    assert_intact(by_uid, acked)
+    assert len(acked) <= len(rows) <= len(acked) + 4  # at most one in flight per association
+    for row in rows:  # a row never points at a missing or partial file
+        assert sha256_file(Path(str(row["spool_path"]))) == row["sha256"], row
+
+    node.start()
+    assert part_files(node) == []
+    storescu(node.port, big_series)
+    series = wait_series_final(node, db_reader, 1, timeout=120)
+    assert len(series) == 1 and series[0]["n_instances"] == N_INSTANCES, series
+    rows = instance_rows(db_reader)
+    by_uid = {str(r["sop_instance_uid"]): r for r in rows}
+    assert len(rows) == len(by_uid) == N_INSTANCES, "duplicate or missing instance rows"
+    assert_intact(by_uid, big_series)
+    assert {str(p) for p in spool_files(node)} == {str(r["spool_path"]) for r in rows}
     assert node.stop() == 0
 
 
