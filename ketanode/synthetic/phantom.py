@@ -30,7 +30,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import nibabel as nib
 import numpy as np
@@ -229,6 +229,17 @@ def _cache_dir() -> Path | None:
     return Path(root) / "phantom" if root else None
 
 
+def _save_npz(path: Path, **arrays: NDArray[Any]) -> None:
+    """A cache file written whole (tmp + rename); a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{os.getpid()}-{path.name}")
+        np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def _template_model(atlas: Atlas) -> _Model:
     """The template-space model, cached in memory and (best effort) on disk."""
     key = (str(atlas.image_path), atlas.regions)
@@ -252,13 +263,7 @@ def _template_model(atlas: Atlas) -> _Model:
     if arrays is None:
         arrays = _build_model_arrays(atlas)
         if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{os.getpid()}-{path.name}")
-                np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
-                os.replace(tmp, path)
-            except OSError:
-                pass
+            _save_npz(path, **arrays)
     model = _model_from_arrays(arrays, tuple(r.name for r in atlas.regions))
     _MODELS[key] = model
     return model
@@ -391,6 +396,46 @@ def _rotation(deg: F64) -> F64:
     return np.asarray(rz @ ry @ rx, dtype=np.float64)
 
 
+class _Posed(Protocol):
+    """A phantom's placement: a subject here, an individual of the realistic phantom."""
+
+    @property
+    def linear(self) -> F64: ...  # 3x3: template offset (mm from centre) -> native
+    @property
+    def translation(self) -> F64: ...  # native position of the template centre
+    @property
+    def centre(self) -> F64: ...
+    @property
+    def rotation_deg(self) -> F64: ...
+    @property
+    def scales(self) -> F64: ...
+
+
+def _matrix(p: _Posed) -> F64:
+    """4x4 affine template MNI mm -> native RAS mm (without the warp)."""
+    m = np.eye(4)
+    m[:3, :3] = p.linear
+    m[:3, 3] = p.translation - p.linear @ p.centre
+    return m
+
+
+def _pose(p: _Posed) -> dict[str, Any]:
+    """The placement as the truth records it."""
+    return {
+        "rotation_deg": np.round(p.rotation_deg, 6).tolist(),
+        "translation_mm": np.round(p.translation, 6).tolist(),
+        "scales": np.round(p.scales, 6).tolist(),
+        "template_to_native": np.round(_matrix(p), 6).tolist(),
+        "jacobian": float(np.linalg.det(p.linear)),
+    }
+
+
+def _volume_ratio(linear: F64, warp_jacobian: F64) -> F64:
+    """Native volume per template volume: the linear part's over the warp's determinant."""
+    det = np.linalg.det(np.eye(3)[None] + warp_jacobian)
+    return np.asarray(float(abs(np.linalg.det(linear))) / det, dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class _Subject:
     linear: F64  # 3x3: template offset (mm from centre) -> native
@@ -411,15 +456,10 @@ class _Subject:
     def native_per_template_volume(self, y: F64) -> F64:
         """Native volume per template volume at template points y (3, N)."""
         y0 = y - self.warp.value(y - self.warp.value(y))  # invert the warp (fixed point)
-        det = np.linalg.det(np.eye(3)[None] + self.warp.jacobian(y0))
-        return np.asarray(float(abs(np.linalg.det(self.linear))) / det, dtype=np.float64)
+        return _volume_ratio(self.linear, self.warp.jacobian(y0))
 
     def matrix(self) -> F64:
-        """4x4 affine template MNI mm -> native RAS mm (without the warp)."""
-        m = np.eye(4)
-        m[:3, :3] = self.linear
-        m[:3, 3] = self.translation - self.linear @ self.centre
-        return m
+        return _matrix(self)
 
 
 def _linear(spec: PhantomSpec, head: float, aniso: F64, rot: F64) -> tuple[F64, F64]:
@@ -550,6 +590,15 @@ class Phantom:
         return write_series(self.data, self.spec.voxel_mm, out_dir, series)
 
 
+def _rician(data: F32, sigma: float, key: list[int]) -> F32:
+    """``data`` as the magnitude of a complex signal with Gaussian noise ``sigma`` in each
+    channel (drawn from ``key``)."""
+    rng = np.random.default_rng(key)
+    real = data + rng.normal(0.0, sigma, size=data.shape).astype(np.float32)
+    imag = rng.normal(0.0, sigma, size=data.shape).astype(np.float32)
+    return np.asarray(np.sqrt(real * real + imag * imag), dtype=np.float32)
+
+
 def _sample(volume: NDArray[Any], vox: F64, order: int) -> NDArray[Any]:
     out = ndi.map_coordinates(volume, vox, order=order, mode="constant", cval=0, prefilter=False)
     return np.asarray(out)
@@ -638,10 +687,7 @@ def _make_template_phantom(spec: PhantomSpec, atlas: Atlas | None) -> Phantom:
     sigma = WM_SIGNAL / spec.snr if spec.snr and math.isfinite(spec.snr) else 0.0
     if sigma > 0:
         noise_key = [spec.seed, 1] if spec.scan_seed is None else [spec.seed, 1, spec.scan_seed]
-        noise_rng = np.random.default_rng(noise_key)
-        real = data + noise_rng.normal(0.0, sigma, size=shape).astype(np.float32)
-        imag = noise_rng.normal(0.0, sigma, size=shape).astype(np.float32)
-        data = np.sqrt(real * real + imag * imag)
+        data = _rician(data, sigma, noise_key)
     data = np.clip(np.rint(data), 0, 65535).astype(np.float32)
 
     # truth in native space
@@ -668,13 +714,7 @@ def _make_template_phantom(spec: PhantomSpec, atlas: Atlas | None) -> Phantom:
         "gm_factors": dict(spec.gm_factors),
         "region_factors": subject.factors,
         "intensity": subject.intensity,
-        "pose": {
-            "rotation_deg": np.round(subject.rotation_deg, 6).tolist(),
-            "translation_mm": np.round(subject.translation, 6).tolist(),
-            "scales": np.round(subject.scales, 6).tolist(),
-            "template_to_native": np.round(subject.matrix(), 6).tolist(),
-            "jacobian": float(np.linalg.det(subject.linear)),
-        },
+        "pose": _pose(subject),
         "warp": subject.warp.as_dict(),
         "bias": subject.bias.as_dict(),
         "noise_sigma": sigma,
@@ -726,6 +766,14 @@ def _template_truth(subject: _Subject, model: _Model, gm: F32, wm: F32, csf: F32
     coarse = coarse.reshape(coarse_shape)
     points = np.stack(inside).astype(np.float64) / step
     jac = _sample(coarse, points, 1)
+    return _jacobian_truth(model, gm, wm, csf, inside, jac)
+
+
+def _jacobian_truth(
+    model: _Model, gm: F32, wm: F32, csf: F32, inside: tuple[NDArray[np.intp], ...], jac: F64
+) -> dict[str, Any]:
+    """The template-space truth: tissue at the voxels ``inside``, each weighted by its
+    native/template volume ratio ``jac``."""
     voxel_ml = jac * abs(float(np.linalg.det(model.affine[:3, :3]))) / 1000.0
     sums = _truth_sums(
         gm[inside].astype(np.float64),

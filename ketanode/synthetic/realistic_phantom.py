@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -104,13 +103,19 @@ from ketanode.synthetic.phantom import (
     _cache_dir,
     _gm_factors,
     _grid_indices,
+    _jacobian_truth,
     _linear,
+    _matrix,
     _Model,
+    _pose,
+    _rician,
     _sample,
+    _save_npz,
     _scaled_tissues,
     _template_model,
     _truth_dict,
     _truth_sums,
+    _volume_ratio,
     _Waves,
     _waves,
     _world,
@@ -308,13 +313,7 @@ def _head_model(model: _Model) -> _Head:
     if labels is None or labels.shape != _HEAD_SHAPE:
         labels = _build_head(model, (int(offset[0]), int(offset[1]), int(offset[2])))
         if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{os.getpid()}-{path.name}")
-                np.savez_compressed(tmp, labels=labels)
-                os.replace(tmp, path)
-            except OSError:
-                pass
+            _save_npz(path, labels=labels)
     affine = np.eye(4)
     affine[:3, 3] = origin
     head = _Head(labels, affine, (int(offset[0]), int(offset[1]), int(offset[2])))
@@ -796,15 +795,10 @@ class _Individual:
     def native_per_template_volume(self, y: F64) -> F64:
         """Native volume per template volume at template points y (3, N)."""
         y0 = self.warp.invert(y)
-        det = np.linalg.det(np.eye(3)[None] + self.warp.jacobian(y0))
-        return np.asarray(float(abs(np.linalg.det(self.linear))) / det, dtype=np.float64)
+        return _volume_ratio(self.linear, self.warp.jacobian(y0))
 
     def matrix(self) -> F64:
-        """4x4 affine template MNI mm -> native RAS mm (without the warp)."""
-        m = np.eye(4)
-        m[:3, :3] = self.linear
-        m[:3, 3] = self.translation - self.linear @ self.centre
-        return m
+        return _matrix(self)
 
 
 def _lattice(mask: NDArray[np.bool_], affine: F64, step: int) -> F64:
@@ -1163,11 +1157,7 @@ def _render(ctx: _Context, img: F32, truth: _TruthSums | None) -> F32:
     sigma = WM_SIGNAL / spec.snr if spec.snr and math.isfinite(spec.snr) else 0.0
     if sigma > 0:
         key = [spec.seed, 72] if spec.scan_seed is None else [spec.seed, 72, spec.scan_seed]
-        noise_rng = np.random.default_rng(key)
-        real = data + noise_rng.normal(0.0, sigma, size=shape).astype(np.float32)
-        imag = noise_rng.normal(0.0, sigma, size=shape).astype(np.float32)
-        data = np.sqrt(real * real + imag * imag)
-        del real, imag
+        data = _rician(data, sigma, key)
     ctx.extra["noise_sigma"] = sigma
     return np.clip(np.rint(data), 0, 65535).astype(np.float32)
 
@@ -1207,16 +1197,7 @@ def _template_truth(ctx: _Context) -> dict[str, Any]:
     lattice = np.indices(coarse_shape, dtype=np.float64).reshape(3, -1) * step + lo[:, None]
     coarse = ind.native_per_template_volume(_world(model.affine, lattice)).reshape(coarse_shape)
     jac = _sample(coarse, (points - lo[:, None]) / step, 1)
-    voxel_ml = jac * abs(float(np.linalg.det(model.affine[:3, :3]))) / 1000.0
-    sums = _truth_sums(
-        gm[inside].astype(np.float64),
-        wm[inside].astype(np.float64),
-        csf[inside].astype(np.float64),
-        model.territory[inside],
-        voxel_ml,
-        len(model.names),
-    )
-    return _truth_dict(sums, model.names)
+    return _jacobian_truth(model, gm, wm, csf, inside, jac)
 
 
 def make_realistic_phantom(spec: RealisticSpec, atlas: Atlas | None = None) -> Phantom:
@@ -1254,13 +1235,7 @@ def make_realistic_phantom(spec: RealisticSpec, atlas: Atlas | None = None) -> P
             "sulcal_widening": ind.sulcal_mean,
             "ventricle_change": ind.ventricle_change,
         },
-        "pose": {
-            "rotation_deg": np.round(ind.rotation_deg, 6).tolist(),
-            "translation_mm": np.round(ind.translation, 6).tolist(),
-            "scales": np.round(ind.scales, 6).tolist(),
-            "template_to_native": np.round(ind.matrix(), 6).tolist(),
-            "jacobian": float(np.linalg.det(ind.linear)),
-        },
+        "pose": _pose(ind),
         "warp": ind.warp.as_dict(),
         "warp_stats": {k: round(v, 4) for k, v in ind.warp_stats.items()},
         "brain": where,
