@@ -1,6 +1,7 @@
 """Ingest benchmark: how many instances per second each receiver takes from DCMTK storescu.
 
     python bench/ingest.py [--repeats 3] [--instances 192] [--no-postgres]
+    python bench/ingest.py --study 5000 [--study-syntaxes native,jpeg-lossless,jpeg2000]
 
 A generated MR series (256x256 slices, 16 bit, about 129 KB per file) is sent by DCMTK
 ``storescu`` over one association, and split in four parts sent by four ``storescu``
@@ -12,6 +13,14 @@ processes at once (four associations), to:
 * ``orthanc``      Debian Orthanc with a generated config
 * ``storescp``     DCMTK storescp (writes the files, no fsync, no index: the floor; without
                    --fork it serves one association at a time)
+
+With ``--study N`` (issue 17's case, off by default for its length), a study of N small
+images (128x128, 16 bit, one series, like a DTI) is also sent over one association, once per
+transfer syntax: ``native`` (explicit VR little endian, about 33 KB per file),
+``jpeg-lossless`` (JPEG Lossless SV1, made with DCMTK ``dcmcjpeg``) and ``jpeg2000``
+(JPEG 2000 lossless, made with pydicom and pylibjpeg-openjpeg); every peer stores them as
+received. storescp takes only the native one (without ``+xa`` it refuses compressed
+syntaxes, and its options are left as they are).
 
 Every peer run starts the peer on fresh storage, times from the first storescu start to
 the last storescu exit, and then checks that the peer really holds every instance
@@ -164,7 +173,7 @@ def echo(target: Target) -> None:
         raise RuntimeError(f"echoscu failed: {proc.stderr[-1000:]}")
 
 
-def send(target: Target, parts: list[list[Path]]) -> float:
+def send(target: Target, parts: list[list[Path]], scu_args: tuple[str, ...] = ()) -> float:
     """Start one storescu per part at once; return the seconds until the last one exits."""
     procs: list[subprocess.Popen[bytes]] = []
     failed = []
@@ -181,6 +190,7 @@ def send(target: Target, parts: list[list[Path]]) -> float:
                             CALLING_AE,
                             "-aec",
                             target.called_ae,
+                            *scu_args,
                             "127.0.0.1",
                             str(target.port),
                             *[str(f) for f in files],
@@ -229,6 +239,63 @@ def make_series(out: Path, n: int) -> list[Path]:
     return write_series(volume, (1.0, 1.0, 1.0), out, spec)
 
 
+STUDY_SYNTAXES = ("native", "jpeg-lossless", "jpeg2000")
+# storescu proposes the uncompressed syntaxes unless told: JPEG Lossless SV1 (-xs), JPEG
+# 2000 lossless (-xv)
+_PROPOSE = {"native": (), "jpeg-lossless": ("-xs",), "jpeg2000": ("-xv",)}
+_STUDY_TEMPLATES = 24  # distinct slices; the study repeats them under new UIDs
+
+
+def make_study(out: Path, n: int, syntax: str) -> list[Path]:
+    """``n`` 128x128 MR instances in one series (a DTI-like study that the default
+    selection rules ignore: no conversion job after each run), in ``syntax``."""
+    from pydicom import dcmread
+    from pydicom.uid import JPEG2000Lossless, generate_uid
+
+    volume = simple_head((_STUDY_TEMPLATES, 128, 128)) * 2.0
+    spec = SeriesSpec(
+        patient_name="BENCH^STUDY",
+        patient_id="BENCH-0002",
+        accession_number="BENCH2",
+        vendor="siemens",
+        orientation="axial",
+        series_description="ep2d_diff_mddw_64dir",
+        protocol_name="ep2d_diff_mddw_64dir",
+        mr_acquisition_type="2D",
+        image_type=("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"),
+    )
+    templates = write_series(volume, (2.0, 2.0, 2.0), out / "templates", spec)
+    if syntax == "jpeg-lossless":  # DCMTK's encoder (pydicom has none for this syntax)
+        encoded = []
+        for src in templates:
+            dst = src.with_suffix(".jpl.dcm")
+            subprocess.run(["dcmcjpeg", "+e1", str(src), str(dst)], check=True, timeout=60)
+            encoded.append(dst)
+        templates = encoded
+    elif syntax == "jpeg2000":
+        for src in templates:
+            ds = dcmread(src)
+            ds.compress(JPEG2000Lossless)
+            ds.save_as(src, enforce_file_format=True)
+    elif syntax != "native":
+        raise ValueError(f"unknown syntax {syntax!r}; one of {', '.join(STUDY_SYNTAXES)}")
+    sources = [dcmread(p) for p in templates]
+    prefix = generate_uid()[:40]
+    files = []
+    (out / syntax).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        ds = sources[i % len(sources)]
+        uid = f"{prefix}.{i + 1}"
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.InstanceNumber = i + 1
+        ds.ImagesInAcquisition = n
+        path = out / syntax / f"MR{i + 1:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
 def postgres_available() -> bool:
     try:
         import psycopg
@@ -241,7 +308,9 @@ def postgres_available() -> bool:
         return False
 
 
-def run_one(peer: str, mode_parts: int, files: list[Path], root: Path) -> tuple[float, int]:
+def run_one(
+    peer: str, mode_parts: int, files: list[Path], root: Path, scu_args: tuple[str, ...] = ()
+) -> tuple[float, int]:
     """One timed run on fresh storage; returns (seconds, instances the peer then holds)."""
     workdir = Path(tempfile.mkdtemp(prefix=f"{peer}-{mode_parts}-", dir=root))
     try:
@@ -258,7 +327,7 @@ def run_one(peer: str, mode_parts: int, files: list[Path], root: Path) -> tuple[
             else:
                 raise ValueError(peer)
             echo(target)
-            seconds = send(target, split(files, mode_parts))
+            seconds = send(target, split(files, mode_parts), scu_args)
             # Verify: every peer here answers a C-STORE after storing it, so the count must
             # be complete at once; a short wait only guards against a lagging index.
             try:
@@ -273,6 +342,20 @@ def run_one(peer: str, mode_parts: int, files: list[Path], root: Path) -> tuple[
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@dataclass
+class Case:
+    name: str  # "series", or "study-<syntax>"
+    files: list[Path]
+    associations: int
+    peers: list[str]
+    scu_args: tuple[str, ...] = ()  # storescu's proposal of the files' transfer syntax
+
+    @property
+    def key(self) -> str:  # in the summary's keys
+        suffix = "" if self.name == "series" else "_" + self.name.replace("-", "_")
+        return f"{self.associations}assoc{suffix}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -284,6 +367,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--modes", default="1,4", help="associations per run, comma-separated")
     ap.add_argument("--no-postgres", action="store_true")
+    ap.add_argument(
+        "--study",
+        type=int,
+        default=0,
+        help="also send a study of this many 128x128 images over one association (5000)",
+    )
+    ap.add_argument(
+        "--study-syntaxes",
+        default=",".join(STUDY_SYNTAXES),
+        help=f"transfer syntaxes of the study, comma-separated: {', '.join(STUDY_SYNTAXES)}",
+    )
+    ap.add_argument("--no-series", action="store_true", help="only the study (with --study)")
     args = ap.parse_args(argv)
 
     peers = [p for p in args.peers.split(",") if p]
@@ -294,67 +389,89 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="ketanode-bench-ingest-"))
     try:
-        files = make_series(root / "series", args.instances)
-        sizes = [f.stat().st_size for f in files]
-        log(f"series: {len(files)} files, {sum(sizes) / len(files) / 1024:.1f} KiB each")
-        results: dict[tuple[str, int], list[float]] = {(p, m): [] for p in peers for m in modes}
-        held: dict[tuple[str, int], list[int]] = {(p, m): [] for p in peers for m in modes}
-        # Interleave: repeat r runs every peer and mode once, so a slow spell of the
+        cases: list[Case] = []
+        if not args.no_series:
+            files = make_series(root / "series", args.instances)
+            sizes = [f.stat().st_size for f in files]
+            log(f"series: {len(files)} files, {sum(sizes) / len(files) / 1024:.1f} KiB each")
+            cases += [Case("series", files, mode, peers) for mode in modes]
+        if args.study:
+            for syntax in [x for x in args.study_syntaxes.split(",") if x]:
+                study = make_study(root / "study", args.study, syntax)
+                size = sum(f.stat().st_size for f in study) / len(study)
+                log(f"study {syntax}: {len(study)} files, {size / 1024:.1f} KiB each")
+                takers = [p for p in peers if syntax == "native" or p != "storescp"]
+                cases.append(Case(f"study-{syntax}", study, 1, takers, _PROPOSE[syntax]))
+        results: dict[tuple[str, str], list[float]] = {
+            (p, c.key): [] for c in cases for p in c.peers
+        }
+        held: dict[tuple[str, str], list[int]] = {k: [] for k in results}
+        # Interleave: repeat r runs every peer and case once, so a slow spell of the
         # machine spreads over all peers instead of hitting one.
         for r in range(args.repeats):
-            for mode in modes:
-                for peer in peers:
-                    seconds, count = run_one(peer, mode, files, root)
-                    results[(peer, mode)].append(seconds)
-                    held[(peer, mode)].append(count)
-                    log(
-                        f"repeat {r + 1}: {peer:12s} {mode} assoc  {seconds:6.2f} s  "
-                        f"{len(files) / seconds:6.1f} inst/s"
+            for case in cases:
+                for peer in case.peers:
+                    seconds, count = run_one(
+                        peer, case.associations, case.files, root, case.scu_args
                     )
-        common = {
-            "bench": "ingest",
-            "instances": len(files),
-            "bytes_per_instance": round(sum(sizes) / len(sizes)),
-            "repeats": args.repeats,
-            "host_cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        }
-        medians: dict[tuple[str, int], float] = {}
+                    results[(peer, case.key)].append(seconds)
+                    held[(peer, case.key)].append(count)
+                    log(
+                        f"repeat {r + 1}: {peer:12s} {case.name:20s} {case.associations} assoc "
+                        f"{seconds:7.2f} s  {len(case.files) / seconds:6.1f} inst/s  "
+                        f"(load {os.getloadavg()[0]:.1f})"
+                    )
+        medians: dict[tuple[str, str], float] = {}
         ok = True
-        for (peer, mode), secs in results.items():
-            med = statistics.median(secs)
-            medians[(peer, mode)] = len(files) / med
-            line = {
-                **common,
-                "peer": peer,
-                "mode": "single" if mode == 1 else "parallel",
-                "associations": mode,
-                "seconds": round(med, 3),
-                "inst_per_s": round(len(files) / med, 1),
-                "inst_per_s_min": round(len(files) / max(secs), 1),
-                "inst_per_s_max": round(len(files) / min(secs), 1),
-                "seconds_all": [round(s, 3) for s in secs],
-                "held": held[(peer, mode)],
-                "verified": all(h == len(files) for h in held[(peer, mode)]),
+        for case in cases:
+            sizes = [f.stat().st_size for f in case.files]
+            common = {
+                "bench": "ingest",
+                "case": case.name,
+                "instances": len(case.files),
+                "bytes_per_instance": round(sum(sizes) / len(sizes)),
+                "repeats": args.repeats,
+                "host_cpus": os.cpu_count(),
+                "python": platform.python_version(),
             }
-            ok = ok and line["verified"]
-            print(json.dumps(line), flush=True)
+            for peer in case.peers:
+                secs = results[(peer, case.key)]
+                med = statistics.median(secs)
+                medians[(peer, case.key)] = len(case.files) / med
+                line = {
+                    **common,
+                    "peer": peer,
+                    "mode": "single" if case.associations == 1 else "parallel",
+                    "associations": case.associations,
+                    "seconds": round(med, 3),
+                    "inst_per_s": round(len(case.files) / med, 1),
+                    "inst_per_s_min": round(len(case.files) / max(secs), 1),
+                    "inst_per_s_max": round(len(case.files) / min(secs), 1),
+                    "seconds_all": [round(s, 3) for s in secs],
+                    "held": held[(peer, case.key)],
+                    "verified": all(h == len(case.files) for h in held[(peer, case.key)]),
+                }
+                ok = ok and line["verified"]
+                print(json.dumps(line), flush=True)
         summary: dict[str, Any] = {"bench": "ingest", "summary": True}
-        for mode in modes:
+        for case in cases:
             for node in ("ketanode", "ketanode-pg"):
-                if (node, mode) in medians and ("orthanc", mode) in medians:
-                    key = f"ratio_{node.replace('-', '_')}_orthanc_{mode}assoc"
-                    summary[key] = round(medians[(node, mode)] / medians[("orthanc", mode)], 2)
+                if (node, case.key) in medians and ("orthanc", case.key) in medians:
+                    key = f"ratio_{node.replace('-', '_')}_orthanc_{case.key}"
+                    summary[key] = round(
+                        medians[(node, case.key)] / medians[("orthanc", case.key)], 2
+                    )
                     # Paired: each repeat runs the two back to back, so the median of the
                     # per-repeat ratios shrugs off a busy spell of a shared machine.
                     paired = [
                         o / k
                         for k, o in zip(
-                            results[(node, mode)], results[("orthanc", mode)], strict=True
+                            results[(node, case.key)], results[("orthanc", case.key)], strict=True
                         )
                     ]
                     summary[key + "_paired"] = round(statistics.median(paired), 2)
-        summary.update({f"{p}_{m}assoc_inst_per_s": round(v, 1) for (p, m), v in medians.items()})
+        summary.update({f"{p}_{k}_inst_per_s": round(v, 1) for (p, k), v in medians.items()})
+        summary["load_average"] = [round(x, 2) for x in os.getloadavg()]
         summary["verified"] = ok
         print(json.dumps(summary), flush=True)
         return 0 if ok else 1
