@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -590,6 +591,59 @@ class Phantom:
         return write_series(self.data, self.spec.voxel_mm, out_dir, series)
 
 
+def _sub_slices(spec: PhantomSpec) -> F64:
+    """Where a voxel's sub-slices sit across its slice thickness (in voxels, centred): thick
+    slices are the average of thin ones when ``slice_profile``."""
+    in_plane = min(spec.voxel_mm[1:])
+    n_sub = max(1, int(math.ceil(spec.voxel_mm[0] / in_plane))) if spec.slice_profile else 1
+    return np.asarray((np.arange(n_sub) + 0.5) / n_sub - 0.5, dtype=np.float64)
+
+
+def _scan(
+    spec: PhantomSpec,
+    offsets: F64,
+    chunk_voxels: int,
+    to_template: Callable[[F64], F64],
+    image: F32,
+    image_to_vox: F64,
+    bias: Callable[[F64], F64],
+    *,
+    noise_salt: int,
+    on_sample: Callable[[F64, F64, F64], None] | None = None,
+) -> tuple[F32, float]:
+    """``image`` (template space) as the scanner sees it on the grid of ``spec``, and the
+    noise sigma: each voxel the mean of its sub-slices (``offsets``), each sampled at the
+    template position of its native position, times the bias field, scaled to
+    ``WM_SIGNAL``, with Rician noise at the spec's SNR (drawn from its seed and
+    ``noise_salt``). ``on_sample(native, template, image voxel)`` sees every sample."""
+    affine = grid_affine(spec)
+    shape = spec.grid_shape()
+    data = np.zeros(shape, dtype=np.float32)
+    chunk = max(1, chunk_voxels // (shape[1] * shape[2]))
+    for k0 in range(0, shape[0], chunk):
+        k1 = min(shape[0], k0 + chunk)
+        idx = _grid_indices(shape, k0, k1)
+        acc = np.zeros(idx.shape[1], dtype=np.float32)
+        for off in offsets:
+            sub = idx.copy()
+            sub[0] += off
+            pts = _world(affine, sub)
+            y = to_template(pts)
+            vox = _world(image_to_vox, y)
+            acc += _sample(image, vox, 1)
+            if on_sample is not None:
+                on_sample(pts, y, vox)
+        field_ = np.exp(bias(_world(affine, idx))[0]).astype(np.float32)
+        data[k0:k1] = (acc / len(offsets) * field_).reshape(k1 - k0, shape[1], shape[2])
+    data *= np.float32(WM_SIGNAL)
+    sigma = WM_SIGNAL / spec.snr if spec.snr and math.isfinite(spec.snr) else 0.0
+    if sigma > 0:
+        salt = noise_salt
+        key = [spec.seed, salt] if spec.scan_seed is None else [spec.seed, salt, spec.scan_seed]
+        data = _rician(data, sigma, key)
+    return data, sigma
+
+
 def _rician(data: F32, sigma: float, key: list[int]) -> F32:
     """``data`` as the magnitude of a complex signal with Gaussian noise ``sigma`` in each
     channel (drawn from ``key``)."""
@@ -654,44 +708,33 @@ def _make_template_phantom(spec: PhantomSpec, atlas: Atlas | None) -> Phantom:
     ).astype(np.float32)
     to_vox = np.asarray(np.linalg.inv(model.affine), dtype=np.float64)
     affine = grid_affine(spec)
-    shape = spec.grid_shape()
     n_regions = len(model.names)
     voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
-    # thick slices: average sub-slices across the slice thickness
-    in_plane = min(spec.voxel_mm[1:])
-    n_sub = max(1, int(math.ceil(spec.voxel_mm[0] / in_plane))) if spec.slice_profile else 1
-    offsets = (np.arange(n_sub) + 0.5) / n_sub - 0.5
+    offsets = _sub_slices(spec)
     isotropic = max(spec.voxel_mm) - min(spec.voxel_mm) < 1e-6
-    truth_here = isotropic and not any(spec.fov_shift_mm)
-    data = np.zeros(shape, dtype=np.float32)
+    truth_here = isotropic and not any(spec.fov_shift_mm) and len(offsets) == 1
     sums = np.zeros((n_regions + 1, 3))
-    chunk = max(1, 1_500_000 // (shape[1] * shape[2]))
-    for k0 in range(0, shape[0], chunk):
-        k1 = min(shape[0], k0 + chunk)
-        idx = _grid_indices(shape, k0, k1)
-        acc = np.zeros(idx.shape[1], dtype=np.float32)
-        for off in offsets:
-            sub = idx.copy()
-            sub[0] += off
-            x = _world(affine, sub)
-            vox = _world(to_vox, subject.to_template(x))
-            acc += _sample(t1, vox, 1)
-            if truth_here and n_sub == 1:
-                terr = _sample(model.territory, vox, 0)
-                g, w, c = (_sample(m, vox, 1).astype(np.float64) for m in (gm, wm, csf))
-                sums += _truth_sums(g, w, c, terr, voxel_ml, n_regions)
-        x = _world(affine, idx)
-        field_ = np.exp(subject.bias.value(x)[0]).astype(np.float32)
-        data[k0:k1] = (acc / n_sub * field_).reshape(k1 - k0, shape[1], shape[2])
-    data *= np.float32(WM_SIGNAL)
-    sigma = WM_SIGNAL / spec.snr if spec.snr and math.isfinite(spec.snr) else 0.0
-    if sigma > 0:
-        noise_key = [spec.seed, 1] if spec.scan_seed is None else [spec.seed, 1, spec.scan_seed]
-        data = _rician(data, sigma, noise_key)
+
+    def add_truth(_pts: F64, _y: F64, vox: F64) -> None:
+        terr = _sample(model.territory, vox, 0)
+        g, w, c = (_sample(m, vox, 1).astype(np.float64) for m in (gm, wm, csf))
+        sums[...] += _truth_sums(g, w, c, terr, voxel_ml, n_regions)
+
+    data, sigma = _scan(
+        spec,
+        offsets,
+        1_500_000,
+        subject.to_template,
+        t1,
+        to_vox,
+        subject.bias.value,
+        noise_salt=1,
+        on_sample=add_truth if truth_here else None,
+    )
     data = np.clip(np.rint(data), 0, 65535).astype(np.float32)
 
     # truth in native space
-    if truth_here and n_sub == 1:
+    if truth_here:
         truth_grid = "output"
         # the whole intracranial volume must be inside the output grid
         native = _truth_dict(sums, model.names)

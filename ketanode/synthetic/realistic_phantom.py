@@ -108,10 +108,11 @@ from ketanode.synthetic.phantom import (
     _matrix,
     _Model,
     _pose,
-    _rician,
     _sample,
     _save_npz,
     _scaled_tissues,
+    _scan,
+    _sub_slices,
     _template_model,
     _truth_dict,
     _truth_sums,
@@ -1061,12 +1062,6 @@ def _intensity_map(ctx: _Context) -> F32:
     return img
 
 
-def _sub_slices(spec: PhantomSpec) -> F64:
-    in_plane = min(spec.voxel_mm[1:])
-    n_sub = max(1, int(math.ceil(spec.voxel_mm[0] / in_plane))) if spec.slice_profile else 1
-    return np.asarray((np.arange(n_sub) + 0.5) / n_sub - 0.5, dtype=np.float64)
-
-
 class _TruthSums:
     """Accumulates the truth over native points: GM, WM, CSF per territory (mL), and where
     the intracranial volume lies (RAS bounding box, centroid)."""
@@ -1133,31 +1128,22 @@ def _truth_here(ctx: _Context) -> bool:
 
 def _render(ctx: _Context, img: F32, truth: _TruthSums | None) -> F32:
     spec, ind = ctx.spec, ctx.ind
-    affine = grid_affine(spec)
-    shape = spec.grid_shape()
-    to_vox = np.asarray(np.linalg.inv(ctx.head.affine), dtype=np.float64)
-    offsets = _sub_slices(spec)
-    data = np.zeros(shape, dtype=np.float32)
-    chunk = max(1, 1_000_000 // (shape[1] * shape[2]))
-    for k0 in range(0, shape[0], chunk):
-        k1 = min(shape[0], k0 + chunk)
-        idx = _grid_indices(shape, k0, k1)
-        acc = np.zeros(idx.shape[1], dtype=np.float32)
-        for off in offsets:
-            sub = idx.copy()
-            sub[0] += off
-            pts = _world(affine, sub)
-            y = ind.to_template(pts)
-            acc += _sample(img, _world(to_vox, y), 1)
-            if truth is not None:
-                truth.add(pts, y)
-        field_ = np.exp(_wave_value(ind.bias, _world(affine, idx))[0]).astype(np.float32)
-        data[k0:k1] = (acc / len(offsets) * field_).reshape(k1 - k0, shape[1], shape[2])
-    data *= np.float32(WM_SIGNAL)
-    sigma = WM_SIGNAL / spec.snr if spec.snr and math.isfinite(spec.snr) else 0.0
-    if sigma > 0:
-        key = [spec.seed, 72] if spec.scan_seed is None else [spec.seed, 72, spec.scan_seed]
-        data = _rician(data, sigma, key)
+
+    def add_truth(pts: F64, y: F64, _vox: F64) -> None:
+        assert truth is not None
+        truth.add(pts, y)
+
+    data, sigma = _scan(
+        spec,
+        _sub_slices(spec),
+        1_000_000,
+        ind.to_template,
+        img,
+        np.asarray(np.linalg.inv(ctx.head.affine), dtype=np.float64),
+        lambda x: _wave_value(ind.bias, x),
+        noise_salt=72,
+        on_sample=add_truth if truth is not None else None,
+    )
     ctx.extra["noise_sigma"] = sigma
     return np.clip(np.rint(data), 0, 65535).astype(np.float32)
 
