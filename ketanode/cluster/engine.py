@@ -14,6 +14,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
+from amqp.exceptions import NotFound
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
@@ -119,5 +120,8 @@ def queue_depth(app: Celery, settings: Settings, timeout: float = 5.0) -> QueueD
                 with contextlib.suppress(Exception):  # a channel the broker closed
                     channel.close()
             return QueueDepth(name, int(ok.message_count), int(ok.consumer_count))
+    except NotFound:
+        # no worker and no publisher declared it yet: nothing is waiting in it
+        return QueueDepth(name, 0, 0, None)
     except Exception as exc:
         return QueueDepth(name, None, None, f"{type(exc).__name__}: {exc}")

@@ -199,13 +199,12 @@ class Cluster:
         return queue_depth(make_celery(self.settings), self.settings).messages
 
     def wait_workers(self, n: int, timeout: float = 600.0) -> None:
-        def ready() -> bool:
-            for p in self.processes:
-                if p.name.startswith("worker") and p.proc is not None and p.proc.poll() is not None:
-                    p.check_alive()
-            return self.consumers() == n
-
-        wait_for(ready, timeout, interval=0.5, what=f"{n} workers consuming {self.queue}")
+        wait_for(
+            lambda: self.consumers() == n,
+            timeout,
+            interval=0.5,
+            what=f"{n} workers consuming {self.queue}",
+        )
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
