@@ -49,12 +49,12 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from ketanode.admin.audit import AuditKind, record_now
 from ketanode.config import Settings
 from ketanode.db.models import (
+    ACTIVE_JOB_STATES,
     FINISHED_JOB_STATES,
     UNSENT_STATES,
     EmittedObject,
     Instance,
     Job,
-    JobState,
     OutboxItem,
     Result,
     Series,
@@ -65,8 +65,6 @@ from ketanode.db.models import (
 from ketanode.db.session import rowcount
 
 logger = logging.getLogger(__name__)
-
-ACTIVE_JOB = (JobState.QUEUED, JobState.RUNNING)
 
 
 @dataclass
@@ -134,7 +132,9 @@ def _series_due(cutoff: dt.datetime) -> ColumnElement[bool]:
     """The spool rule for ``Series`` (correlated; usable in a SELECT and an UPDATE)."""
     any_job = aliased(Job)
     latest = aliased(Job)
-    active_job = exists().where(any_job.series_id == Series.id, any_job.state.in_(ACTIVE_JOB))
+    active_job = exists().where(
+        any_job.series_id == Series.id, any_job.state.in_(ACTIVE_JOB_STATES)
+    )
     # correlate explicitly: two levels down, SQLAlchemy would add ``series`` to the FROM list
     latest_id = select(func.max(any_job.id)).where(any_job.series_id == Series.id).correlate(Series)
     latest_finished_long_ago = exists().where(

@@ -15,7 +15,15 @@ import uuid
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from ketanode.db.models import Job, JobLane, JobState, Series, SeriesState, utcnow
+from ketanode.db.models import (
+    ACTIVE_JOB_STATES,
+    Job,
+    JobLane,
+    JobState,
+    Series,
+    SeriesState,
+    utcnow,
+)
 from ketanode.db.session import rowcount
 
 logger = logging.getLogger(__name__)
@@ -47,13 +55,17 @@ def _owner_is_dead(owner: str | None) -> bool:
     return False
 
 
-def enqueue(session: Session, series: Series, max_attempts: int) -> Job:
+def enqueue(
+    session: Session, series: Series, max_attempts: int, lane: JobLane = JobLane.LIVE
+) -> Job:
+    """A queued job for ``series`` (its id flushed), in the caller's transaction."""
     job = Job(
         series_id=series.id,
         series_generation=series.generation,
         state=JobState.QUEUED,
         attempt=0,
         max_attempts=max_attempts,
+        lane=lane,
     )
     session.add(job)
     session.flush()
@@ -259,22 +271,12 @@ def enqueue_batch(
             busy = session.scalar(
                 select(Job.id).where(
                     Job.series_id == series_id,
-                    Job.state.in_((JobState.QUEUED, JobState.RUNNING)),
+                    Job.state.in_(ACTIVE_JOB_STATES),
                 )
             )
             if busy is not None:
                 continue
-            job = Job(
-                series_id=series.id,
-                series_generation=series.generation,
-                state=JobState.QUEUED,
-                attempt=0,
-                max_attempts=max_attempts,
-                lane=JobLane.BATCH,
-            )
-            session.add(job)
-            session.flush()
-            created.append(job.id)
+            created.append(enqueue(session, series, max_attempts, JobLane.BATCH).id)
     return created
 
 

@@ -91,6 +91,8 @@ class JobState(enum.StrEnum):
 
 #: A job that ran to its end, well or not (a superseded job never ran).
 FINISHED_JOB_STATES = (JobState.DONE, JobState.FAILED)
+#: A job waiting for a worker or running.
+ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING)
 
 
 class JobLane(enum.StrEnum):
