@@ -28,8 +28,7 @@ from ketanode.db.models import (
 )
 from ketanode.db.results import requeue
 from ketanode.db.session import make_engine, make_session_factory
-from ketanode.model.files import DEMO_LABEL
-from ketanode.texts import RESEARCH_USE_ONLY
+from ketanode.texts import DEMO_LABEL, RESEARCH_USE_ONLY
 
 SHA_REAL = "a1" * 32
 SHA_DEMO = "b2" * 32
