@@ -82,21 +82,25 @@ def make_scans(root: Path, n: int, size: str, offset: int = 0) -> list[list[Path
     return out
 
 
-def send_all(port: int | list[int], scans: list[list[Path]]) -> None:
+def send_all(port: int | list[int], scans: list[list[Path]], at_once: int = 8) -> None:
+    """Each series by its own storescu, ``at_once`` at a time (a listener takes 16
+    associations at most)."""
     ports = port if isinstance(port, list) else [port]
-    procs = [
-        subprocess.Popen(
-            [STORESCU, "-aet", "STORESCU", "-aec", "KETANODE", "127.0.0.1", str(ports[i % 2])]
-            + [str(f) for f in files],
-            env=dcmtk_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for i, files in enumerate(scans)
-    ]
-    for p in procs:
-        if p.wait(600) != 0:
-            raise RuntimeError("storescu failed")
+    for start in range(0, len(scans), at_once):
+        procs = [
+            subprocess.Popen(
+                [STORESCU, "-aet", "STORESCU", "-aec", "KETANODE", "127.0.0.1"]
+                + [str(ports[i % len(ports)])]
+                + [str(f) for f in files],
+                env=dcmtk_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for i, files in enumerate(scans[start : start + at_once], start)
+        ]
+        for p in procs:
+            if p.wait(600) != 0:
+                raise RuntimeError("storescu failed")
 
 
 def throughput(db: Db, n: int, timeout: float) -> dict[str, Any]:
@@ -147,6 +151,7 @@ def run_cluster(
 
 def run_embedded(root: Path, scans: list[list[Path]], timeout: float) -> dict[str, Any]:
     work = root / "embedded"
+    work.mkdir(parents=True, exist_ok=True)
     node = NodeProcess(
         work,
         f"sqlite:///{work / 'ketanode.db'}",
@@ -227,6 +232,7 @@ def run_priority(root: Path, batch: int, timeout: float) -> dict[str, Any]:
                 "SELECT avg(extract(epoch FROM finished_at - started_at)) AS s FROM job "
                 "WHERE lane = 'batch' AND finished_at IS NOT NULL"
             )
+            mean = steps[0]["s"]
             return {
                 "config": "priority: 1 worker, a batch reprocess queued, then a live scan",
                 "batch_jobs": len(created),
@@ -235,7 +241,7 @@ def run_priority(root: Path, batch: int, timeout: float) -> dict[str, Any]:
                 ),
                 "batch_jobs_started_before_the_live_scan": before,
                 "batch_jobs_still_queued_when_it_started": left,
-                "batch_job_mean_s": None if steps[0]["s"] is None else round(steps[0]["s"], 1),
+                "batch_job_mean_s": None if mean is None else round(float(mean), 1),
             }
         finally:
             c.stop_all()
