@@ -271,7 +271,9 @@ class AssociationLog:
             # the ACSE timeout, holding a slot of max_associations. An empty item wakes it as
             # that timeout would; it then closes the association at once.
             try:
-                assoc.dul.to_user_queue.put(None)
+                # pynetdicom types the queue for primitives only; its own ACSE timeout
+                # path reads None the same way.
+                assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
             except Exception as exc:  # pragma: no cover (a queue put does not fail)
                 logger.error("could not free a closed connection: %s", exception_summary(exc))
 

@@ -100,7 +100,9 @@ def _dul_wait(thread: Any, seconds: float) -> None:
 def _association_wait(thread: Any, seconds: float) -> None:
     """Until a DIMSE message is queued for the association reactor, or ``seconds``."""
     messages = getattr(getattr(thread, "dimse", None), "msg_queue", None)
-    if not isinstance(messages, queue.Queue):
+    if not isinstance(messages, queue.Queue) or not getattr(thread, "is_acceptor", False):
+        # A requestor's caller waits on the same queue for its responses: a put wakes one
+        # waiter, and it must be the caller, so the requestor's reactor sleeps as it did.
         _real_sleep(seconds)
         return
     with messages.not_empty:

@@ -16,7 +16,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from ketanode.dicom.net import set_nodelay
+from ketanode.dicom.net import keep_responses_for_caller, set_nodelay
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def _associate(ae: AE, host: str, port: int, called_ae: str, tls: ssl.SSLContext
     )
     if not assoc.is_established:
         raise AssociationFailed(_why(assoc, host, port))
+    keep_responses_for_caller(assoc)
     return assoc
 
 

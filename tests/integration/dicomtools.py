@@ -28,6 +28,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ketanode.config import MR_IMAGE_STORAGE
+from ketanode.dicom.net import keep_responses_for_caller
 from ketanode.synthetic.phantom import simple_head
 from ketanode.synthetic.series_writer import SeriesSpec, write_series
 
@@ -126,6 +127,7 @@ def association(
     if not assoc.is_established:
         ae.shutdown()
         raise NotEstablished(assoc)
+    keep_responses_for_caller(assoc)
     try:
         yield Scu(assoc)
     finally:
