@@ -63,6 +63,26 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    """``data`` durable in a file created exclusively at ``path`` (FileExistsError when one is
+    there); on a failed write the partial file is removed, and a full disk is SpoolFull."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except OSError as exc:  # no inode left; a file there or a removed directory: the caller's
+        _raise_if_full(exc)
+        raise
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        path.unlink(missing_ok=True)  # no partial file left behind
+        _raise_if_full(exc)
+        raise
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -154,18 +174,7 @@ class Spool:
 
     def _write_tmp(self, data: bytes) -> Path:
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                _write_all(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFull(f"disk full while writing to the spool ({exc.strerror})") from exc
-            raise
+        _write_new(tmp, data)
         return tmp
 
     def store(
@@ -190,22 +199,9 @@ class Spool:
 
         def write() -> bool:
             try:
-                fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+                _write_new(final, data)  # a removed directory (FileNotFoundError): _into_dir
             except FileExistsError:
                 return False
-            except OSError as exc:  # no inode left; a removed directory is _into_dir's
-                _raise_if_full(exc)
-                raise
-            try:
-                try:
-                    _write_all(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                final.unlink(missing_ok=True)  # no partial file left behind
-                _raise_if_full(exc)
-                raise
             _fsync_dir(final.parent)
             return True
 
