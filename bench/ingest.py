@@ -66,6 +66,7 @@ from tests.support import (  # noqa: E402
     STORESCU,
     NodeProcess,
     dcmtk_env,
+    free_port,
     postgres_database,
     wait_for,
 )
@@ -145,14 +146,56 @@ def orthanc_peer(workdir: Path) -> Iterator[Target]:
         orthanc.stop()
 
 
+# the receivers compared with Orthanc in the summary's ratios
+NODE_LIKE = ("ketanode", "ketanode-pg", "pynetdicom-null", "pynetdicom-file", "storescp-fsync")
+
+# DCMTK storescp as a durable front end would run it: a process per association, and the
+# C-STORE response held until a command run synchronously after each file (storescp runs
+# --exec-on-reception before it answers) has fsynced the file and its directory.
+DURABLE_STORESCP = ("--fork", "--exec-on-reception", "sync #p/#f #p", "--exec-sync")
+
+
 @contextmanager
-def storescp_peer(workdir: Path) -> Iterator[Target]:
-    scp = StoreSCP(workdir / "out")
+def storescp_peer(workdir: Path, durable: bool = False) -> Iterator[Target]:
+    scp = StoreSCP(workdir / "out", extra_args=DURABLE_STORESCP if durable else ())
     scp.start()
     try:
         yield Target(scp.port, scp.aet, lambda: _count_files(scp.workdir, "MR.*"))
     finally:
         scp.stop()
+
+
+@contextmanager
+def pynetdicom_peer(workdir: Path, mode: str) -> Iterator[Target]:
+    """bench/pynetdicom_scp.py in its own process: the protocol library's ceiling (null) and
+    the durable file without rows (file)."""
+    port = free_port()
+    out = workdir / "ceiling"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "pynetdicom_scp.py"), "--port", str(port)]
+        + ["--mode", mode, "--out", str(out), "--ae-title", "CEILING"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: (out / "ready").exists() or proc.poll() is not None, timeout=60)
+        if proc.poll() is not None:
+            raise RuntimeError(f"pynetdicom_scp.py failed: {proc.stderr.read()[-2000:]!r}")
+
+        def count() -> int:
+            try:
+                return int((out / "count").read_text() or 0)
+            except FileNotFoundError:
+                return 0
+
+        yield Target(port, "CEILING", count)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,8 +365,10 @@ def run_one(
                 target = stack.enter_context(ketanode_peer(workdir, url))
             elif peer == "orthanc":
                 target = stack.enter_context(orthanc_peer(workdir))
-            elif peer == "storescp":
-                target = stack.enter_context(storescp_peer(workdir))
+            elif peer in ("storescp", "storescp-fsync"):
+                target = stack.enter_context(storescp_peer(workdir, peer == "storescp-fsync"))
+            elif peer in ("pynetdicom-null", "pynetdicom-file"):
+                target = stack.enter_context(pynetdicom_peer(workdir, peer.split("-")[1]))
             else:
                 raise ValueError(peer)
             echo(target)
@@ -363,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--peers",
         default="ketanode,ketanode-pg,orthanc,storescp",
-        help="comma-separated subset of ketanode,ketanode-pg,orthanc,storescp",
+        help="comma-separated subset of ketanode,ketanode-pg,orthanc,storescp; also "
+        "pynetdicom-null and pynetdicom-file (bench/pynetdicom_scp.py: the protocol library "
+        "alone, and with the durable file but no rows), storescp-fsync (storescp answering "
+        "after an fsync of each file, a process per association)",
     )
     ap.add_argument("--modes", default="1,4", help="associations per run, comma-separated")
     ap.add_argument("--no-postgres", action="store_true")
@@ -400,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 study = make_study(root / "study", args.study, syntax)
                 size = sum(f.stat().st_size for f in study) / len(study)
                 log(f"study {syntax}: {len(study)} files, {size / 1024:.1f} KiB each")
-                takers = [p for p in peers if syntax == "native" or p != "storescp"]
+                takers = [p for p in peers if syntax == "native" or not p.startswith("storescp")]
                 cases.append(Case(f"study-{syntax}", study, 1, takers, _PROPOSE[syntax]))
         results: dict[tuple[str, str], list[float]] = {
             (p, c.key): [] for c in cases for p in c.peers
@@ -455,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(line), flush=True)
         summary: dict[str, Any] = {"bench": "ingest", "summary": True}
         for case in cases:
-            for node in ("ketanode", "ketanode-pg"):
+            for node in NODE_LIKE:
                 if (node, case.key) in medians and ("orthanc", case.key) in medians:
                     key = f"ratio_{node.replace('-', '_')}_orthanc_{case.key}"
                     summary[key] = round(

@@ -139,12 +139,21 @@ class StoreSCP:
     aet: str = "KETANODE"
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()
 
     def start(self) -> StoreSCP:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = (self.workdir / "storescp.log").open("ab")
         self.proc = subprocess.Popen(
-            [STORESCP, "-aet", self.aet, "-od", str(self.workdir), str(self.port)],
+            [
+                STORESCP,
+                *self.extra_args,
+                "-aet",
+                self.aet,
+                "-od",
+                str(self.workdir),
+                str(self.port),
+            ],
             env=dcmtk_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
