@@ -41,25 +41,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-# PostgreSQL advisory lock key of the schema upgrade at start (roles start together)
-MIGRATION_LOCK_KEY = 0x6B6E_6D69_6772  # "knmigr"
-
-
 def prepare_database(settings: Settings) -> Engine:
-    """The engine, its schema current. On PostgreSQL the check and upgrade run under an
-    advisory lock: the processes of a cluster start at the same time, and two upgrades of
-    an empty database at once collide (duplicate tables)."""
+    """The engine, its schema current. On PostgreSQL the check and upgrade run under the
+    schema lock (``db/migrate.py``): the processes of a cluster start at the same time, and
+    two upgrades of an empty database at once collide (duplicate tables)."""
     engine = make_engine(settings.database.url)
-    if engine.dialect.name != "postgresql":
-        ensure_current(engine, settings.database.auto_upgrade)
-        return engine
-    with engine.connect() as conn:
-        conn.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")
-        try:
-            ensure_current(engine, settings.database.auto_upgrade)
-        finally:
-            conn.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")
-            conn.commit()
+    ensure_current(engine, settings.database.auto_upgrade)
     return engine
 
 

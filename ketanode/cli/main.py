@@ -103,7 +103,8 @@ def serve(
 
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context, revision: str = "head") -> None:
-    """Apply the Alembic migrations."""
+    """Apply the Alembic migrations. On PostgreSQL under the schema lock that the roles take
+    at start: two hosts upgrading at once take turns."""
     from ketanode.db.migrate import current_revision, upgrade
 
     engine = make_engine(settings_of(ctx).database.url)

@@ -1,6 +1,7 @@
 """The parts of cluster mode, each on its own (PostgreSQL; RabbitMQ where a test says so):
 the claim by id, what the publisher sends and sends again, the scheduler lock and its
-takeover, the membership rows and ``cluster status``, and the refusal of SQLite."""
+takeover, the membership rows and ``cluster status``, the refusal of SQLite, and ``ketanode
+db upgrade`` waiting for the schema lock the roles take at start."""
 
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ from ketanode.cluster.members import Membership, cluster_state
 from ketanode.cluster.publisher import Publisher
 from ketanode.config import Settings
 from ketanode.db.jobqueue import claim_job, enqueue, finish, mark_published, recover, to_publish
-from ketanode.db.migrate import ensure_current
+from ketanode.db.migrate import SCHEMA_LOCK_KEY, ensure_current, head_revision
 from ketanode.db.models import Job, JobLane, JobState, Series, SeriesState, Study, utcnow
 from ketanode.db.session import make_engine, make_session_factory
 from ketanode.node import ClusterConfigError, check_cluster
 from tests.cluster.conftest import BROKER_URL, delete_queue, rabbitmq_up
-from tests.support import REPO, postgres_database, write_config
+from tests.support import REPO, postgres_database, wait_for, write_config
 
 pytestmark = pytest.mark.postgres
 
@@ -283,3 +284,47 @@ def test_the_task_runs_the_job_in_a_child_and_records_how_it_ended(
         assert job is not None
         assert (job.state, job.attempt, job.lease_owner) == (JobState.FAILED, 1, "h:1:w")
         assert job.failed_step in ("prepare", "convert"), job.failed_step
+
+
+def test_db_upgrade_waits_for_the_schema_lock_of_the_roles(pg_url: str, tmp_path: Path) -> None:
+    """``ketanode db upgrade`` on a second host while another upgrade (a role starting, or
+    the same command elsewhere) holds the schema lock: it waits, touches nothing, and
+    upgrades once the lock is free."""
+    import psycopg
+
+    cfg = write_config(tmp_path / "k.toml", {"database": {"url": pg_url}})
+    waiting = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+        "AND ((classid::bigint << 32) | objid::bigint) = %s"
+    )
+    with psycopg.connect(pg_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK_KEY,))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ketanode", "--config", str(cfg), "db", "upgrade"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        try:
+
+            def blocked() -> bool:
+                assert proc.poll() is None, f"db upgrade did not wait: {proc.communicate()}"
+                row = holder.execute(waiting, (SCHEMA_LOCK_KEY,)).fetchone()
+                return bool(row and row[0] == 1)
+
+            wait_for(blocked, 120, interval=0.2, what="db upgrade to wait for the schema lock")
+            tables = holder.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
+            ).fetchone()
+            assert tables == (0,)  # nothing done while the lock is held
+        finally:
+            holder.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_KEY,))
+        out, errors = proc.communicate(timeout=120)
+    assert proc.returncode == 0, errors
+    engine = make_engine(pg_url)
+    try:
+        head = head_revision(engine)
+        assert f"database at revision {head}" in out
+    finally:
+        engine.dispose()
