@@ -85,13 +85,10 @@ def worker(
 
 
 def cluster_status_data(settings: Settings) -> dict[str, Any]:
-    from ketanode.cluster.engine import make_celery, queue_depth
-    from ketanode.cluster.members import cluster_state
+    """What the dashboard's cluster page and /metrics show too (``cluster/status.py``)."""
+    from ketanode.cluster.status import cluster_status
 
-    with sessions_for(settings)() as session:
-        data = cluster_state(session, settings.cluster.heartbeat_seconds)
-    data["queue"] = queue_depth(make_celery(settings), settings).as_dict()
-    return data
+    return cluster_status(settings, sessions_for(settings))
 
 
 @cluster_app.command("status")

@@ -1,7 +1,7 @@
 """The dashboard application: FastAPI with server-rendered pages, read-only.
 
-``create_app`` wires the routers (auth, pages, health, metrics), the static files, the
-session cookie and three guards:
+``create_app`` wires the routers (auth, pages, cluster, health, metrics), the static files,
+the session cookie and three guards:
 
 - only GET and HEAD are served, plus POST to /login and /logout; any other method on any
   path answers 405 before routing, so no route can change state by accident;
@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ketanode.config import Settings
 from ketanode.scheduler import Timers
-from ketanode.web import auth, health, metrics, pages
+from ketanode.web import auth, cluster, health, metrics, pages
 from ketanode.web.context import STATIC_DIR, WebContext, make_templates, render
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,9 @@ def create_app(
     timers: Timers | None = None,
 ) -> FastAPI:
     """The dashboard for ``settings``' database (``sessions``: the node's session factory;
-    ``timers``: the node's scheduler, reported by /health)."""
+    ``timers``: the node's scheduler, reported by /health). With ``cluster.enabled`` (the
+    web role) it shows the cluster too: /cluster, its metrics, and /health judges the
+    cluster's active scheduler instead of ``timers``."""
     if sessions is None:
         from ketanode.db.session import make_engine, make_session_factory
 
@@ -162,8 +164,9 @@ def create_app(
         openapi_url=None,
         dependencies=[Depends(ids_in_range)],
     )
-    app.state.ketanode = WebContext(settings, sessions, timers, make_templates(), tls)
-    app.state.metrics_registry = metrics.make_registry(sessions)
+    reader = cluster.make_reader(settings, sessions)
+    app.state.ketanode = WebContext(settings, sessions, timers, make_templates(), tls, reader)
+    app.state.metrics_registry = metrics.make_registry(sessions, reader)
     app.state.login_throttle = auth.LoginThrottle()
     secret = web.session_secret or secrets.token_urlsafe(32)
     app.add_middleware(
@@ -178,6 +181,7 @@ def create_app(
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     app.include_router(auth.router)
     app.include_router(pages.router)
+    app.include_router(cluster.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
 

@@ -6,7 +6,7 @@ import datetime as dt
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse
@@ -17,6 +17,9 @@ from ketanode import __version__
 from ketanode.config import Settings
 from ketanode.scheduler import Timers
 from ketanode.texts import RESEARCH_USE_ONLY
+
+if TYPE_CHECKING:
+    from ketanode.cluster.status import ClusterReader
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES_DIR = HERE / "templates"
@@ -33,6 +36,8 @@ class WebContext:
     templates: Jinja2Templates
     # the session cookie carries the Secure flag (HTTPS)
     tls: bool
+    # cluster mode (the web role): the cluster's status, for /cluster, /metrics and /health
+    cluster: ClusterReader | None = None
 
 
 def _when(value: Any) -> str:
@@ -93,4 +98,5 @@ def render(request: Request, template: str, status_code: int = 200, **values: An
     values.setdefault("user", getattr(request.state, "user", None))
     values["csrf"] = csrf_token(request)
     values["path"] = request.url.path
+    values["cluster_mode"] = ctx.cluster is not None
     return ctx.templates.TemplateResponse(request, template, values, status_code=status_code)

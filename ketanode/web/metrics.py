@@ -21,12 +21,26 @@ Metrics:
   demonstration (synthetic) model, marked DEMO (0 unless ``model.demo_when_none_active``
   was switched on or a synthetic model activated)
 - ``ketanode_database_up``: 0 when the database could not be read (then nothing else)
+
+In cluster mode (the web role) also the cluster, from the same function as ``ketanode
+cluster status`` (``ketanode/cluster/status.py``), read at scrape time:
+
+- ``ketanode_cluster_members{role,host,version}``: role processes alive (heartbeat fresh);
+  ``ketanode_cluster_alive{role}``: the same per role, every role (0 when none is alive)
+- ``ketanode_cluster_scheduler_active``: 1 when an active scheduler is alive, else 0
+- ``ketanode_worker_jobs_running{worker,host}``: jobs running on each live worker;
+  ``ketanode_cluster_jobs_unowned``: running jobs whose worker is not alive (re-queued when
+  their lease expires)
+- ``ketanode_broker_up``: 0 when RabbitMQ did not answer (then no queue metrics);
+  ``ketanode_queue_depth{queue}``: ready messages in the work queue;
+  ``ketanode_queue_consumers{queue}``: worker processes consuming it
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -60,6 +74,9 @@ from ketanode.db.models import (
 )
 from ketanode.web.auth import api_user
 from ketanode.web.context import context_of
+
+if TYPE_CHECKING:
+    from ketanode.cluster.status import ClusterReader
 
 logger = logging.getLogger(__name__)
 
@@ -262,11 +279,91 @@ class DatabaseCollector(Collector):
         yield items
 
 
-def make_registry(sessions: sessionmaker[Session]) -> CollectorRegistry:
+class ClusterCollector(Collector):
+    """The cluster's role processes, scheduler, workers and queue, on every scrape."""
+
+    def __init__(self, reader: ClusterReader) -> None:
+        self.reader = reader
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            data = self.reader.status()
+        except SQLAlchemyError as exc:  # ketanode_database_up says so
+            logger.warning("metrics: the cluster could not be read (%s)", type(exc).__name__)
+            return []
+        return list(self._families(data))
+
+    def _families(self, data: dict[str, Any]) -> Iterator[Metric]:
+        from ketanode.cluster.members import ROLES
+
+        alive = [m for m in data["members"] if m["alive"]]
+        members = GaugeMetricFamily(
+            "ketanode_cluster_members",
+            "Role processes alive (heartbeat fresh), by role, host and version",
+            labels=["role", "host", "version"],
+        )
+        counted: dict[tuple[str, str, str], int] = {}
+        for m in alive:
+            key = (str(m["role"]), str(m["host"]), str(m["version"]))
+            counted[key] = counted.get(key, 0) + 1
+        for key, n in sorted(counted.items()):
+            members.add_metric(list(key), n)
+        yield members
+        per_role = GaugeMetricFamily(
+            "ketanode_cluster_alive", "Role processes alive, per role", labels=["role"]
+        )
+        for role in ROLES:
+            per_role.add_metric([role], int(data["alive"].get(role, 0)))
+        yield per_role
+        yield GaugeMetricFamily(
+            "ketanode_cluster_scheduler_active",
+            "1 when an active scheduler (the holder of the scheduler lock) is alive",
+            value=1 if data["active_scheduler"] else 0,
+        )
+        running = GaugeMetricFamily(
+            "ketanode_worker_jobs_running",
+            "Jobs running on each live worker process",
+            labels=["worker", "host"],
+        )
+        for m in alive:
+            if m["role"] == "worker":
+                running.add_metric([str(m["name"]), str(m["host"])], len(m["running_jobs"]))
+        yield running
+        yield GaugeMetricFamily(
+            "ketanode_cluster_jobs_unowned",
+            "Running jobs whose worker is not alive (re-queued when their lease expires)",
+            value=len(data["running_not_by_a_live_worker"]),
+        )
+        queue = data["queue"]
+        up = queue["error"] is None
+        yield GaugeMetricFamily(
+            "ketanode_broker_up", "1 when RabbitMQ answered for this scrape", value=1 if up else 0
+        )
+        if up:
+            depth = GaugeMetricFamily(
+                "ketanode_queue_depth", "Ready messages in the work queue", labels=["queue"]
+            )
+            depth.add_metric([str(queue["queue"])], int(queue["messages"] or 0))
+            yield depth
+            consumers = GaugeMetricFamily(
+                "ketanode_queue_consumers", "Consumers of the work queue", labels=["queue"]
+            )
+            consumers.add_metric([str(queue["queue"])], int(queue["consumers"] or 0))
+            yield consumers
+
+
+def make_registry(
+    sessions: sessionmaker[Session], cluster: ClusterReader | None = None
+) -> CollectorRegistry:
     """A registry of its own (not the global one): one per app, several apps per process in
-    tests."""
+    tests. ``cluster``: the cluster's metrics too (cluster mode)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(sessions))
+    if cluster is not None:
+        registry.register(ClusterCollector(cluster))
     return registry
 
 

@@ -14,7 +14,7 @@ from ketanode.scheduler import Timers
 from ketanode.web.server import WebServer
 from tests.support import free_port
 from tests.web.conftest import Served, web_settings
-from tests.web.webtools import csrf_of
+from tests.web.webtools import VIEWER, csrf_of, login
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -70,6 +70,27 @@ def test_metrics_count_the_rows(served: Served) -> None:
         failures = seeded.attempts[dest] - seeded.sent[dest]
         assert m[("ketanode_dispatch_failures_total", label)] == failures
     assert m[("ketanode_outbox_items", (("destination", "pacs"), ("state", "dead")))] == 1
+
+
+def test_the_embedded_node_shows_no_cluster(served: Served) -> None:
+    """Without cluster mode: no cluster metrics, no cluster page and no menu entry for it, and
+    /health keeps its fields (the cluster's are in tests/cluster/test_cluster_web.py)."""
+    text = httpx.get(served.url + "/metrics").text
+    names = {name for name, _ in samples(text)}
+    assert not {n for n in names if n.startswith(("ketanode_cluster", "ketanode_queue_"))}
+    assert "ketanode_broker_up" not in names and "ketanode_worker_jobs_running" not in names
+    assert set(httpx.get(served.url + "/health").json()) == {
+        "status",
+        "version",
+        "database",
+        "spool",
+        "scheduler",
+    }
+    with login(served.url, *VIEWER) as client:
+        assert client.get("/cluster").status_code == 404
+        assert client.get("/api/cluster").status_code == 404
+        page = client.get("/jobs")
+        assert page.status_code == 200 and 'href="/cluster"' not in page.text
 
 
 def test_unhealthy_without_database_or_scheduler(
