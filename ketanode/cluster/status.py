@@ -67,10 +67,11 @@ def scheduler_health(state: dict[str, Any]) -> dict[str, Any]:
         )
     elif schedulers:
         last = min(schedulers, key=lambda m: m["heartbeat_age_s"])
-        how = "stopped" if last["stopped_at"] else "no heartbeat"
+        how = "stopped" if last["stopped_at"] else "has sent no heartbeat for"
+        ago = "s ago" if last["stopped_at"] else "s"
         out["reason"] = (
-            f"no scheduler alive: the last one ({last['host']}) {how}, its last heartbeat "
-            f"{last['heartbeat_age_s']} s ago"
+            f"no scheduler alive: the last one (on {last['host']}) {how} "
+            f"{last['heartbeat_age_s']} {ago}"
         )
     else:
         out["reason"] = "no scheduler has run in the last 24 h"

@@ -46,6 +46,12 @@ def test_cluster_compose_runs_every_role_on_one_shared_volume() -> None:
         assert svc["environment"]["KETANODE__DATABASE__URL"].startswith("postgresql://")
     # `--scale worker=N` needs a worker without a fixed name or published port
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]
+    # only the web role serves /health, which judges the cluster (its active scheduler)
+    for name in ("listener", "scheduler", "worker"):
+        assert services[name]["healthcheck"] == {"disable": True}
+    probe = services["web"]["healthcheck"]["test"]
+    assert probe[:3] == ["CMD", "python", "-c"] and "KETANODE_HEALTH_URL" in probe[3]
+    compile(probe[3], "<healthcheck>", "exec")
 
 
 @pytest.mark.parametrize("role", ROLES)
