@@ -70,8 +70,9 @@ def check(
 
 
 def check_cluster(ctx: WebContext) -> tuple[bool, dict[str, Any]]:
-    """(healthy, the JSON body) of a cluster's web role: the database, the shared spool,
-    and an active scheduler alive in the members table."""
+    """(healthy, the JSON body) of a cluster's web role: the database, an active scheduler
+    alive in the members table, and the shared spool's free space once it exists (the
+    listeners create it)."""
     assert ctx.cluster is not None
     _, body = check(ctx.settings, ctx.sessions, None)
     db = bool(body["database"]["ok"])
@@ -90,7 +91,10 @@ def check_cluster(ctx: WebContext) -> tuple[bool, dict[str, Any]]:
                 "health: the cluster's members could not be read (%s)", type(exc).__name__
             )
             scheduler = {"running": False, "reason": "the cluster's members could not be read"}
-    if not body["spool"]["ok"]:
+    if not ctx.settings.spool.path.is_dir():
+        # a listener makes it; the web role (perhaps on a host of its own) only reads
+        body["spool"] = {"ok": None, "exists": False}
+    elif not body["spool"]["ok"]:
         reasons.append("the spool is below its free-space floor (or cannot be read)")
     if db and not scheduler["running"]:
         reasons.append(str(scheduler["reason"]))

@@ -177,6 +177,18 @@ class Cluster:
     def worker(self) -> RoleProcess:
         return self._role("worker", ["worker"])
 
+    def web(self, port: int | None = None) -> RoleProcess:
+        """``ketanode serve --role web`` on loopback (``web_url``: its address)."""
+        port = port or free_port()
+        proc = self._role(
+            "web",
+            ["serve", "--role", "web"],
+            env={"KETANODE__WEB__PORT": str(port), "KETANODE__WEB__BIND_ADDRESS": "127.0.0.1"},
+            port=port,
+        )
+        wait_for(proc.listening, 120, what=f"{proc.name} to listen")
+        return proc
+
     def active_schedulers(self) -> list[str]:
         """Member names of the schedulers that say they are active (heartbeat fresh). A
         scheduler SIGKILLed a moment ago still counts until its heartbeat is 3 s old."""

@@ -1,15 +1,15 @@
-"""The dashboard of a cluster (the web role, in this process) on a real PostgreSQL and
-RabbitMQ: /health judges the cluster's active scheduler from the members table, /metrics
-and the /cluster page show what ``ketanode cluster status`` shows (roles alive with hosts
-and versions, the active scheduler, the queue depth, the jobs each worker runs), and a
-broker that does not answer is said so. The embedded dashboard shows none of this
-(tests/web/test_health_metrics.py)."""
+"""The dashboard of a cluster (the web role in this process, and as its own process next to
+a real scheduler) on a real PostgreSQL and RabbitMQ: /health judges the cluster's active
+scheduler from the members table, /metrics and the /cluster page show what ``ketanode
+cluster status`` shows (roles alive with hosts and versions, the active scheduler, the
+queue depth, the jobs each worker runs), and a broker that does not answer is said so. The
+embedded dashboard shows none of this (tests/web/test_health_metrics.py)."""
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +30,9 @@ from ketanode.config import Settings, merge
 from ketanode.db.jobqueue import claim_job
 from ketanode.node import WebRole
 from ketanode.web.metrics import make_registry
-from tests.cluster.conftest import BROKER_URL, delete_queue, rabbitmq_up
+from tests.cluster.conftest import BROKER_URL, Cluster, delete_queue, rabbitmq_up
 from tests.cluster.test_cluster_parts import _jobs
-from tests.support import free_port, postgres_database, write_config
+from tests.support import free_port, postgres_database, wait_for, write_config
 from tests.web.conftest import web_settings
 from tests.web.test_health_metrics import samples
 from tests.web.webtools import VIEWER, add_users, login
@@ -230,3 +230,34 @@ def test_a_broker_that_does_not_answer_is_said_so(web_cluster: WebCluster, tmp_p
     assert m[("ketanode_broker_up", ())] == 0
     assert not any(name.startswith("ketanode_queue_") for name, _ in m)
     assert m[("ketanode_cluster_alive", (("role", "web"),))] == 1
+
+
+def test_web_role_process_follows_the_real_schedulers(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """The processes: `serve --role web` is healthy while `serve --role scheduler` is
+    active (before any listener made the shared spool); the scheduler SIGKILLed, /health
+    says so within three heartbeats."""
+    cluster = make_cluster()
+    web = cluster.web()
+    url = f"http://127.0.0.1:{web.port}"
+
+    def health_is(code: int) -> dict[str, object] | None:
+        web.check_alive()
+        r = httpx.get(url + "/health", timeout=30)
+        return r.json() if r.status_code == code else None  # type: ignore[no-any-return]
+
+    body = health_is(503)
+    assert body is not None and body["reasons"] == ["no scheduler has run in the last 24 h"]
+    # no listener made the shared spool yet: reported, not held against the cluster
+    assert body["spool"] == {"ok": None, "exists": False}
+    scheduler = cluster.scheduler()
+    wait_for(cluster.active_scheduler, 120, interval=0.3, what="an active scheduler")
+    body = wait_for(lambda: health_is(200), 30, interval=0.3, what="/health 200")
+    active = body["scheduler"]["active"]  # type: ignore[index]
+    assert active["name"] == cluster.active_scheduler()
+    assert active["name"].endswith(f":{scheduler.pid}:" + active["name"].rsplit(":", 1)[1])
+    scheduler.kill()
+    body = wait_for(lambda: health_is(503), 30, interval=0.3, what="/health 503")
+    (reason,) = body["reasons"]  # type: ignore[index]
+    assert reason.startswith("no scheduler alive"), reason
