@@ -175,6 +175,10 @@ def test_metrics_page_and_cli_show_the_same_cluster(
         assert m[("ketanode_queue_depth", (("queue", queue),))] == 2
         assert m[("ketanode_queue_consumers", (("queue", queue),))] == 0
 
+        with httpx.Client(base_url=c.url, timeout=30) as anon:  # behind the login
+            r = anon.get("/cluster")
+            assert r.status_code == 303 and r.headers["location"].startswith("/login")
+            assert anon.get("/api/cluster").status_code == 401
         with login(c.url, *VIEWER) as client:
             page = client.get("/cluster")
             assert page.status_code == 200, page.text[:500]
