@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from ketanode.roots import Root
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -101,6 +103,8 @@ class Spool:
         rejected_max_bytes: int | None = None,
     ) -> None:
         self.root = root.resolve()
+        # paths in the database are relative to the root (ketanode/roots.py)
+        self.files = Root(self.root)
         self.min_free_bytes = min_free_bytes
         self.keep_rejected = keep_rejected
         # None: no quota of their own (only the free-space floor)

@@ -46,6 +46,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from ketanode import roots
 from ketanode.admin.audit import AuditKind, record_now
 from ketanode.config import Settings
 from ketanode.db.models import (
@@ -231,8 +232,7 @@ def _prune(directories: set[Path], root: Path) -> None:
             current = current.parent
 
 
-def _object_paths(path: str) -> list[Path]:
-    main = Path(path)
+def _object_paths(main: Path) -> list[Path]:
     return [main, main.with_suffix(".png")]
 
 
@@ -253,8 +253,9 @@ def sweep(
     now = now or utcnow()
     cfg = settings.retention
     report = RetentionReport(dry_run=dry_run, at=now)
-    spool_root = settings.spool.path.resolve()
-    reports_root = settings.reports.path.resolve()
+    spool = roots.spool_root(settings)
+    reports = roots.reports_root(settings)
+    spool_root, reports_root = spool.path, reports.path
     spool_cutoff = now - dt.timedelta(hours=cfg.spool_hours)
     reports_cutoff = now - dt.timedelta(hours=cfg.reports_hours)
 
@@ -270,12 +271,12 @@ def sweep(
 
     emptied: set[Path] = set()
     for series_id in series_ids:
-        purged = _sweep_series(sessions, series_id, spool_cutoff, spool_root, now, dry_run)
+        purged = _sweep_series(sessions, series_id, spool_cutoff, spool, now, dry_run)
         if purged is not None:
             report.series.append(purged[0])
             emptied |= purged[1]
     for object_id, path in object_rows:
-        paths = _object_paths(str(path))
+        paths = _object_paths(reports.resolve(str(path)))
         if dry_run:
             files, size = _existing(paths, reports_root)
             report.objects.append(Purged(int(object_id), files, size))
@@ -295,7 +296,7 @@ def sweep(
         _prune(emptied, spool_root)
     rejected_cutoff = now - dt.timedelta(hours=cfg.rejected_hours)
     report.rejected_files, report.rejected_bytes = _sweep_rejected(
-        sessions, spool_root / "rejected", rejected_cutoff, dry_run
+        sessions, spool, rejected_cutoff, dry_run
     )
 
     if report.removed_anything and not dry_run:
@@ -317,7 +318,7 @@ def _sweep_series(
     sessions: sessionmaker[Session],
     series_id: int,
     cutoff: dt.datetime,
-    root: Path,
+    spool: roots.Root,
     now: dt.datetime,
     dry_run: bool,
 ) -> tuple[Purged, set[Path]] | None:
@@ -325,8 +326,8 @@ def _sweep_series(
     and delete its instance rows, commit."""
     if dry_run:
         with sessions() as session:
-            paths = [Path(p) for p in session.scalars(_spool_paths(series_id))]
-        files, size = _existing(paths, root)
+            paths = [spool.resolve(p) for p in session.scalars(_spool_paths(series_id))]
+        files, size = _existing(paths, spool.path)
         return Purged(series_id, files, size), set()
     with sessions.begin() as session:
         claimed = session.execute(
@@ -337,13 +338,13 @@ def _sweep_series(
         )
         if rowcount(claimed) != 1:
             return None  # received again or re-queued in the meantime
-        paths = [Path(p) for p in session.scalars(_spool_paths(series_id))]
+        paths = [spool.resolve(p) for p in session.scalars(_spool_paths(series_id))]
         session.execute(
             delete(Instance)
             .where(Instance.series_id == series_id)
             .execution_options(synchronize_session=False)
         )
-        files, size = _remove(paths, root)
+        files, size = _remove(paths, spool.path)
     return Purged(series_id, files, size), {p.parent for p in paths}
 
 
@@ -352,10 +353,12 @@ def _spool_paths(series_id: int) -> Any:
 
 
 def _sweep_rejected(
-    sessions: sessionmaker[Session], directory: Path, cutoff: dt.datetime, dry_run: bool
+    sessions: sessionmaker[Session], spool: roots.Root, cutoff: dt.datetime, dry_run: bool
 ) -> tuple[int, int]:
     """Refused datasets older than ``cutoff`` (by modification time): removed, and their
-    store_failure rows no longer point at them. Returns (files, bytes)."""
+    store_failure rows no longer point at them (by their stored path, relative to the spool,
+    or absolute as rows written before migration 0007 may hold it). Returns (files, bytes)."""
+    directory = spool.path / "rejected"
     if not directory.is_dir():
         return 0, 0
     limit = cutoff.timestamp()
@@ -378,7 +381,7 @@ def _sweep_rejected(
             continue
         files += 1
         size += n
-        removed.append(str(path))
+        removed += [spool.stored(path), str(path)]
     for start in range(0, len(removed), 500):
         chunk = removed[start : start + 500]
         with sessions.begin() as session:

@@ -21,6 +21,7 @@ from ketanode.config import Destination, Settings
 from ketanode.db import queries
 from ketanode.db.models import FINAL_SERIES_STATES, DispatchState, OutboxItem, Result, Series
 from ketanode.node import Node
+from ketanode.roots import reports_root
 from ketanode.send.sender import store_uncompressed
 from ketanode.synthetic.phantom import PhantomSpec, make_phantom, simple_head
 from ketanode.synthetic.series_writer import SeriesSpec, write_series
@@ -53,6 +54,7 @@ def demo_settings(data_dir: Path, destinations: list[Destination] | None = None)
 def result_rows(node: Node) -> list[dict[str, Any]]:
     """Each result with its objects' files and their dispatch state per destination."""
     out = []
+    reports = reports_root(node.settings)
     with node.sessions() as session:
         for r in session.scalars(select(Result).order_by(Result.id)):
             out.append(
@@ -68,10 +70,10 @@ def result_rows(node: Node) -> list[dict[str, Any]]:
                     "objects": [
                         {
                             "kind": o.kind,
-                            "path": o.path,
+                            "path": str(reports.resolve(o.path)),
                             "sop_instance_uid": o.sop_instance_uid,
-                            "png": str(Path(o.path).with_suffix(".png"))
-                            if Path(o.path).with_suffix(".png").is_file()
+                            "png": str(reports.resolve(o.path).with_suffix(".png"))
+                            if reports.resolve(o.path).with_suffix(".png").is_file()
                             else None,
                             "dispatch": {
                                 row.destination: row.state

@@ -31,6 +31,7 @@ from ketanode.cli.results import dispatch_app, results_app
 from ketanode.db import queries
 from ketanode.db.session import make_engine
 from ketanode.logs import setup_logging
+from ketanode.roots import spool_root
 from ketanode.texts import RESEARCH_USE_ONLY
 
 app = typer.Typer(
@@ -207,8 +208,9 @@ def jobs_list(
 @app.command()
 def failures(ctx: typer.Context, limit: int = 50, as_json: JsonOpt = False) -> None:
     """C-STOREs the node refused: status, reason, where the dataset was kept."""
-    with sessions_for(settings_of(ctx))() as session:
-        rows = queries.list_failures(session, limit)
+    settings = settings_of(ctx)
+    with sessions_for(settings)() as session:
+        rows = queries.list_failures(session, limit, spool=spool_root(settings))
     print_rows(
         rows,
         ["id", "association_id", "status", "reason", "received_at", "quarantine_path"],

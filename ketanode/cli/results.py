@@ -31,6 +31,7 @@ from ketanode.cli.common import (
 )
 from ketanode.db import results as q
 from ketanode.db.models import UNSENT_STATES, DispatchState, ResultStatus
+from ketanode.roots import reports_root
 from ketanode.texts import DEMO, RESEARCH_USE_ONLY
 
 results_app = typer.Typer(
@@ -240,7 +241,8 @@ def results_show(
     patient: PatientOpt = False,
 ) -> None:
     """One result (by id, SR UID or Series UID): model, QC, volumes, objects, outbox, history."""
-    with sessions_for(settings_of(ctx))() as session:
+    settings = settings_of(ctx)
+    with sessions_for(settings)() as session:
         found = q.find_result(session, key)
         if found is None:
             err.print(
@@ -249,7 +251,7 @@ def results_show(
                 soft_wrap=True,
             )
             raise typer.Exit(1)
-        data = q.result_detail(session, found, with_patient=patient)
+        data = q.result_detail(session, found, with_patient=patient, reports=reports_root(settings))
     if as_json:
         print(json.dumps(data, indent=2, default=str))
         return

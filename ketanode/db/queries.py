@@ -10,6 +10,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from ketanode.db.models import Association, Instance, Job, JobStep, Series, StoreFailure, Study
+from ketanode.roots import Root
 
 
 def iso_time(value: dt.datetime | None) -> str | None:
@@ -152,7 +153,11 @@ def list_jobs(session: Session, state: str | None = None, limit: int = 50) -> li
     return [job_row(j) for j in session.scalars(query)]
 
 
-def list_failures(session: Session, limit: int = 50) -> list[dict[str, Any]]:
+def list_failures(
+    session: Session, limit: int = 50, *, spool: Root | None = None
+) -> list[dict[str, Any]]:
+    """Refused C-STOREs, newest first; with ``spool`` (the spool's root) the kept dataset's
+    path is its file on this host, else the stored path (relative to the spool)."""
     query = select(StoreFailure).order_by(StoreFailure.id.desc()).limit(limit)
     return [
         {
@@ -161,7 +166,11 @@ def list_failures(session: Session, limit: int = 50) -> list[dict[str, Any]]:
             "status": f"0x{f.status:04X}",
             "reason": f.reason,
             "sop_instance_uid": f.sop_instance_uid,
-            "quarantine_path": f.quarantine_path,
+            "quarantine_path": (
+                str(spool.resolve(f.quarantine_path))
+                if spool and f.quarantine_path
+                else f.quarantine_path
+            ),
             "received_at": iso_time(f.received_at),
         }
         for f in session.scalars(query)

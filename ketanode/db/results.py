@@ -29,6 +29,7 @@ from ketanode.db.models import (
 )
 from ketanode.db.queries import iso_time, patient_of
 from ketanode.db.session import rowcount
+from ketanode.roots import Root
 
 PATIENT_FIELDS = ("patient_name", "patient_id", "patient_birth_date", "accession_number")
 # the columns of an exported row before the volumes (and the patient identifiers, if asked)
@@ -282,9 +283,17 @@ def decision_rule(session: Session, model_sha256: str | None) -> dict[str, Any] 
     return {k: rule.get(k) for k in ("threshold", "margin", "training_response_rate")}
 
 
-def result_detail(session: Session, result: Result, with_patient: bool = False) -> dict[str, Any]:
+def result_detail(
+    session: Session,
+    result: Result,
+    with_patient: bool = False,
+    *,
+    reports: Root | None = None,
+) -> dict[str, Any]:
     """Everything about one result: its row, model, QC checks, volumes, contributions, the
-    objects it produced (files, outbox rows) and the other results of the same series."""
+    objects it produced (files, outbox rows) and the other results of the same series.
+    With ``reports`` (the reports folder), each object's path is its file on this host; else
+    the stored path (relative to the reports folder)."""
     series = session.get(Series, result.series_id)
     assert series is not None
     study = series.study
@@ -309,7 +318,7 @@ def result_detail(session: Session, result: Result, with_patient: bool = False) 
                     "sop_instance_uid": obj.sop_instance_uid,
                     "series_uid": obj.series_uid,
                     "study_uid": obj.study_uid,
-                    "path": obj.path,
+                    "path": str(reports.resolve(obj.path)) if reports else obj.path,
                     "size_bytes": obj.size_bytes,
                     "sha256": obj.sha256,
                     "created_at": iso_time(obj.created_at),

@@ -59,6 +59,7 @@ from ketanode.imaging.features import default_spec
 from ketanode.imaging.qc import QCFailed
 from ketanode.process.context import JobContext, need
 from ketanode.report.content import ResultForReport
+from ketanode.roots import reports_root
 from ketanode.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -307,6 +308,7 @@ def _emit(ctx: JobContext, report: ResultForReport, prediction_id: int | None) -
             .values(current=False)
         )
         now = utcnow()
+        reports = reports_root(settings)
         for kind, ds, f in written:
             obj = EmittedObject(
                 result_id=result.id,
@@ -315,7 +317,7 @@ def _emit(ctx: JobContext, report: ResultForReport, prediction_id: int | None) -
                 sop_instance_uid=str(ds.SOPInstanceUID),
                 series_uid=str(ds.SeriesInstanceUID),
                 study_uid=str(ds.StudyInstanceUID),
-                path=str(f.path),
+                path=reports.stored(f.path),
                 size_bytes=f.size,
                 sha256=f.sha256,
             )

@@ -33,6 +33,7 @@ from ketanode.process import emit, predict
 from ketanode.process.context import JobContext, need
 from ketanode.process.emit import Reported
 from ketanode.process.predict import Predicted
+from ketanode.roots import spool_root
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +155,14 @@ def _context(sessions: sessionmaker[Session], settings: Settings, job_id: int) -
             )
             .order_by(Instance.instance_number, Instance.id)
         ).all()
+        spool = spool_root(settings)
         work_dir = settings.pipeline.work_dir.resolve() / f"series-{series.id}" / f"job-{job.id}"
         return JobContext(
             job_id=job.id,
             attempt=job.attempt,
             series_id=series.id,
             work_dir=work_dir,
-            files=[Path(p) for p in paths],
+            files=[spool.resolve(p) for p in paths],
             settings=settings,
             sessions=sessions,
         )

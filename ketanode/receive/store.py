@@ -689,7 +689,7 @@ def _store_locked(
                 "transfer_syntax_uid": ts,
                 "instance_number": _int_or_none(ds.get("InstanceNumber")),
                 "n_frames": frames,
-                "spool_path": str(spooled.path),
+                "spool_path": service.spool.files.stored(spooled.path),
                 "size_bytes": spooled.size,
                 "sha256": spooled.sha256,
                 "received_at": now,
@@ -709,10 +709,10 @@ def _store_locked(
         except IntegrityError:
             with service.sessions() as session:
                 known = session.connection().execute(_KNOWN, {"b_uid": uid}).first()
-                stored_path = _spool_path(session, known.id) if known is not None else None
+                stored_path = _spool_path(service, session, known.id) if known is not None else None
             if known is not None:  # stored before, under other study or series UIDs, or
                 # concurrently by another process
-                if spooled.created and str(spooled.path) != stored_path:
+                if spooled.created and spooled.path != stored_path:
                     service.spool.discard(spooled.path)  # ours has no row: no orphan
                 return _known_instance(service, uid, known, raw, digest, ts, assoc_id)
             if attempt == _ATTEMPTS:
@@ -737,8 +737,9 @@ def _store_locked(
     return StoreOutcome(SUCCESS, series_id=series_id, expected_reached=reached)
 
 
-def _spool_path(session: Session, instance_id: int) -> str:
-    return str(session.scalar(select(Instance.spool_path).where(Instance.id == instance_id)))
+def _spool_path(service: StoreService, session: Session, instance_id: int) -> Path:
+    stored = session.scalar(select(Instance.spool_path).where(Instance.id == instance_id))
+    return service.spool.files.resolve(str(stored))
 
 
 def _same_content(stored: Path, raw: bytes) -> bool:
@@ -781,9 +782,8 @@ def _known_instance(
     success (the same bytes; or, in another transfer syntax, the same attribute values and
     the same decoded pixels); other content is refused with 0x0111 (the first copy stays;
     the refusal keeps the other in spool/rejected like any refused dataset)."""
-    same = known.sha256 == digest or (
-        known.transfer_syntax_uid != ts and _same_content(Path(known.spool_path), raw)
-    )
+    first = service.spool.files.resolve(known.spool_path)
+    same = known.sha256 == digest or (known.transfer_syntax_uid != ts and _same_content(first, raw))
     if same:
         if assoc_id is not None:
             with service.writer_lock, service.sessions.begin() as session:
@@ -913,7 +913,7 @@ def _record_failure(
                     reason=reason[:2000],
                     sop_class_uid=sop_class if sop_class and is_valid_uid(sop_class) else None,
                     sop_instance_uid=sop_uid if sop_uid and is_valid_uid(sop_uid) else None,
-                    quarantine_path=str(path) if path else None,
+                    quarantine_path=service.spool.files.stored(path) if path else None,
                     received_at=dt.datetime.now(dt.UTC),
                 )
             )

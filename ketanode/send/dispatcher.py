@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ketanode.admin.audit import AuditKind, record
 from ketanode.config import Destination, DispatchSettings, Settings
 from ketanode.db.models import UNSENT_STATES, DispatchState, EmittedObject, OutboxItem, utcnow
+from ketanode.roots import reports_root
 from ketanode.send.sender import (
     AssociationFailed,
     StoreOutcome,
@@ -72,7 +73,8 @@ class DispatchRun:
 
 
 def due_rows(session: Session, now: dt.datetime, limit: int) -> list[tuple[int, str, str, str]]:
-    """(outbox id, destination, file path, SOP Instance UID) of rows due now, oldest first."""
+    """(outbox id, destination, stored file path, SOP Instance UID) of rows due now, oldest
+    first."""
     rows = session.execute(
         select(
             OutboxItem.id,
@@ -93,6 +95,7 @@ class Dispatcher:
         self.sessions = sessions
         self.settings = settings
         self.destinations = {d.name: d for d in settings.destinations}
+        self.reports = reports_root(settings)  # the objects' stored paths are relative to it
         self._lock = threading.Lock()  # one run at a time (timer and wake-ups)
 
     def run(self) -> DispatchRun:
@@ -131,7 +134,7 @@ class Dispatcher:
                 self._failed(row_id, dest_name, None, "destination is not configured", report)
             return
         try:
-            outcomes = self._store(dest, [Path(p) for _, p, _ in items])
+            outcomes = self._store(dest, [self.reports.resolve(p) for _, p, _ in items])
         except AssociationFailed as exc:
             for row_id, _, _ in items:
                 self._failed(row_id, dest_name, None, f"{dest.host}:{dest.port}: {exc}", report)

@@ -34,6 +34,7 @@ from ketanode.db.models import (
     SeriesState,
 )
 from ketanode.db.results import ResultFilter
+from ketanode.roots import reports_root
 from ketanode.web import plots, queries
 from ketanode.web.auth import WebUser, admin_user, api_user, client_address, page_user
 from ketanode.web.context import context_of, render
@@ -123,7 +124,9 @@ def result_page(request: Request, result_id: int, user: PageUser) -> Response:
     ctx = context_of(request)
     with _session(request) as session:
         result = _result_or_404(session, result_id)
-        detail = db_results.result_detail(session, result, with_patient=False)
+        detail = db_results.result_detail(
+            session, result, with_patient=False, reports=reports_root(ctx.settings)
+        )
         patient_id = queries.patient_id_of_result(session, result_id)
         has_image = any(
             o["kind"] == ObjectKind.REPORT_IMAGE and not o["purged_at"] for o in detail["objects"]
@@ -186,7 +189,7 @@ def report_image(request: Request, result_id: int, user: ApiUser) -> Response:
         )
     if path is None:
         raise HTTPException(status_code=404, detail="this result has no report image")
-    dcm = Path(path)
+    dcm = reports_root(context_of(request).settings).resolve(path)
     png = dcm.with_suffix(".png")
     response: Response
     if png.is_file():

@@ -23,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
+from ketanode.roots import Root
 from tests.e2e.conftest import (
     Db,
     StoreSCUProcess,
@@ -56,14 +57,21 @@ def instance_rows(db: Db) -> list[dict[str, object]]:
     )
 
 
-def assert_intact(rows_by_uid: dict[str, dict[str, object]], sources: list[Path]) -> None:
-    """Each source has its row; the spool file hashes to the row's sha256 and holds the
-    same pixel data as the source."""
+def spooled_file(spool: Path, row: dict[str, object]) -> Path:
+    """The file of an instance row: its stored path under the spool (ketanode/roots.py)."""
+    return Root.at(spool).resolve(str(row["spool_path"]))
+
+
+def assert_intact(
+    rows_by_uid: dict[str, dict[str, object]], sources: list[Path], spool: Path
+) -> None:
+    """Each source has its row; the spool file (the row's path under the spool) hashes to
+    the row's sha256 and holds the same pixel data as the source."""
     for src in sources:
         uid = sop_uid(src)
         assert uid in rows_by_uid, f"acknowledged instance {src.name} has no row"
         row = rows_by_uid[uid]
-        spooled = Path(str(row["spool_path"]))
+        spooled = spooled_file(spool, row)
         assert spooled.is_file(), f"acknowledged instance {src.name}: spool file missing"
         assert row["sha256"] == sha256_file(spooled), f"{src.name}: sha256 differs from file"
         assert pixel_sha256(spooled) == pixel_sha256(src), f"{src.name}: pixel data differ"
@@ -102,7 +110,7 @@ def test_sigkill_while_receiving_then_resend(
     assert len(assocs) == 1 and assocs[0]["outcome"] == "open" and assocs[0]["ended_at"] is None
     first_assoc = assocs[0]["id"]
     rows = instance_rows(db_reader)
-    assert_intact({str(r["sop_instance_uid"]): r for r in rows}, acked)
+    assert_intact({str(r["sop_instance_uid"]): r for r in rows}, acked, node.spool)
     n_before = len(rows)
     assert len(acked) <= n_before <= len(acked) + 1  # at most the one in flight
 
@@ -114,7 +122,8 @@ def test_sigkill_while_receiving_then_resend(
     assert "node stopped" in (assoc[0]["reason"] or ""), assoc[0]
     assert assoc[0]["stored"] == n_before
     assert part_files(node) == [], "partial files left in the spool after recovery"
-    assert_intact({str(r["sop_instance_uid"]): r for r in instance_rows(db_reader)}, acked)
+    rows = instance_rows(db_reader)
+    assert_intact({str(r["sop_instance_uid"]): r for r in rows}, acked, node.spool)
 
     # The association that carried the series was aborted, not released: the half series
     # must not be completed (and processed) on its own while the sender retries.
@@ -135,12 +144,12 @@ def test_sigkill_while_receiving_then_resend(
     rows = instance_rows(db_reader)
     by_uid = {str(r["sop_instance_uid"]): r for r in rows}
     assert len(rows) == len(by_uid) == N_INSTANCES, "duplicate or missing instance rows"
-    assert_intact(by_uid, big_series)
+    assert_intact(by_uid, big_series, node.spool)
     # What was acknowledged before the crash is the copy that was kept.
     for src in acked:
         assert by_uid[sop_uid(src)]["association_id"] == first_assoc
     # Every spool file has its row (the orphan of the C-STORE in flight was replaced).
-    assert {str(p) for p in spool_files(node)} == {str(r["spool_path"]) for r in rows}
+    assert {str(p) for p in spool_files(node)} == {str(spooled_file(node.spool, r)) for r in rows}
     assert part_files(node) == []
 
     jobs = cli_json(node, "jobs", "list")
@@ -196,10 +205,10 @@ def test_sigkill_while_four_associations_store(
 
     rows = instance_rows(db_reader)
     by_uid = {str(r["sop_instance_uid"]): r for r in rows}
-    assert_intact(by_uid, acked)
+    assert_intact(by_uid, acked, node.spool)
     assert len(acked) <= len(rows) <= len(acked) + 4  # at most one in flight per association
     for row in rows:  # a row never points at a missing or partial file
-        assert sha256_file(Path(str(row["spool_path"]))) == row["sha256"], row
+        assert sha256_file(spooled_file(node.spool, row)) == row["sha256"], row
 
     node.start()
     assert part_files(node) == []
@@ -209,8 +218,8 @@ def test_sigkill_while_four_associations_store(
     rows = instance_rows(db_reader)
     by_uid = {str(r["sop_instance_uid"]): r for r in rows}
     assert len(rows) == len(by_uid) == N_INSTANCES, "duplicate or missing instance rows"
-    assert_intact(by_uid, big_series)
-    assert {str(p) for p in spool_files(node)} == {str(r["spool_path"]) for r in rows}
+    assert_intact(by_uid, big_series, node.spool)
+    assert {str(p) for p in spool_files(node)} == {str(spooled_file(node.spool, r)) for r in rows}
     assert node.stop() == 0
 
 
@@ -324,7 +333,8 @@ def test_sigterm_during_an_association(
     try:
         acked = scu.acknowledged()
         assert 50 <= len(acked) < N_INSTANCES
-        assert_intact({str(r["sop_instance_uid"]): r for r in instance_rows(db)}, acked)
+        rows = instance_rows(db)
+        assert_intact({str(r["sop_instance_uid"]): r for r in rows}, acked, node.spool)
         assoc = db.rows("SELECT outcome, ended_at FROM association")
         # A clean stop records the end of the association it cut (no recovery needed).
         assert len(assoc) == 1 and assoc[0]["outcome"] == "aborted", assoc

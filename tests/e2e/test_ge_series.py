@@ -14,6 +14,7 @@ import dcm2niix
 import nibabel as nib
 import numpy as np
 
+from ketanode.roots import Root
 from tests.e2e.conftest import (
     Db,
     cli_json,
@@ -112,7 +113,7 @@ def test_ge_series_stored_selected_and_converted(
     source_by_uid = {sop_uid(p): p for p in sources}
     assert set(by_uid) == set(source_by_uid)
     for uid, row in by_uid.items():
-        spooled = Path(row["spool_path"])
+        spooled = Root.at(node.spool).resolve(row["spool_path"])
         assert spooled.is_file(), f"missing spool file for {uid}"
         assert row["sha256"] == sha256_file(spooled)
         assert row["size_bytes"] == spooled.stat().st_size

@@ -27,6 +27,7 @@ from ketanode.db.models import (
     StoreFailure,
 )
 from ketanode.node import Node
+from ketanode.roots import reports_root, spool_root
 from tests.integration.dicomtools import TEST_AE
 from tests.support import wait_for
 
@@ -74,6 +75,16 @@ class RunningNode:
     @property
     def spool_root(self) -> Path:
         return self.node.spool.root
+
+    def spool_file(self, stored: str | None) -> Path:
+        """The file of a stored spool path (``instance.spool_path``, ``quarantine_path``):
+        relative to the spool root (ketanode/roots.py)."""
+        assert stored, "no stored path"
+        return spool_root(self.settings).resolve(stored)
+
+    def report_file(self, stored: str) -> Path:
+        """The file of a stored ``emitted_object.path`` (relative to the reports folder)."""
+        return reports_root(self.settings).resolve(stored)
 
     def session(self) -> Session:
         return self.node.sessions()

@@ -36,7 +36,7 @@ def test_duplicate_on_the_same_association_is_stored_once(
     assert len(rows) == 1
     assert len(node.instances()) == 2
     assert [p.name for p in _spool_files(node)] == sorted(f"{_uid(p)}.dcm" for p in (a, b))
-    assert sha256(Path(rows[0].spool_path)) == rows[0].sha256
+    assert sha256(node.spool_file(rows[0].spool_path)) == rows[0].sha256
     (assoc,) = node.wait_association_ended(1)
     assert (assoc.n_stored, assoc.n_duplicate, assoc.n_failed) == (2, 2, 0)
     series = node.one_series(_uid(a, "SeriesInstanceUID"))
@@ -52,7 +52,7 @@ def test_duplicate_on_another_association_keeps_the_first_copy(
     assert send(node.port, files) == [0, 0, 0]
     first = node.wait_state(series_uid, ("ignored",))
     original = node.instances(sop_uid=_uid(files[0]))[0]
-    first_sha = sha256(Path(original.spool_path))
+    first_sha = sha256(node.spool_file(original.spool_path))
 
     # The same SOP Instance UID again, once as it was and once with other pixel values.
     changed = dcmread(files[0])
@@ -67,7 +67,8 @@ def test_duplicate_on_another_association_keeps_the_first_copy(
 
     rows = node.instances(sop_uid=_uid(files[0]))
     assert len(rows) == 1 and rows[0].id == original.id
-    assert sha256(Path(rows[0].spool_path)) == first_sha == rows[0].sha256  # first copy kept
+    # the first copy is kept
+    assert sha256(node.spool_file(rows[0].spool_path)) == first_sha == rows[0].sha256
     assert len(_spool_files(node)) == 3  # no file without a row
     failures = node.failures()
     assert [f.status for f in failures] == [DUPLICATE, DUPLICATE]
@@ -75,7 +76,7 @@ def test_duplicate_on_another_association_keeps_the_first_copy(
         assert failure.sop_instance_uid == _uid(files[0])
         assert f"already stored (instance row {original.id}" in failure.reason
         assert "other content" in failure.reason and "stored copy is kept" in failure.reason
-        assert failure.quarantine_path and Path(failure.quarantine_path).is_file()
+        assert failure.quarantine_path and node.spool_file(failure.quarantine_path).is_file()
     first_assoc, second_assoc = node.wait_association_ended(2)
     assert (first_assoc.n_stored, first_assoc.n_duplicate) == (3, 0)
     assert (second_assoc.n_stored, second_assoc.n_duplicate, second_assoc.n_failed) == (0, 1, 2)

@@ -493,7 +493,7 @@ def test_listener_fuzz(
         assert failure.reason, item.kind
         for word in REASON_WORDS[item.expected]:
             assert word in failure.reason, (item.kind, failure.reason)
-        kept = Path(failure.quarantine_path or "")
+        kept = node.spool_file(failure.quarantine_path)
         assert kept.is_file(), item.kind
         assert kept.read_bytes().endswith(item.dataset), item.kind
 
@@ -504,10 +504,10 @@ def test_listener_fuzz(
     for item in items:
         if item.stored_uid:
             row = rows[item.stored_uid]
-            stored = Path(row.spool_path).read_bytes()
+            stored = node.spool_file(row.spool_path).read_bytes()
             assert stored.endswith(item.dataset), item.kind
             assert len(stored) == row.size_bytes
-    assert _spool_files(node) == {Path(r.spool_path) for r in rows.values()}
+    assert _spool_files(node) == {node.spool_file(r.spool_path) for r in rows.values()}
     assert list((node.spool_root / ".tmp").iterdir()) == []
 
     # -- the log: no patient identifier, no control character, no traceback ---------------

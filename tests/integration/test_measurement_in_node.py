@@ -87,7 +87,7 @@ def test_node_measures_good_series_and_fails_broken_ones_with_reasons(
         assert result.reason == job.error and result.model_sha256 is None
         objects = node.all(EmittedObject, EmittedObject.result_id == result.id)
         assert {o.kind for o in objects} == {"sr", "report_image"}
-        assert all(Path(o.path).is_file() for o in objects)
+        assert all(node.report_file(o.path).is_file() for o in objects)
 
     # -- and the node went on: the good phantom is measured ----------------------------------
     series, job = _final(node, uids["good"])

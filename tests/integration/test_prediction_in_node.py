@@ -76,7 +76,7 @@ def test_demo_model_predicts_held_out_subjects_from_dicom(
         objects = node.all(EmittedObject, EmittedObject.result_id == result.id)
         assert len(node.all(OutboxItem)) >= len(objects) == 2
         for obj in objects:
-            ds = dcmread(obj.path)
+            ds = dcmread(node.report_file(obj.path))
             assert str(ds.SeriesDescription).startswith("DEMO "), ds.SeriesDescription
             if obj.kind == "sr":
                 values = read_sr(ds)
@@ -133,7 +133,7 @@ def test_no_active_model_sends_no_demonstration_result(
     assert {o.result_id for o in objects} == {result.id}  # the only objects queued
     assert len(node.all(OutboxItem)) == 2
     for obj in objects:
-        ds = dcmread(obj.path)
+        ds = dcmread(node.report_file(obj.path))
         assert "DEMO" not in str(ds.SeriesDescription)
         if obj.kind == "sr":
             values = read_sr(ds)

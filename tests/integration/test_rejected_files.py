@@ -55,7 +55,7 @@ def test_rejected_files_have_a_quota_of_their_own(
         assert scu.store(good) == 0  # valid data is still stored
     failures = node.failures()
     kept = [f for f in failures if f.quarantine_path]
-    assert len(kept) == 2 and all(Path(f.quarantine_path).is_file() for f in kept)
+    assert len(kept) == 2 and all(node.spool_file(f.quarantine_path).is_file() for f in kept)
     for failure in failures[2:]:
         assert failure.quarantine_path is None
         assert "dataset not kept: the rejected files' quota of 0.0195312 MiB is full" in (
@@ -73,7 +73,7 @@ def test_retention_removes_rejected_files_after_their_own_age(
     with association(node.port, [old, recent]) as scu:
         assert [scu.store(old), scu.store(recent)] == [SHORT_PIXELS] * 2
     first, second = node.failures()
-    old_copy = Path(first.quarantine_path)
+    old_copy = node.spool_file(first.quarantine_path)
     two_days_ago = time.time() - 48 * 3600
     os.utime(old_copy, (two_days_ago, two_days_ago))
 
@@ -82,7 +82,7 @@ def test_retention_removes_rejected_files_after_their_own_age(
     report = sweep(node.node.sessions, node.settings)
     assert report.rejected_files == 1 and report.summary()["rejected_files"] == 1
     assert not old_copy.exists()
-    assert _rejected(node) == [Path(second.quarantine_path)]
+    assert _rejected(node) == [node.spool_file(second.quarantine_path)]
     first, second = node.failures()
     assert first.quarantine_path is None  # the row stays, with its reason
     assert first.reason.startswith("pixel data has")

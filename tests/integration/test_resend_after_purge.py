@@ -43,7 +43,7 @@ def test_series_sent_again_after_purge_is_processed_again(
                 software_version="test",
             )
         )
-    first_paths = [Path(i.spool_path) for i in node.instances(uid)]
+    first_paths = [node.spool_file(i.spool_path) for i in node.instances(uid)]
     series_dir = first_paths[0].parent
 
     report = sweep(
@@ -72,8 +72,8 @@ def test_series_sent_again_after_purge_is_processed_again(
     (step,) = node.steps(job.id)
     assert step.detail["n_files"] == 40
     instances = node.instances(uid)
-    assert len(instances) == 40 and all(Path(i.spool_path).is_file() for i in instances)
-    assert sorted(Path(i.spool_path) for i in instances) == sorted(first_paths)
+    assert len(instances) == 40 and all(node.spool_file(i.spool_path).is_file() for i in instances)
+    assert sorted(node.spool_file(i.spool_path) for i in instances) == sorted(first_paths)
     # the first round's rows stay
     jobs = {j.id: j for j in node.jobs(series.id)}
     assert jobs[first_job.id].state == "done" and jobs[first_job.id].series_generation == 1

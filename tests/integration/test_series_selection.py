@@ -67,7 +67,7 @@ def test_study_push_selects_the_t1_and_ignores_the_rest_with_reasons(
     # The CT: recorded (instance row, file in the spool), its series ignored, modality named.
     ct_series = node.wait_state(_series_uid(ct), ("ignored",))
     (ct_row,) = node.instances(_series_uid(ct))
-    assert ct_row.sop_class_uid == CT_IMAGE_STORAGE and Path(ct_row.spool_path).is_file()
+    assert ct_row.sop_class_uid == CT_IMAGE_STORAGE and node.spool_file(ct_row.spool_path).is_file()
     assert ct_series.modality == "CT"
     assert "modality CT" in ct_series.reason and "not one of MR" in ct_series.reason
     assert ct_series.completion_trigger == "association_released"

@@ -121,7 +121,7 @@ def test_refusal_has_status_reason_and_association_continues(
     assert failure.sop_class_uid == MR_IMAGE_STORAGE
     if case.quarantined:
         assert failure.quarantine_path is not None
-        kept = Path(failure.quarantine_path)
+        kept = node.spool_file(failure.quarantine_path)
         assert kept.is_file() and kept.parent == node.spool_root / "rejected"
         assert dataset_bytes(kept) == dataset_bytes(bad)  # kept as received for an admin
 
@@ -200,8 +200,8 @@ def test_disk_full_enospc_answers_a700(
     stored = {i.sop_instance_uid for i in node.instances()}
     assert stored == {_sop_uid(files[0]), _sop_uid(files[2])}
     for inst in node.instances():
-        assert Path(inst.spool_path).is_file()
-        assert os.path.getsize(inst.spool_path) == inst.size_bytes
+        assert node.spool_file(inst.spool_path).is_file()
+        assert os.path.getsize(node.spool_file(inst.spool_path)) == inst.size_bytes
     (assoc,) = node.wait_association_ended(1)
     assert (assoc.outcome, assoc.n_stored, assoc.n_failed) == ("released", 2, 1)
 

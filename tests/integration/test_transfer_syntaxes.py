@@ -91,7 +91,7 @@ def _assert_stored_byte_exact(node: RunningNode, sent: list[Path], ts: str) -> N
     rows = node.instances()
     assert sorted(r.sop_instance_uid for r in rows) == sorted(by_uid)
     for row in rows:
-        stored = Path(row.spool_path)
+        stored = node.spool_file(row.spool_path)
         assert row.transfer_syntax_uid == ts
         assert transfer_syntax(stored) == ts
         assert dataset_bytes(stored) == dataset_bytes(by_uid[row.sop_instance_uid])
@@ -171,8 +171,8 @@ def test_objects_encoded_by_other_toolkits_are_stored_byte_exact(
         uid = str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
         (row,) = node.instances(sop_uid=uid)
         assert row.transfer_syntax_uid == ts
-        assert dataset_bytes(Path(row.spool_path)) == dataset_bytes(f)
-        ds = dcmread(row.spool_path)  # the stored file decodes like the original
+        assert dataset_bytes(node.spool_file(row.spool_path)) == dataset_bytes(f)
+        ds = dcmread(node.spool_file(row.spool_path))  # the stored file decodes like the original
         assert np.array_equal(ds.pixel_array, dcmread(f).pixel_array)
     assert len(node.instances()) == 3
     (assoc,) = node.wait_association_ended(1)

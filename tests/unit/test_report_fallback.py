@@ -40,6 +40,7 @@ from ketanode.process.emit import _emit
 from ketanode.report.content import ResultForReport
 from ketanode.report.secondary_capture import build_report_image
 from ketanode.report.sr import build_sr
+from ketanode.roots import reports_root
 from ketanode.web.metrics import make_registry
 from tests.unit._report_case import make_case, not_scored
 
@@ -137,6 +138,11 @@ def _objects(node: Node, result_id: int) -> list[EmittedObject]:
         return list(s.scalars(select(EmittedObject).where(EmittedObject.result_id == result_id)))
 
 
+def _first_file(node: Node, result_id: int) -> Path:
+    """The file of the result's first object (its stored path under the reports folder)."""
+    return reports_root(node.settings).resolve(_objects(node, result_id)[0].path)
+
+
 def _metric(node: Node, status: str) -> float:
     text = generate_latest(make_registry(node.sessions)).decode()
     for line in text.splitlines():
@@ -165,7 +171,7 @@ def test_a_header_the_builders_cannot_take_gets_a_minimal_not_scored_sr(
     objects = _objects(node, out["result_id"])
     assert [o.kind for o in objects] == ["sr"]  # the SR alone
     assert sorted(rows) == ["archive", "pacs"]  # one outbox row per destination
-    ds = pydicom.dcmread(objects[0].path)
+    ds = pydicom.dcmread(reports_root(node.settings).resolve(objects[0].path))
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.11"
     assert ds.StudyInstanceUID == node.study_uid == objects[0].study_uid
     assert ds.ContentSequence[0].TextValue.startswith(
@@ -189,7 +195,7 @@ def test_a_scored_report_that_cannot_be_built_is_sent_as_not_scored(node: Node) 
         result = s.get(Result, out["result_id"])
         assert result is not None and result.predicted_class is None  # what the PACS got
         assert result.reason == "report could not be built (RuntimeError)"
-    ds = pydicom.dcmread(_objects(node, out["result_id"])[0].path)
+    ds = pydicom.dcmread(_first_file(node, out["result_id"]))
     assert ds.PatientID == pydicom.dcmread(node.files[0]).PatientID  # copied, valid
     assert ds.StudyDate == ""  # '***': left empty
 
@@ -200,7 +206,7 @@ def test_unreadable_source_headers_still_get_a_minimal_sr_from_the_database(
     gone = [tmp_path / "gone" / f.name for f in node.files]
     out = _emit(node.context(files=gone), not_scored(node.result), None).as_dict()
     assert out["status"] == "report_failed"
-    ds = pydicom.dcmread(_objects(node, out["result_id"])[0].path)
+    ds = pydicom.dcmread(_first_file(node, out["result_id"]))
     assert ds.StudyInstanceUID == node.study_uid
     assert ds.PatientID == "" and ds.PatientName == ""  # nothing to copy: nothing invented
     refs = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]

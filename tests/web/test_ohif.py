@@ -24,6 +24,7 @@ from sqlalchemy import select
 from ketanode.db.models import EmittedObject, OutboxItem
 from ketanode.node import Node
 from ketanode.report.sr import read_sr
+from ketanode.roots import reports_root
 from ketanode.synthetic.demo_model import held_out_cohort
 from ketanode.synthetic.phantom import make_phantom
 from ketanode.synthetic.series_writer import SeriesSpec
@@ -94,7 +95,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Study]:
             sr_path = s.scalars(
                 select(EmittedObject.path).where(EmittedObject.sop_class_uid == COMPREHENSIVE_3D)
             ).one()
-        values = read_sr(pydicom.dcmread(sr_path))
+        values = read_sr(pydicom.dcmread(reports_root(node.settings).resolve(sr_path)))
         assert values.probability is not None
         regions = list(drivers_by_contribution(values.contributions))
         viewer.start()
