@@ -127,6 +127,38 @@ def claim_job(
         return True
 
 
+class LeaseLost(RuntimeError):
+    """A job's lease is no longer this worker's (it expired and the job was claimed again):
+    what the worker was about to write is not written."""
+
+
+def hold_lease(
+    session: Session, job_id: int, owner: str, attempt: int, lease_seconds: float
+) -> None:
+    """In the caller's transaction, before it writes what a job produced: the claim's
+    conditional UPDATE again (this owner, this attempt, still running). It renews the lease
+    and locks the job's row until the commit (no claim can take the job in between), or
+    raises :class:`LeaseLost` when another worker holds the job now."""
+    held = rowcount(
+        session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.state == JobState.RUNNING,
+                Job.lease_owner == owner,
+                Job.attempt == attempt,
+            )
+            .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if not held:
+        raise LeaseLost(
+            f"job {job_id}: attempt {attempt} no longer holds the lease (another worker has "
+            "the job); nothing written"
+        )
+
+
 def to_publish(
     session: Session, now: dt.datetime, republish_after_seconds: float, limit: int = 500
 ) -> list[tuple[int, str]]:

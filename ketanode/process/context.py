@@ -15,6 +15,7 @@ from typing import TypeVar
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.config import Settings
+from ketanode.db.jobqueue import hold_lease
 from ketanode.imaging.analysis import Measured, QCResult
 from ketanode.imaging.convert import Volume
 from ketanode.imaging.preprocess import Preprocessed
@@ -64,3 +65,19 @@ class JobContext:
     settings: Settings
     results: StepResults = field(default_factory=StepResults)
     sessions: sessionmaker[Session] | None = None  # for steps that write rows (predict)
+    # the lease owner that claimed the job (attempt ``attempt``): the report is written only
+    # while it still holds the lease; None: not run under a claim (tests, tools)
+    owner: str | None = None
+
+    def hold_lease(self, session: Session) -> None:
+        """The lease check before a write of what the job produced (a prediction, the
+        result), in that write's transaction: :func:`ketanode.db.jobqueue.hold_lease` for
+        this owner and attempt; nothing without an owner."""
+        if self.owner is not None:
+            hold_lease(
+                session,
+                self.job_id,
+                self.owner,
+                self.attempt,
+                self.settings.pipeline.lease_seconds,
+            )

@@ -15,6 +15,14 @@ fsync, link, fsync the directory; :class:`ketanode.spool.Spool`) before the rows
 point at them are committed; a crash in between leaves an orphan file, never a row without
 its file.
 
+A job reports only while its worker still holds the job's lease: the commit begins with the
+conditional UPDATE of the claim (this owner, this attempt, still running). A worker that was
+paused (a stopped VM, a long stall) while the recovery sweep gave the job to another worker
+finds its lease gone, writes no row and removes the files it wrote
+(:class:`ketanode.db.jobqueue.LeaseLost`); the job's new owner reports it. The UPDATE holds
+the job's row until the commit, so no claim can take the job between the check and the
+result.
+
 Every completed T1 series gets an answer in its study: the builders copy only what is valid
 of the source header (:mod:`ketanode.report.source_header`; the keywords left empty are in
 the step's output as ``source_header_dropped``), and when the SR or the report image still
@@ -39,6 +47,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 import ketanode
+from ketanode.db.jobqueue import LeaseLost
 from ketanode.db.models import (
     DispatchState,
     EmittedObject,
@@ -60,7 +69,7 @@ from ketanode.imaging.qc import QCFailed
 from ketanode.process.context import JobContext, need
 from ketanode.report.content import ResultForReport
 from ketanode.roots import reports_root
-from ketanode.spool import Spool
+from ketanode.spool import Spool, SpooledFile
 
 logger = logging.getLogger(__name__)
 
@@ -240,19 +249,20 @@ def _job_seconds(session: Session, job_id: int, attempt: int) -> float:
 def _emit(ctx: JobContext, report: ResultForReport, prediction_id: int | None) -> Reported:
     assert ctx.sessions is not None
     settings = ctx.settings
-    with ctx.sessions() as session:
+    with ctx.sessions.begin() as session:
         done = _existing(session, ctx.job_id)
         if done is not None:
             logger.info(
                 "job %s: result %s already recorded; not reported again", ctx.job_id, done.id
             )
             return summary(done)
+        ctx.hold_lease(session)  # before the files: a worker that lost its job writes none
     from ketanode.report.secondary_capture import write_png
 
     started = time.perf_counter()
     objects, dropped, failed = _build(ctx, report)
     store = Spool(settings.reports.path, int(settings.spool.min_free_mb * 2**20))
-    written = []
+    written: list[tuple[str, Dataset, SpooledFile]] = []
     for kind, ds in objects:
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
@@ -263,8 +273,30 @@ def _emit(ctx: JobContext, report: ResultForReport, prediction_id: int | None) -
     if settings.reports.png and len(written) > 1:
         write_png(written[1][1], written[1][2].path.with_suffix(".png"))
     build_seconds = time.perf_counter() - started
+    try:
+        return _commit(ctx, report, prediction_id, written, dropped, failed, build_seconds)
+    except LeaseLost:
+        for _, _, f in written:  # no row points at them
+            f.path.with_suffix(".png").unlink(missing_ok=True)
+            store.discard(f.path)
+        raise
 
+
+def _commit(
+    ctx: JobContext,
+    report: ResultForReport,
+    prediction_id: int | None,
+    written: list[tuple[str, Dataset, SpooledFile]],
+    dropped: list[str],
+    failed: str | None,
+    build_seconds: float,
+) -> Reported:
+    """The result row, its objects and their outbox rows: one transaction, which begins
+    with the lease check."""
+    assert ctx.sessions is not None
+    settings = ctx.settings
     with ctx.sessions.begin() as session:
+        ctx.hold_lease(session)
         job = session.get(Job, ctx.job_id)
         assert job is not None
         if failed is None:

@@ -115,6 +115,7 @@ def step_predict(ctx: JobContext) -> Predicted:
         feature_spec_sha256=measured.spec.sha256,
         names=measured.names,
         vector=measured.vector,
+        hold=ctx.hold_lease,
     )
     return ctx.results.predict
 
@@ -141,7 +142,9 @@ SCORING: list[tuple[str, Step]] = [("predict", step_predict), ("report", step_re
 STEPS: list[tuple[str, Step]] = CONVERSION + MEASUREMENT + SCORING
 
 
-def _context(sessions: sessionmaker[Session], settings: Settings, job_id: int) -> JobContext:
+def _context(
+    sessions: sessionmaker[Session], settings: Settings, job_id: int, owner: str | None = None
+) -> JobContext:
     with sessions() as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -165,6 +168,7 @@ def _context(sessions: sessionmaker[Session], settings: Settings, job_id: int) -
             files=[spool.resolve(p) for p in paths],
             settings=settings,
             sessions=sessions,
+            owner=owner,
         )
 
 
@@ -227,7 +231,7 @@ def run_job(
 ) -> bool:
     """Run every step of a claimed job; returns True when all succeeded. Never raises."""
     try:
-        ctx = _context(sessions, settings, job_id)
+        ctx = _context(sessions, settings, job_id, owner)
     except Exception as exc:
         logger.exception("job %s: cannot prepare", job_id)
         finish(sessions, job_id, owner, ok=False, failed_step="prepare", error=str(exc))

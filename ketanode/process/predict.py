@@ -15,7 +15,7 @@ on; when it does, its result is marked DEMO everywhere (``demo`` in the step's o
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -118,16 +118,20 @@ def predict_job(
     feature_spec_sha256: str,
     names: Sequence[str],
     vector: Sequence[float],
+    hold: Callable[[Session], None] | None = None,
 ) -> Predicted:
     """Predict from the measured feature vector (``names`` and ``vector`` in the order of
     the feature spec whose hash is ``feature_spec_sha256``); one prediction row per job (a
-    re-run job replaces its row)."""
+    re-run job replaces its row). ``hold`` runs first in the transaction that writes it: the
+    lease check (a worker that lost its job writes no prediction)."""
     spec = default_spec()
     if feature_spec_sha256 != spec.sha256 or list(names) != list(spec.features):
         raise ValueError("the measured features were made under another feature spec")
     model = model_for_node(sessions, settings)
     (result,) = predict(model.model, [list(vector)])
     with sessions.begin() as session:
+        if hold is not None:
+            hold(session)
         session.execute(delete(Prediction).where(Prediction.job_id == job_id))
         row = registry.record_prediction(
             session, job_id=job_id, series_id=series_id, model=model, result=result
