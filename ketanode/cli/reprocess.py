@@ -5,6 +5,8 @@ A new job per series in the ``batch`` lane; the series keeps its current result 
 new job writes one. Running the same command again resumes: series whose current result
 already comes from the model, and series with a job queued or running, are left out.
 ``--stop`` takes the batch's queued jobs out of the queue (running ones finish).
+``--limit N`` queues at most N new jobs (the first series by row id); the same command
+again queues the next ones.
 """
 
 from __future__ import annotations
@@ -120,6 +122,10 @@ def reprocess(
     ] = None,
     wait: Annotated[bool, typer.Option(help="Show progress until the batch is done.")] = True,
     stop: Annotated[bool, typer.Option("--stop", help="Take the queued batch jobs out.")] = False,
+    limit: Annotated[
+        int | None,
+        typer.Option(min=1, help="Queue at most this many new jobs; run again for the next."),
+    ] = None,
 ) -> None:
     """Process received series again with the active model, as batch work (after the live
     scans). Run it again to resume; --stop to stop."""
@@ -135,11 +141,19 @@ def reprocess(
         ids = selected_series(session, first, last, series or [])
         done = already_done(session, ids, target.sha256)
     todo = [i for i in ids if i not in done]
-    created = enqueue_batch(sessions, todo, settings.pipeline.max_attempts)
+    created = enqueue_batch(sessions, todo, settings.pipeline.max_attempts, limit)
+    watched, later = todo, 0
+    if limit is not None and created and len(created) == limit:
+        with sessions() as session:  # the series after the last one queued wait for a rerun
+            last_series = session.scalar(select(Job.series_id).where(Job.id == created[-1]))
+        cut = todo.index(last_series) + 1 if last_series in todo else len(todo)
+        watched, later = todo[:cut], len(todo) - cut
     console.print(
         f"{len(ids)} series selected: {len(done)} already by model {target.sha256[:12]}, "
-        f"{len(created)} queued as batch work, {len(todo) - len(created)} busy or purged"
+        f"{len(created)} queued as batch work, {len(watched) - len(created)} busy or purged"
+        + (f", {later} left for the next run (--limit {limit})" if later else "")
     )
+    todo = watched
     if not wait or not todo:
         return
     columns = (

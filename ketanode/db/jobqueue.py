@@ -285,16 +285,21 @@ def recover(sessions: sessionmaker[Session]) -> int:
 
 
 def enqueue_batch(
-    sessions: sessionmaker[Session], series_ids: list[int], max_attempts: int
+    sessions: sessionmaker[Session],
+    series_ids: list[int],
+    max_attempts: int,
+    limit: int | None = None,
 ) -> list[int]:
     """Queue existing series again as batch work (reprocessing): a new job per series in
     the ``batch`` lane, which every worker takes after the live scans. The series keeps its
     state (its current result stays current until the new job writes one); a series with
-    a queued or running job, or whose files retention removed, is left out. Returns the
-    new jobs' ids."""
+    a queued or running job, or whose files retention removed, is left out. At most
+    ``limit`` new jobs (in the order of ``series_ids``). Returns the new jobs' ids."""
     created: list[int] = []
     with sessions.begin() as session:
         for series_id in series_ids:
+            if limit is not None and len(created) >= limit:
+                break
             series = session.get(Series, series_id)
             if series is None or series.state not in (SeriesState.DONE, SeriesState.FAILED):
                 continue
