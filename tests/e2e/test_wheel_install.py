@@ -1,6 +1,7 @@
 """A non-editable install works end to end (issue 14): a wheel built from the repository,
 installed into a fresh virtual environment, migrates an empty SQLite and an empty PostgreSQL
-database to head and runs ``ketanode demo``.
+database to head and runs ``ketanode demo`` through to Orthanc (the demo's one end-to-end
+test: the installed node is the one a site runs).
 
 The virtual environment sees the machine's site-packages (``--system-site-packages``), so the
 heavy dependencies (torch, antspyx, ...) come from there and nothing is downloaded; the
@@ -22,12 +23,14 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from ketanode.model.files import DEMO_LABEL
-from tests.support import REPO, postgres_database
+from tests.peers import Orthanc
+from tests.support import REPO, postgres_database, write_config
 
 # What the build reads: the files deploy/Dockerfile copies (tests/unit/test_deploy.py).
 BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "ketanode", "migrations")
@@ -179,24 +182,49 @@ def test_db_upgrade_on_an_empty_postgresql(installed: Installed) -> None:
 
 
 @pytest.mark.timeout(1200)  # a minute or two idle, several on a busy 2-core host
-def test_demo_runs_from_the_wheel(installed: Installed) -> None:
-    data_dir = installed.scratch / "demo"
-    demo = _run(
-        [installed.ketanode, "demo", "--data-dir", data_dir, "--json"],
-        installed.outside,
-        timeout=900,
-    )
-    out = json.loads(demo.stdout)
-    assert sorted(s["state"] for s in out["series"]) == ["done", "ignored"], out["series"]
-    (result,) = out["results"]
-    assert result["status"] == "scored" and result["model_label"] == DEMO_LABEL, result
-    assert {o["kind"] for o in result["objects"]} == {"sr", "report_image"}
-    for o in result["objects"]:
-        assert Path(o["path"]).is_file() and Path(o["path"]).is_relative_to(data_dir), o
+def test_demo_runs_from_the_wheel_and_reaches_the_pacs(installed: Installed) -> None:
+    """``ketanode demo``, the README's first command, from the wheel and end to end: a
+    generated study goes in over DICOM, the localizer is ignored, the T1 is measured and
+    scored with the demonstration model, the SR and the report image (and a PNG of the page)
+    are written and, with a destination in the settings, reach the PACS (Orthanc) in the
+    same study."""
+    pacs = Orthanc(installed.scratch / "orthanc").start()
+    try:
+        data_dir = installed.scratch / "demo"
+        destination = {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1"}
+        config = write_config(
+            installed.scratch / "demo.toml",
+            {"destinations": [{**destination, "port": pacs.dicom_port}]},  # type: ignore[dict-item]
+        )
+        demo = _run(
+            [installed.ketanode, "-c", config, "demo", "--data-dir", data_dir, "--json"],
+            installed.outside,
+            timeout=900,
+        )
+        out = json.loads(demo.stdout)
+        assert sorted(s["state"] for s in out["series"]) == ["done", "ignored"], out["series"]
+        (result,) = out["results"]
+        assert result["status"] == "scored" and result["model_label"] == DEMO_LABEL, result
+        assert result["predicted_class"] in ("responder", "non-responder", "indeterminate")
+        kinds = {o["kind"]: o for o in result["objects"]}
+        assert set(kinds) == {"sr", "report_image"}
+        for o in kinds.values():
+            assert Path(o["path"]).is_file() and Path(o["path"]).is_relative_to(data_dir), o
+            assert o["dispatch"] == {"pacs": "sent"}, o
+        assert kinds["report_image"]["png"] and Path(kinds["report_image"]["png"]).is_file()
+        study = str(pydicom.dcmread(kinds["sr"]["path"]).StudyInstanceUID)
+        (sr,) = pacs.find("Instance", StudyInstanceUID=study, Modality="SR")
+        tags = pacs.get(f"/instances/{sr}/simplified-tags")
+        assert tags["SOPInstanceUID"] == kinds["sr"]["sop_instance_uid"]
+        # the demo switches the demonstration model on, and its results say DEMO (issue 12)
+        assert tags["SeriesDescription"].startswith("DEMO "), tags["SeriesDescription"]
+        assert len(pacs.find("Instance", StudyInstanceUID=study, Modality="OT")) == 1
+    finally:
+        pacs.stop()
     print(
         f"ketanode demo from {installed.wheel.name}: {result['status']} "
         f"{result['predicted_class']} (p={result['probability']}), "
-        f"objects {sorted(o['kind'] for o in result['objects'])}"
+        f"objects {sorted(kinds)}"
     )
 
 
