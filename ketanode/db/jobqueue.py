@@ -11,8 +11,9 @@ import logging
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.db.models import (
@@ -208,80 +209,195 @@ def finish(
     ok: bool,
     failed_step: str | None = None,
     error: str | None = None,
+    attempt: int | None = None,
 ) -> bool:
-    """Record the end of a job; False when the lease was lost (another worker took it)."""
+    """Record the end of a job; False when the lease was lost (the recovery sweep took the
+    job back, or another claim holds it now): then nothing is written.
+
+    One conditional UPDATE on what this worker believes the row to be (still running, this
+    owner, and this attempt when the caller knows it), like the claim: a recovery sweep or
+    another claim that got there first makes it match no row, and the loser learns it."""
     with sessions.begin() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.lease_owner != owner or job.state != JobState.RUNNING:
+        now = utcnow()
+        conditions = [Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == owner]
+        if attempt is not None:
+            conditions.append(Job.attempt == attempt)
+        ended = rowcount(
+            session.execute(
+                update(Job)
+                .where(*conditions)
+                .values(
+                    state=JobState.DONE if ok else JobState.FAILED,
+                    finished_at=now,
+                    failed_step=failed_step,
+                    error=error,
+                    lease_expires_at=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        )
+        if not ended:
             logger.warning("job %s: lease lost before it finished; result not recorded", job_id)
             return False
-        job.state = JobState.DONE if ok else JobState.FAILED
-        job.finished_at = utcnow()
-        job.failed_step = failed_step
-        job.error = error
-        job.lease_expires_at = None
-        series = _current_series(session, job)
-        if series is not None and series.state in (SeriesState.QUEUED, SeriesState.PROCESSING):
-            series.state = SeriesState.DONE if ok else SeriesState.FAILED
-            if not ok:
-                series.reason = f"{failed_step}: {error}"
+        _set_series(
+            session,
+            job_id,
+            SeriesState.DONE if ok else SeriesState.FAILED,
+            only_from=(SeriesState.QUEUED, SeriesState.PROCESSING),
+            reason=None if ok else f"{failed_step}: {error}",
+        )
         return True
 
 
-def _current_series(session: Session, job: Job) -> Series | None:
-    """The job's series, if the job still belongs to its current generation."""
-    series = session.get(Series, job.series_id)
-    return series if series is not None and series.generation == job.series_generation else None
+def _set_series(
+    session: Session,
+    job_id: int,
+    state: SeriesState,
+    only_from: tuple[SeriesState, ...] | None,
+    reason: str | None = None,
+) -> None:
+    """The job's series to ``state``, if the job still belongs to its current generation
+    (and the series is in one of ``only_from``): one conditional UPDATE, in the transaction
+    whose conditional UPDATE of the job just matched (the job's row is this writer's)."""
+    row = session.execute(
+        select(Job.series_id, Job.series_generation).where(Job.id == job_id)
+    ).one()
+    conditions = [Series.id == row[0], Series.generation == row[1]]
+    if only_from is not None:
+        conditions.append(Series.state.in_(only_from))
+    values: dict[str, object] = {"state": state}
+    if reason is not None:
+        values["reason"] = reason
+    session.execute(
+        update(Series)
+        .where(*conditions)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
 
 
-def release(sessions: sessionmaker[Session], job_id: int, owner: str, reason: str) -> bool:
-    """Give a running job back to the queue (the node is stopping); the try is not counted."""
+def release(
+    sessions: sessionmaker[Session],
+    job_id: int,
+    owner: str,
+    reason: str,
+    attempt: int | None = None,
+) -> bool:
+    """Give a running job back to the queue (the node is stopping); the try is not counted.
+    A conditional UPDATE like :func:`finish`: False (nothing written) when the job is no
+    longer this owner's running job."""
     with sessions.begin() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.lease_owner != owner or job.state != JobState.RUNNING:
+        conditions = [Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == owner]
+        if attempt is not None:
+            conditions.append(Job.attempt == attempt)
+        released = rowcount(
+            session.execute(
+                update(Job)
+                .where(*conditions)
+                .values(
+                    state=JobState.QUEUED,
+                    attempt=case((Job.attempt > 0, Job.attempt - 1), else_=0),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    published_at=None,
+                    error=reason,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        )
+        if not released:
             return False
-        job.state = JobState.QUEUED
-        job.attempt = max(0, job.attempt - 1)
-        job.lease_owner = None
-        job.lease_expires_at = None
-        job.published_at = None
-        job.error = reason
-        series = _current_series(session, job)
-        if series is not None and series.state == SeriesState.PROCESSING:
-            series.state = SeriesState.QUEUED
+        _set_series(session, job_id, SeriesState.QUEUED, only_from=(SeriesState.PROCESSING,))
         return True
+
+
+@dataclass(frozen=True)
+class _Stale:
+    """A running job as the recovery sweep read it."""
+
+    job_id: int
+    owner: str | None
+    attempt: int
+    max_attempts: int
+    expired: bool
 
 
 def recover(sessions: sessionmaker[Session]) -> int:
-    """Re-queue running jobs whose owner died or whose lease expired; fail those out of tries."""
+    """Re-queue running jobs whose owner died or whose lease expired; fail those out of tries.
+
+    The sweep reads the running jobs, then takes each back with one conditional UPDATE on
+    what it read (still running, the same owner and attempt, and the lease still expired
+    when that was the reason): a job that finished, renewed its lease or was taken back by
+    another sweep (two schedulers) in between matches no row and is skipped. Returns how
+    many jobs this sweep re-queued or failed."""
     now = utcnow()
+    with sessions() as session:
+        rows = session.execute(
+            select(
+                Job.id, Job.lease_owner, Job.attempt, Job.max_attempts, Job.lease_expires_at
+            ).where(Job.state == JobState.RUNNING)
+        ).all()
+    stale: list[_Stale] = []
+    for job_id, owner, attempt, max_attempts, expires in rows:
+        expired = expires is not None and expires < now
+        if expired or _owner_is_dead(owner):
+            stale.append(_Stale(int(job_id), owner, int(attempt), int(max_attempts), expired))
+    if not stale:
+        return 0
     recovered = 0
     with sessions.begin() as session:
-        running = session.scalars(select(Job).where(Job.state == JobState.RUNNING)).all()
-        for job in running:
-            expired = job.lease_expires_at is not None and job.lease_expires_at < now
-            if not (expired or _owner_is_dead(job.lease_owner)):
-                continue
-            series = _current_series(session, job)
-            if job.attempt >= job.max_attempts:
-                job.state = JobState.FAILED
-                job.error = f"worker died during attempt {job.attempt} of {job.max_attempts}"
-                job.failed_step = "recovery"
-                job.finished_at = now
-                if series is not None:
-                    series.state = SeriesState.FAILED
-                    series.reason = f"recovery: {job.error}"
-            else:
-                job.state = JobState.QUEUED
-                job.error = f"re-queued after attempt {job.attempt}: worker died or lease expired"
-                job.published_at = None
-                if series is not None:
-                    series.state = SeriesState.QUEUED
-            job.lease_owner = None
-            job.lease_expires_at = None
-            recovered += 1
-            logger.warning("job %s recovered (%s)", job.id, job.state)
+        for job in stale:
+            if _take_back(session, job, now):
+                recovered += 1
     return recovered
+
+
+def _take_back(session: Session, job: _Stale, now: dt.datetime) -> bool:
+    conditions = [
+        Job.id == job.job_id,
+        Job.state == JobState.RUNNING,
+        Job.lease_owner.is_(None) if job.owner is None else Job.lease_owner == job.owner,
+        Job.attempt == job.attempt,
+    ]
+    if job.expired:
+        conditions.append(Job.lease_expires_at < now)
+    failed = job.attempt >= job.max_attempts
+    if failed:
+        error = f"worker died during attempt {job.attempt} of {job.max_attempts}"
+        values: dict[str, object] = {
+            "state": JobState.FAILED,
+            "error": error,
+            "failed_step": "recovery",
+            "finished_at": now,
+        }
+    else:
+        error = f"re-queued after attempt {job.attempt}: worker died or lease expired"
+        values = {"state": JobState.QUEUED, "error": error, "published_at": None}
+    taken = rowcount(
+        session.execute(
+            update(Job)
+            .where(*conditions)
+            .values(lease_owner=None, lease_expires_at=None, **values)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if not taken:
+        logger.info(
+            "job %s: changed since the recovery sweep read it (finished, renewed or taken back "
+            "by another sweep); skipped",
+            job.job_id,
+        )
+        return False
+    if failed:
+        _set_series(
+            session, job.job_id, SeriesState.FAILED, only_from=None, reason=f"recovery: {error}"
+        )
+    else:
+        _set_series(session, job.job_id, SeriesState.QUEUED, only_from=None)
+    logger.warning(
+        "job %s recovered (%s)", job.job_id, JobState.FAILED if failed else JobState.QUEUED
+    )
+    return True
 
 
 def enqueue_batch(

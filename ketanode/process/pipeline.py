@@ -272,9 +272,17 @@ def _run_steps(
             _record_step(sessions, ctx, name, False, seconds, None, error[:4000])
             if reports and isinstance(exc, QCFailed | predict.NoModel):
                 _report_not_scored(sessions, ctx, name, exc)
-            finish(sessions, job_id, owner, ok=False, failed_step=name, error=error[:4000])
+            finish(
+                sessions,
+                job_id,
+                owner,
+                ok=False,
+                failed_step=name,
+                error=error[:4000],
+                attempt=ctx.attempt,
+            )
             return False
         seconds = time.perf_counter() - started
         _record_step(sessions, ctx, name, True, seconds, detail, None)
         logger.info("job %s: step %s done in %.2f s", job_id, name, seconds)
-    return finish(sessions, job_id, owner, ok=True)
+    return finish(sessions, job_id, owner, ok=True, attempt=ctx.attempt)

@@ -132,3 +132,174 @@ def test_job_of_a_dead_local_process_is_requeued_at_once(sessions: sessionmaker[
         assert job is not None and job.state == JobState.QUEUED and job.attempt == 1
         assert job.series.state == SeriesState.QUEUED
     assert claim(sessions, new_owner(), 60) == job_id
+
+
+# Races between the end of a job and the recovery sweep: every transition is one conditional
+# UPDATE on what its writer read, so the one that comes second changes nothing and learns it.
+# The interleavings are made deterministic by running the other writer from inside the
+# sweep, after it has read the running jobs and before it writes (its owner check).
+
+
+def _dead_owner() -> str:
+    """The lease owner of a process of this host that has exited."""
+    import socket
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return f"{socket.gethostname()}:{int(dead.stdout)}:deadbeef"
+
+
+def _expire_leases(sessions: sessionmaker[Session]) -> None:
+    with sessions.begin() as session:
+        session.execute(update(Job).values(lease_expires_at=utcnow() - dt.timedelta(seconds=1)))
+
+
+def _job_and_series(sessions: sessionmaker[Session], job_id: int) -> tuple[Job, SeriesState]:
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job, job.series.state
+
+
+def test_a_finish_after_recovery_and_a_new_claim_by_the_same_owner_is_lost(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The worker pool's threads share one owner: attempt 1's finish, arriving after its
+    expired lease was taken back and the job claimed again (attempt 2), writes nothing."""
+    (job_id,) = _queued_series(sessions)
+    owner = new_owner()
+    assert claim(sessions, owner, 60) == job_id
+    _expire_leases(sessions)
+    assert recover(sessions) == 1
+    assert claim(sessions, owner, 60) == job_id  # attempt 2, same owner
+    lost = finish(sessions, job_id, owner, ok=False, failed_step="convert", error="x", attempt=1)
+    assert not lost
+    job, series_state = _job_and_series(sessions, job_id)
+    assert (job.state, job.attempt, job.lease_owner) == (JobState.RUNNING, 2, owner)
+    assert job.error is None and job.failed_step is None
+    assert series_state == SeriesState.PROCESSING
+    assert finish(sessions, job_id, owner, ok=True, attempt=2)
+    job, series_state = _job_and_series(sessions, job_id)
+    assert (job.state, series_state) == (JobState.DONE, SeriesState.DONE)
+
+
+def test_a_finish_after_recovery_leaves_the_job_queued(sessions: sessionmaker[Session]) -> None:
+    (job_id,) = _queued_series(sessions)
+    assert claim(sessions, "elsewhere:1:a", 60) == job_id
+    _expire_leases(sessions)
+    assert recover(sessions) == 1
+    assert not finish(sessions, job_id, "elsewhere:1:a", ok=True, attempt=1)
+    job, series_state = _job_and_series(sessions, job_id)
+    assert (job.state, job.lease_owner, series_state) == (
+        JobState.QUEUED,
+        None,
+        SeriesState.QUEUED,
+    )
+
+
+def test_a_sweep_that_read_the_job_before_it_finished_changes_nothing(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ketanode.db import jobqueue
+
+    (job_id,) = _queued_series(sessions)
+    owner = _dead_owner()  # the sweep will judge it dead; it finishes first
+    assert claim(sessions, owner, 3600) == job_id
+    original = jobqueue._owner_is_dead
+
+    def finish_first(lease_owner: str | None) -> bool:
+        assert finish(sessions, job_id, owner, ok=True, attempt=1)  # commits
+        return original(lease_owner)
+
+    monkeypatch.setattr(jobqueue, "_owner_is_dead", finish_first)
+    assert recover(sessions) == 0
+    job, series_state = _job_and_series(sessions, job_id)
+    assert (job.state, job.attempt, series_state) == (JobState.DONE, 1, SeriesState.DONE)
+    assert job.error is None and job.finished_at is not None
+
+
+def test_a_sweep_whose_expired_lease_was_renewed_meanwhile_changes_nothing(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ketanode.db import jobqueue
+
+    jobs = _queued_series(sessions, 2)
+    assert claim(sessions, "elsewhere:1:a", 60) == jobs[0]  # its lease: renewed in between
+    owner = _dead_owner()  # the second job: the owner check runs between read and write
+    assert claim(sessions, owner, 60) == jobs[1]
+    with sessions.begin() as session:  # only the first job's lease expired
+        session.execute(
+            update(Job)
+            .where(Job.id == jobs[0])
+            .values(lease_expires_at=utcnow() - dt.timedelta(seconds=1))
+        )
+    original = jobqueue._owner_is_dead
+
+    def renew_first(lease_owner: str | None) -> bool:
+        assert renew(sessions, "elsewhere:1:a", 60) == 1
+        return original(lease_owner)
+
+    monkeypatch.setattr(jobqueue, "_owner_is_dead", renew_first)
+    assert recover(sessions) == 1  # only the second job
+    first, first_series = _job_and_series(sessions, jobs[0])
+    assert (first.state, first.lease_owner, first_series) == (
+        JobState.RUNNING,
+        "elsewhere:1:a",
+        SeriesState.PROCESSING,
+    )
+    second, _ = _job_and_series(sessions, jobs[1])
+    assert second.state == JobState.QUEUED
+
+
+def test_two_sweeps_at_once_take_a_job_back_once(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two schedulers' sweeps read the same dead worker's job; the first re-queues it and a
+    worker claims it (attempt 2) before the second writes: the second changes nothing."""
+    from ketanode.db import jobqueue
+
+    (job_id,) = _queued_series(sessions)
+    assert claim(sessions, _dead_owner(), 3600) == job_id
+    original = jobqueue._owner_is_dead
+    other: list[int] = []
+
+    def other_sweep_first(lease_owner: str | None) -> bool:
+        monkeypatch.setattr(jobqueue, "_owner_is_dead", original)
+        other.append(recover(sessions))
+        assert claim(sessions, "elsewhere:2:b", 60) == job_id
+        return original(lease_owner)
+
+    monkeypatch.setattr(jobqueue, "_owner_is_dead", other_sweep_first)
+    assert recover(sessions) == 0
+    assert other == [1]
+    job, series_state = _job_and_series(sessions, job_id)
+    assert (job.state, job.attempt, job.lease_owner) == (JobState.RUNNING, 2, "elsewhere:2:b")
+    assert series_state == SeriesState.PROCESSING
+    assert job.error is None  # the claim cleared the re-queue note
+
+
+def test_two_sweeps_at_once_fail_a_job_out_of_tries_once(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ketanode.db import jobqueue
+
+    (job_id,) = _queued_series(sessions, max_attempts=1)
+    assert claim(sessions, _dead_owner(), 3600) == job_id
+    original = jobqueue._owner_is_dead
+    other: list[int] = []
+
+    def other_sweep_first(lease_owner: str | None) -> bool:
+        monkeypatch.setattr(jobqueue, "_owner_is_dead", original)
+        other.append(recover(sessions))
+        return original(lease_owner)
+
+    monkeypatch.setattr(jobqueue, "_owner_is_dead", other_sweep_first)
+    assert recover(sessions) == 0
+    assert other == [1]
+    job, series_state = _job_and_series(sessions, job_id)
+    assert (job.state, job.attempt, job.failed_step) == (JobState.FAILED, 1, "recovery")
+    assert series_state == SeriesState.FAILED
