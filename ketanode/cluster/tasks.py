@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.cluster.engine import TASK_NAME
 from ketanode.config import Settings
-from ketanode.db.jobqueue import claim_job, finish, renew
+from ketanode.db.jobqueue import claim_job_attempt, finish, renew
 from ketanode.db.session import make_engine, make_session_factory
 
 # imported here, in the worker's main process, so that the pool's children are forked with
@@ -75,7 +75,7 @@ def _child_started(**_kwargs: Any) -> None:
     _state.engine_pid = None
 
 
-def _job_process(settings: Settings, job_id: int, owner: str) -> None:
+def _job_process(settings: Settings, job_id: int, owner: str, attempt: int) -> None:
     """The job's own process (forked from the pool process, the libraries already loaded):
     its own engine; it dies with the pool process."""
     die_with_parent()
@@ -83,19 +83,19 @@ def _job_process(settings: Settings, job_id: int, owner: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     engine = make_engine(settings.database.url)
     try:
-        ok = run_job(make_session_factory(engine), settings, job_id, owner)
+        ok = run_job(make_session_factory(engine), settings, job_id, owner, attempt=attempt)
     finally:
         engine.dispose()
     os._exit(0 if ok else 3)  # no finaliser of what the fork inherited runs
 
 
-def _fork_job(settings: Settings, job_id: int, owner: str) -> int:
+def _fork_job(settings: Settings, job_id: int, owner: str, attempt: int) -> int:
     """Fork the job's process; returns its pid. (Not multiprocessing: Celery's pool
     processes are daemonic to it, and those may not have children.)"""
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the child: covered by the cluster tests)
         try:
-            _job_process(settings, job_id, owner)
+            _job_process(settings, job_id, owner, attempt)
         finally:
             os._exit(70)
     return pid
@@ -125,12 +125,13 @@ def run_one(settings: Settings, job_id: int, owner: str) -> str:
     of taking the worker down."""
     sessions = _sessions(settings)
     lease = settings.pipeline.lease_seconds
-    if not claim_job(sessions, job_id, owner, lease):
+    attempt = claim_job_attempt(sessions, job_id, owner, lease)
+    if attempt is None:
         logger.info("job %s: not queued (a duplicate message, or run elsewhere); skipped", job_id)
         return "skipped"
     pid: int | None = None
     try:
-        pid = _fork_job(settings, job_id, owner)
+        pid = _fork_job(settings, job_id, owner, attempt)
         while (code := _wait(pid, lease / 3)) is None:
             try:
                 renew(sessions, owner, lease)
@@ -146,13 +147,15 @@ def run_one(settings: Settings, job_id: int, owner: str) -> str:
             if isinstance(exc, SoftTimeLimitExceeded)
             else f"interrupted ({type(exc).__name__})"
         )
-        finish(sessions, job_id, owner, ok=False, failed_step="worker", error=reason)
+        finish(
+            sessions, job_id, owner, ok=False, failed_step="worker", error=reason, attempt=attempt
+        )
         raise
     if code in (0, 3):  # the job's process recorded the outcome itself
         return "done" if code == 0 else "failed"
     reason = f"pipeline process ended abnormally ({describe_exit(code)})"
     logger.error("job %s: %s", job_id, reason)
-    finish(sessions, job_id, owner, ok=False, failed_step="worker", error=reason)
+    finish(sessions, job_id, owner, ok=False, failed_step="worker", error=reason, attempt=attempt)
     return "failed"
 
 

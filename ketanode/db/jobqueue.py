@@ -75,6 +75,15 @@ def enqueue(
 
 def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> int | None:
     """Take the oldest queued job (live before batch); returns its id or None."""
+    taken = claim_next(sessions, owner, lease_seconds)
+    return None if taken is None else taken[0]
+
+
+def claim_next(
+    sessions: sessionmaker[Session], owner: str, lease_seconds: float
+) -> tuple[int, int] | None:
+    """Take the oldest queued job (live before batch); returns (its id, the attempt this
+    claim started) or None. The attempt is what the claimant names when it ends the job."""
     for _ in range(5):
         with sessions() as session:
             job_id = session.scalar(
@@ -85,8 +94,9 @@ def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> 
             )
         if job_id is None:
             return None
-        if claim_job(sessions, job_id, owner, lease_seconds):
-            return job_id
+        attempt = claim_job_attempt(sessions, job_id, owner, lease_seconds)
+        if attempt is not None:
+            return job_id, attempt
     return None
 
 
@@ -95,6 +105,13 @@ def claim_job(
 ) -> bool:
     """Take one job by id, if it is still queued: the conditional UPDATE that makes a
     message delivered twice, or a job published twice, run once."""
+    return claim_job_attempt(sessions, job_id, owner, lease_seconds) is not None
+
+
+def claim_job_attempt(
+    sessions: sessionmaker[Session], job_id: int, owner: str, lease_seconds: float
+) -> int | None:
+    """:func:`claim_job` returning the attempt this claim started (None: not claimed)."""
     with sessions.begin() as session:
         now = utcnow()
         taken = rowcount(
@@ -113,7 +130,7 @@ def claim_job(
             )
         )
         if not taken:
-            return False
+            return None
         job = session.get(Job, job_id)
         assert job is not None
         session.execute(
@@ -125,7 +142,7 @@ def claim_job(
             )
             .values(state=SeriesState.PROCESSING)
         )
-        return True
+        return job.attempt
 
 
 class LeaseLost(RuntimeError):

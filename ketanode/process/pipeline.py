@@ -143,7 +143,11 @@ STEPS: list[tuple[str, Step]] = CONVERSION + MEASUREMENT + SCORING
 
 
 def _context(
-    sessions: sessionmaker[Session], settings: Settings, job_id: int, owner: str | None = None
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    job_id: int,
+    owner: str | None = None,
+    attempt: int | None = None,
 ) -> JobContext:
     with sessions() as session:
         job = session.get(Job, job_id)
@@ -162,7 +166,7 @@ def _context(
         work_dir = settings.pipeline.work_dir.resolve() / f"series-{series.id}" / f"job-{job.id}"
         return JobContext(
             job_id=job.id,
-            attempt=job.attempt,
+            attempt=job.attempt if attempt is None else attempt,
             series_id=series.id,
             work_dir=work_dir,
             files=[spool.resolve(p) for p in paths],
@@ -228,13 +232,23 @@ def run_job(
     job_id: int,
     owner: str,
     steps: list[tuple[str, Step]] | None = None,
+    attempt: int | None = None,
 ) -> bool:
-    """Run every step of a claimed job; returns True when all succeeded. Never raises."""
+    """Run every step of a claimed job; returns True when all succeeded. Never raises.
+    ``attempt``: the one the claim started (else the job row's, read when the job starts)."""
     try:
-        ctx = _context(sessions, settings, job_id, owner)
+        ctx = _context(sessions, settings, job_id, owner, attempt)
     except Exception as exc:
         logger.exception("job %s: cannot prepare", job_id)
-        finish(sessions, job_id, owner, ok=False, failed_step="prepare", error=str(exc))
+        finish(
+            sessions,
+            job_id,
+            owner,
+            ok=False,
+            failed_step="prepare",
+            error=str(exc),
+            attempt=attempt,
+        )
         return False
     logger.info(
         "job %s (series row %s, attempt %s): %d files",

@@ -21,7 +21,7 @@ from multiprocessing.process import BaseProcess
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.config import Settings
-from ketanode.db.jobqueue import claim, finish, release
+from ketanode.db.jobqueue import claim_next, finish, release
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _watch_node(node_pid: int) -> None:
     threading.Thread(target=watch, name="ketanode-watch-node", daemon=True).start()
 
 
-def _child(settings: Settings, job_id: int, owner: str, node_pid: int) -> None:
+def _child(settings: Settings, job_id: int, owner: str, attempt: int, node_pid: int) -> None:
     """Entry point of a job's process: its own engine, logging, and the steps."""
     die_with_parent()
     _watch_node(node_pid)
@@ -71,7 +71,7 @@ def _child(settings: Settings, job_id: int, owner: str, node_pid: int) -> None:
     setup_logging(settings.logging)
     engine = make_engine(settings.database.url)
     try:
-        ok = run_job(make_session_factory(engine), settings, job_id, owner)
+        ok = run_job(make_session_factory(engine), settings, job_id, owner, attempt=attempt)
     finally:
         engine.dispose()
     raise SystemExit(0 if ok else 3)
@@ -136,16 +136,17 @@ class WorkerPool:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                job_id = claim(self.sessions, self.owner, self.settings.pipeline.lease_seconds)
+                taken = claim_next(self.sessions, self.owner, self.settings.pipeline.lease_seconds)
             except Exception:
                 logger.exception("could not claim a job")
-                job_id = None
-            if job_id is None:
+                taken = None
+            if taken is None:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
+            job_id, attempt = taken
             try:
-                self._run(job_id)
+                self._run(job_id, attempt)
             except Exception:
                 logger.exception("job %s: the worker failed to run it", job_id)
             if self.on_job_ended is not None:
@@ -154,10 +155,11 @@ class WorkerPool:
                 except Exception:
                     logger.exception("job %s: the end-of-job callback failed", job_id)
 
-    def _run(self, job_id: int) -> None:
+    def _run(self, job_id: int, attempt: int) -> None:
+        # the pool's threads share one owner: the attempt tells this claim from a later one
         child = _CONTEXT.Process(
             target=_child,
-            args=(self.settings, job_id, self.owner, os.getpid()),
+            args=(self.settings, job_id, self.owner, attempt, os.getpid()),
             name=f"ketanode-job-{job_id}",
             daemon=True,
         )
@@ -176,7 +178,13 @@ class WorkerPool:
         if child.exitcode in (0, 3):  # the child recorded the outcome itself
             return
         if self._stop.is_set():
-            release(self.sessions, job_id, self.owner, "interrupted: the node was stopping")
+            release(
+                self.sessions,
+                job_id,
+                self.owner,
+                "interrupted: the node was stopping",
+                attempt=attempt,
+            )
             logger.info("job %s interrupted by the node stopping; re-queued", job_id)
             return
         reason = (
@@ -185,4 +193,12 @@ class WorkerPool:
             else f"pipeline process ended abnormally ({describe_exit(child.exitcode)})"
         )
         logger.error("job %s: %s", job_id, reason)
-        finish(self.sessions, job_id, self.owner, ok=False, failed_step="worker", error=reason)
+        finish(
+            self.sessions,
+            job_id,
+            self.owner,
+            ok=False,
+            failed_step="worker",
+            error=reason,
+            attempt=attempt,
+        )

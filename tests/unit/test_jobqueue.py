@@ -303,3 +303,17 @@ def test_two_sweeps_at_once_fail_a_job_out_of_tries_once(
     job, series_state = _job_and_series(sessions, job_id)
     assert (job.state, job.attempt, job.failed_step) == (JobState.FAILED, 1, "recovery")
     assert series_state == SeriesState.FAILED
+
+
+def test_a_claim_names_its_attempt(sessions: sessionmaker[Session]) -> None:
+    from ketanode.db.jobqueue import claim_job_attempt, claim_next
+
+    first, second = _queued_series(sessions, 2)
+    assert claim_next(sessions, "elsewhere:1:a", 60) == (first, 1)
+    assert claim_job_attempt(sessions, second, "elsewhere:1:a", 60) == 1
+    assert claim_job_attempt(sessions, second, "elsewhere:2:b", 60) is None  # running
+    _expire_leases(sessions)
+    assert recover(sessions) == 2
+    assert claim_next(sessions, "elsewhere:1:a", 60) == (first, 2)
+    assert not finish(sessions, first, "elsewhere:1:a", ok=True, attempt=1)
+    assert finish(sessions, first, "elsewhere:1:a", ok=True, attempt=2)
