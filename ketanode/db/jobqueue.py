@@ -405,12 +405,15 @@ def _take_back(session: Session, job: _Stale, now: dt.datetime) -> bool:
             job.job_id,
         )
         return False
+    # Only a series this job was processing follows it: a batch (reprocessing) job leaves
+    # its series done or failed, with its current result, as the job itself would.
+    working = (SeriesState.QUEUED, SeriesState.PROCESSING)
     if failed:
         _set_series(
-            session, job.job_id, SeriesState.FAILED, only_from=None, reason=f"recovery: {error}"
+            session, job.job_id, SeriesState.FAILED, only_from=working, reason=f"recovery: {error}"
         )
     else:
-        _set_series(session, job.job_id, SeriesState.QUEUED, only_from=None)
+        _set_series(session, job.job_id, SeriesState.QUEUED, only_from=working)
     logger.warning(
         "job %s recovered (%s)", job.job_id, JobState.FAILED if failed else JobState.QUEUED
     )

@@ -12,7 +12,15 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from ketanode.db.jobqueue import claim, enqueue, finish, new_owner, recover, renew
+from ketanode.db.jobqueue import (
+    claim,
+    enqueue,
+    enqueue_batch,
+    finish,
+    new_owner,
+    recover,
+    renew,
+)
 from ketanode.db.migrate import upgrade
 from ketanode.db.models import Job, JobState, Series, SeriesState, Study, utcnow
 from ketanode.db.session import make_engine, make_session_factory
@@ -317,3 +325,27 @@ def test_a_claim_names_its_attempt(sessions: sessionmaker[Session]) -> None:
     assert claim_next(sessions, "elsewhere:1:a", 60) == (first, 2)
     assert not finish(sessions, first, "elsewhere:1:a", ok=True, attempt=1)
     assert finish(sessions, first, "elsewhere:1:a", ok=True, attempt=2)
+
+
+@pytest.mark.parametrize("max_attempts", [2, 1])
+def test_recovering_a_batch_job_leaves_its_series_as_it_was(
+    sessions: sessionmaker[Session], max_attempts: int
+) -> None:
+    """A reprocessing job whose worker died is re-queued (or failed, out of tries) without
+    touching its series: the series keeps its state and its current result, as the batch
+    job itself would leave them until it writes a new one."""
+    (live,) = _queued_series(sessions, 1)
+    owner = new_owner()
+    assert claim(sessions, owner, 60) == live
+    assert finish(sessions, live, owner, ok=True)
+    _, state = _job_and_series(sessions, live)
+    assert state == SeriesState.DONE
+    with sessions() as session:
+        series_id = session.get(Job, live).series_id  # type: ignore[union-attr]
+    (batch,) = enqueue_batch(sessions, [series_id], max_attempts)
+    assert claim(sessions, new_owner(), 60) == batch
+    _expire_leases(sessions)
+    assert recover(sessions) == 1
+    job, state = _job_and_series(sessions, batch)
+    assert job.state == (JobState.QUEUED if max_attempts > 1 else JobState.FAILED)
+    assert state == SeriesState.DONE
