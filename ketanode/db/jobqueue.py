@@ -260,10 +260,14 @@ def finish(
             session,
             job_id,
             SeriesState.DONE if ok else SeriesState.FAILED,
-            only_from=(SeriesState.QUEUED, SeriesState.PROCESSING),
+            only_from=_IN_WORK,
             reason=None if ok else f"{failed_step}: {error}",
         )
         return True
+
+
+# The states of a series whose (live) job is queued or running: only those follow the job.
+_IN_WORK = (SeriesState.QUEUED, SeriesState.PROCESSING)
 
 
 def _set_series(
@@ -407,13 +411,12 @@ def _take_back(session: Session, job: _Stale, now: dt.datetime) -> bool:
         return False
     # Only a series this job was processing follows it: a batch (reprocessing) job leaves
     # its series done or failed, with its current result, as the job itself would.
-    working = (SeriesState.QUEUED, SeriesState.PROCESSING)
     if failed:
         _set_series(
-            session, job.job_id, SeriesState.FAILED, only_from=working, reason=f"recovery: {error}"
+            session, job.job_id, SeriesState.FAILED, only_from=_IN_WORK, reason=f"recovery: {error}"
         )
     else:
-        _set_series(session, job.job_id, SeriesState.QUEUED, only_from=working)
+        _set_series(session, job.job_id, SeriesState.QUEUED, only_from=_IN_WORK)
     logger.warning(
         "job %s recovered (%s)", job.job_id, JobState.FAILED if failed else JobState.QUEUED
     )
