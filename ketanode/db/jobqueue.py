@@ -13,7 +13,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import case, or_, select, update
+from sqlalchemy import ColumnElement, case, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.db.models import (
@@ -145,6 +145,16 @@ def claim_job_attempt(
         return job.attempt
 
 
+def _running_under(job_id: int, owner: str, attempt: int | None) -> list[ColumnElement[bool]]:
+    """The row a lease holder believes is its own: still running, under this owner, and
+    under this attempt when the holder knows it (the conditions of every write that ends or
+    extends a claim)."""
+    conditions = [Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == owner]
+    if attempt is not None:
+        conditions.append(Job.attempt == attempt)
+    return conditions
+
+
 class LeaseLost(RuntimeError):
     """A job's lease is no longer this worker's (it expired and the job was claimed again):
     what the worker was about to write is not written."""
@@ -160,12 +170,7 @@ def hold_lease(
     held = rowcount(
         session.execute(
             update(Job)
-            .where(
-                Job.id == job_id,
-                Job.state == JobState.RUNNING,
-                Job.lease_owner == owner,
-                Job.attempt == attempt,
-            )
+            .where(*_running_under(job_id, owner, attempt))
             .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
             .execution_options(synchronize_session=False)
         )
@@ -236,13 +241,10 @@ def finish(
     another claim that got there first makes it match no row, and the loser learns it."""
     with sessions.begin() as session:
         now = utcnow()
-        conditions = [Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == owner]
-        if attempt is not None:
-            conditions.append(Job.attempt == attempt)
         ended = rowcount(
             session.execute(
                 update(Job)
-                .where(*conditions)
+                .where(*_running_under(job_id, owner, attempt))
                 .values(
                     state=JobState.DONE if ok else JobState.FAILED,
                     finished_at=now,
@@ -308,13 +310,10 @@ def release(
     A conditional UPDATE like :func:`finish`: False (nothing written) when the job is no
     longer this owner's running job."""
     with sessions.begin() as session:
-        conditions = [Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == owner]
-        if attempt is not None:
-            conditions.append(Job.attempt == attempt)
         released = rowcount(
             session.execute(
                 update(Job)
-                .where(*conditions)
+                .where(*_running_under(job_id, owner, attempt))
                 .values(
                     state=JobState.QUEUED,
                     attempt=case((Job.attempt > 0, Job.attempt - 1), else_=0),

@@ -6,7 +6,7 @@ import datetime as dt
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import update
@@ -209,21 +209,32 @@ def test_a_finish_after_recovery_leaves_the_job_queued(sessions: sessionmaker[Se
     )
 
 
+def _meanwhile(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
+    """Run ``action`` once between the recovery sweep's read and its writes: the sweep asks
+    whether an owner is dead in between (``_owner_is_dead``), which is patched to run it."""
+    from ketanode.db import jobqueue
+
+    original = jobqueue._owner_is_dead
+
+    def first(lease_owner: str | None) -> bool:
+        monkeypatch.setattr(jobqueue, "_owner_is_dead", original)
+        action()
+        return original(lease_owner)
+
+    monkeypatch.setattr(jobqueue, "_owner_is_dead", first)
+
+
 def test_a_sweep_that_read_the_job_before_it_finished_changes_nothing(
     sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ketanode.db import jobqueue
-
     (job_id,) = _queued_series(sessions)
     owner = _dead_owner()  # the sweep will judge it dead; it finishes first
     assert claim(sessions, owner, 3600) == job_id
-    original = jobqueue._owner_is_dead
 
-    def finish_first(lease_owner: str | None) -> bool:
+    def finish_first() -> None:
         assert finish(sessions, job_id, owner, ok=True, attempt=1)  # commits
-        return original(lease_owner)
 
-    monkeypatch.setattr(jobqueue, "_owner_is_dead", finish_first)
+    _meanwhile(monkeypatch, finish_first)
     assert recover(sessions) == 0
     job, series_state = _job_and_series(sessions, job_id)
     assert (job.state, job.attempt, series_state) == (JobState.DONE, 1, SeriesState.DONE)
@@ -233,8 +244,6 @@ def test_a_sweep_that_read_the_job_before_it_finished_changes_nothing(
 def test_a_sweep_whose_expired_lease_was_renewed_meanwhile_changes_nothing(
     sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ketanode.db import jobqueue
-
     jobs = _queued_series(sessions, 2)
     assert claim(sessions, "elsewhere:1:a", 60) == jobs[0]  # its lease: renewed in between
     owner = _dead_owner()  # the second job: the owner check runs between read and write
@@ -245,13 +254,11 @@ def test_a_sweep_whose_expired_lease_was_renewed_meanwhile_changes_nothing(
             .where(Job.id == jobs[0])
             .values(lease_expires_at=utcnow() - dt.timedelta(seconds=1))
         )
-    original = jobqueue._owner_is_dead
 
-    def renew_first(lease_owner: str | None) -> bool:
+    def renew_first() -> None:
         assert renew(sessions, "elsewhere:1:a", 60) == 1
-        return original(lease_owner)
 
-    monkeypatch.setattr(jobqueue, "_owner_is_dead", renew_first)
+    _meanwhile(monkeypatch, renew_first)
     assert recover(sessions) == 1  # only the second job
     first, first_series = _job_and_series(sessions, jobs[0])
     assert (first.state, first.lease_owner, first_series) == (
@@ -268,20 +275,15 @@ def test_two_sweeps_at_once_take_a_job_back_once(
 ) -> None:
     """Two schedulers' sweeps read the same dead worker's job; the first re-queues it and a
     worker claims it (attempt 2) before the second writes: the second changes nothing."""
-    from ketanode.db import jobqueue
-
     (job_id,) = _queued_series(sessions)
     assert claim(sessions, _dead_owner(), 3600) == job_id
-    original = jobqueue._owner_is_dead
     other: list[int] = []
 
-    def other_sweep_first(lease_owner: str | None) -> bool:
-        monkeypatch.setattr(jobqueue, "_owner_is_dead", original)
+    def other_sweep_first() -> None:
         other.append(recover(sessions))
         assert claim(sessions, "elsewhere:2:b", 60) == job_id
-        return original(lease_owner)
 
-    monkeypatch.setattr(jobqueue, "_owner_is_dead", other_sweep_first)
+    _meanwhile(monkeypatch, other_sweep_first)
     assert recover(sessions) == 0
     assert other == [1]
     job, series_state = _job_and_series(sessions, job_id)
@@ -293,19 +295,10 @@ def test_two_sweeps_at_once_take_a_job_back_once(
 def test_two_sweeps_at_once_fail_a_job_out_of_tries_once(
     sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ketanode.db import jobqueue
-
     (job_id,) = _queued_series(sessions, max_attempts=1)
     assert claim(sessions, _dead_owner(), 3600) == job_id
-    original = jobqueue._owner_is_dead
     other: list[int] = []
-
-    def other_sweep_first(lease_owner: str | None) -> bool:
-        monkeypatch.setattr(jobqueue, "_owner_is_dead", original)
-        other.append(recover(sessions))
-        return original(lease_owner)
-
-    monkeypatch.setattr(jobqueue, "_owner_is_dead", other_sweep_first)
+    _meanwhile(monkeypatch, lambda: other.append(recover(sessions)))
     assert recover(sessions) == 0
     assert other == [1]
     job, series_state = _job_and_series(sessions, job_id)
