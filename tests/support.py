@@ -232,3 +232,21 @@ def chromium() -> Iterator[Any]:
             yield browser
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------- the job queue, as tests use it
+
+
+def claim(sessions: Any, owner: str, lease_seconds: float) -> int | None:
+    """The id of the job :func:`ketanode.db.jobqueue.claim_next` took, or None."""
+    from ketanode.db.jobqueue import claim_next
+
+    taken = claim_next(sessions, owner, lease_seconds)
+    return None if taken is None else taken[0]
+
+
+def claim_job(sessions: Any, job_id: int, owner: str, lease_seconds: float) -> bool:
+    """Whether :func:`ketanode.db.jobqueue.claim_job_attempt` took job ``job_id``."""
+    from ketanode.db.jobqueue import claim_job_attempt
+
+    return claim_job_attempt(sessions, job_id, owner, lease_seconds) is not None

@@ -73,12 +73,6 @@ def enqueue(
     return job
 
 
-def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> int | None:
-    """Take the oldest queued job (live before batch); returns its id or None."""
-    taken = claim_next(sessions, owner, lease_seconds)
-    return None if taken is None else taken[0]
-
-
 def claim_next(
     sessions: sessionmaker[Session], owner: str, lease_seconds: float
 ) -> tuple[int, int] | None:
@@ -100,18 +94,12 @@ def claim_next(
     return None
 
 
-def claim_job(
-    sessions: sessionmaker[Session], job_id: int, owner: str, lease_seconds: float
-) -> bool:
-    """Take one job by id, if it is still queued: the conditional UPDATE that makes a
-    message delivered twice, or a job published twice, run once."""
-    return claim_job_attempt(sessions, job_id, owner, lease_seconds) is not None
-
-
 def claim_job_attempt(
     sessions: sessionmaker[Session], job_id: int, owner: str, lease_seconds: float
 ) -> int | None:
-    """:func:`claim_job` returning the attempt this claim started (None: not claimed)."""
+    """Take one job by id, if it is still queued: the conditional UPDATE that makes a
+    message delivered twice, or a job published twice, run once. Returns the attempt this
+    claim started (what the claimant names when it ends the job), or None: not claimed."""
     with sessions.begin() as session:
         now = utcnow()
         taken = rowcount(

@@ -22,13 +22,13 @@ from ketanode.cluster.leader import LeaderLock
 from ketanode.cluster.members import Membership, cluster_state
 from ketanode.cluster.publisher import Publisher
 from ketanode.config import Settings
-from ketanode.db.jobqueue import claim_job, enqueue, finish, mark_published, recover, to_publish
+from ketanode.db.jobqueue import enqueue, finish, mark_published, recover, to_publish
 from ketanode.db.migrate import SCHEMA_LOCK_KEY, ensure_current, head_revision
 from ketanode.db.models import Job, JobLane, JobState, Series, SeriesState, Study, utcnow
 from ketanode.db.session import make_engine, make_session_factory
 from ketanode.node import ClusterConfigError, check_cluster
 from tests.cluster.conftest import BROKER_URL, delete_queue, rabbitmq_up
-from tests.support import REPO, postgres_database, wait_for, write_config
+from tests.support import REPO, claim_job, postgres_database, wait_for, write_config
 
 pytestmark = pytest.mark.postgres
 
@@ -237,7 +237,8 @@ def test_batch_work_waits_for_live_scans_and_can_be_stopped(
     sessions: sessionmaker[Session],
 ) -> None:
     from ketanode.cli.reprocess import progress_counts
-    from ketanode.db.jobqueue import claim, enqueue_batch, stop_batch
+    from ketanode.db.jobqueue import enqueue_batch, stop_batch
+    from tests.support import claim
 
     old = _jobs(sessions, 3)
     for job_id in old:

@@ -27,12 +27,11 @@ from ketanode.cluster.members import Membership
 from ketanode.cluster.publisher import Publisher
 from ketanode.cluster.status import ClusterReader
 from ketanode.config import Settings, merge
-from ketanode.db.jobqueue import claim_job
 from ketanode.node import WebRole
 from ketanode.web.metrics import make_registry
 from tests.cluster.conftest import BROKER_URL, Cluster, delete_queue, rabbitmq_up
 from tests.cluster.test_cluster_parts import _jobs
-from tests.support import free_port, postgres_database, wait_for, write_config
+from tests.support import claim_job, free_port, postgres_database, wait_for, write_config
 from tests.web.conftest import web_settings
 from tests.web.test_health_metrics import samples
 from tests.web.webtools import VIEWER, add_users, login

@@ -13,7 +13,6 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.db.jobqueue import (
-    claim,
     enqueue,
     enqueue_batch,
     finish,
@@ -24,6 +23,7 @@ from ketanode.db.jobqueue import (
 from ketanode.db.migrate import upgrade
 from ketanode.db.models import Job, JobState, Series, SeriesState, Study, utcnow
 from ketanode.db.session import make_engine, make_session_factory
+from tests.support import claim
 
 
 @pytest.fixture

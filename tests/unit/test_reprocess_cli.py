@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from ketanode.cli.main import app
 from ketanode.cluster.engine import priority_of
 from ketanode.config import load_settings
-from ketanode.db.jobqueue import claim, finish, to_publish
+from ketanode.db.jobqueue import finish, to_publish
 from ketanode.db.migrate import upgrade
 from ketanode.db.models import (
     Job,
@@ -34,7 +34,7 @@ from ketanode.db.models import (
     Study,
 )
 from ketanode.db.session import make_engine, make_session_factory
-from tests.support import write_config
+from tests.support import claim, write_config
 
 OLD, NEW = "a" * 64, "b" * 64
 #: the series' completion days: 1 Nov .. 6 Nov 2026

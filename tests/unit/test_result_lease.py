@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.config import Settings
-from ketanode.db.jobqueue import LeaseLost, claim_job, enqueue, finish, recover
+from ketanode.db.jobqueue import LeaseLost, enqueue, finish, recover
 from ketanode.db.migrate import upgrade
 from ketanode.db.models import (
     EmittedObject,
@@ -34,6 +34,7 @@ from ketanode.process import emit
 from ketanode.process.context import JobContext
 from ketanode.process.predict import NoModel
 from ketanode.roots import reports_root
+from tests.support import claim_job
 
 LEASE = 0.3  # seconds
 UID = "1.2.826.0.1.3680043.8.498.7"
