@@ -39,6 +39,7 @@ cluster status`` (``ketanode/cluster/status.py``), read at scrape time:
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -305,10 +306,7 @@ class ClusterCollector(Collector):
             "Role processes alive (heartbeat fresh), by role, host and version",
             labels=["role", "host", "version"],
         )
-        counted: dict[tuple[str, str, str], int] = {}
-        for m in alive:
-            key = (str(m["role"]), str(m["host"]), str(m["version"]))
-            counted[key] = counted.get(key, 0) + 1
+        counted = Counter((str(m["role"]), str(m["host"]), str(m["version"])) for m in alive)
         for key, n in sorted(counted.items()):
             members.add_metric(list(key), n)
         yield members
