@@ -69,10 +69,15 @@ struct Options {
     unsigned long acseTimeout = 30;
     unsigned long dimseTimeout = 60;
     unsigned long maxPdu = 0;
-    std::set<std::pair<std::string, std::string>> allow;  // (calling AE, peer IP)
+    std::set<std::pair<std::string, std::string>> allow;  // (calling AE, peer IP or "*")
 };
 
 Options g_opt;
+
+// Accepted presentation contexts, grouped by transfer syntax list (in our
+// order of preference): each entry is (transfer syntaxes, abstract syntaxes).
+// Built once in main; read-only while associations are served.
+std::vector<std::pair<std::vector<std::string>, std::vector<std::string>>> g_contextGroups;
 
 // Set by the signal handler only (async-signal-safe); polled by the listener.
 volatile sig_atomic_t g_stop = 0;
@@ -182,6 +187,10 @@ class KetaSCP : public DcmThreadSCP {
         released_ = false;
         rejectWhy_ = NONE;
 
+        // DcmSCP keeps its association private; negotiateAssociation() below
+        // needs the (non-const) parameters of this very request.
+        params_ = const_cast<T_ASC_Parameters*>(&params);
+
         const std::string calling = trimmed(params.DULparams.callingAPTitle);
         const std::string called = trimmed(params.DULparams.calledAPTitle);
         const std::string ip = peerIp(params);
@@ -192,7 +201,8 @@ class KetaSCP : public DcmThreadSCP {
         // reject reasons (called / calling AE title not recognized).
         if (called != g_opt.aet) {
             rejectWhy_ = CALLED_AE;
-        } else if (!g_opt.allow.empty() && g_opt.allow.count({calling, ip}) == 0) {
+        } else if (!g_opt.allow.empty() && g_opt.allow.count({calling, ip}) == 0 &&
+                   g_opt.allow.count({calling, "*"}) == 0) {
             rejectWhy_ = CALLING_AE;
         }
     }
@@ -211,6 +221,27 @@ class KetaSCP : public DcmThreadSCP {
             return OFFalse;
         }
         return OFTrue;
+    }
+
+    // DcmSCPConfig refuses more than 128 presentation contexts in a profile,
+    // but a storage node accepts many more abstract syntaxes (the list limit
+    // is meant for requestors). So negotiate directly: one call per group of
+    // abstract syntaxes sharing a transfer syntax list. Each call accepts the
+    // matching proposed contexts (picking the first transfer syntax of our
+    // list that the caller proposed) and leaves earlier acceptances alone;
+    // contexts accepted by no group end up refused.
+    OFCondition negotiateAssociation() override {
+        if (params_ == NULL) return DIMSE_ILLEGALASSOCIATION;
+        for (const auto& group : g_contextGroups) {
+            std::vector<const char*> ts, as;
+            for (const std::string& t : group.first) ts.push_back(t.c_str());
+            for (const std::string& a : group.second) as.push_back(a.c_str());
+            OFCondition c = ASC_acceptContextsWithPreferredTransferSyntaxes(
+                params_, as.data(), static_cast<int>(as.size()), ts.data(),
+                static_cast<int>(ts.size()));
+            if (c.bad()) return c;
+        }
+        return EC_Normal;
     }
 
     void notifyAssociationAcknowledge() override {
@@ -334,6 +365,7 @@ class KetaSCP : public DcmThreadSCP {
         return sendSTOREResponse(presID, req, STATUS_Success);
     }
 
+    T_ASC_Parameters* params_ = NULL;
     unsigned long serial_ = 0;
     unsigned long seq_ = 0;
     bool accepted_ = false;
@@ -516,7 +548,7 @@ void parseArgs(int argc, char** argv) {
         else if (a == "--max-associations") g_opt.maxAssociations = parseNumber(a, v, 1, 65535);
         else if (a == "--acse-timeout") g_opt.acseTimeout = parseNumber(a, v, 1, 86400);
         else if (a == "--dimse-timeout") g_opt.dimseTimeout = parseNumber(a, v, 0, 86400);
-        else if (a == "--max-pdu") g_opt.maxPdu = parseNumber(a, v, 1, 0xFFFFFFFFul);
+        else if (a == "--max-pdu") g_opt.maxPdu = parseNumber(a, v, 0, 0xFFFFFFFFul);
         else if (a == "--allow") {
             const size_t at = v.rfind('@');
             if (at == std::string::npos || at == 0 || at + 1 == v.size())
@@ -612,11 +644,12 @@ int main(int argc, char** argv) {
     } else {
         cfg.setDIMSEBlockingMode(DIMSE_BLOCKING);  // 0 = no DIMSE timeout
     }
-    // DCMTK handles receive PDUs of 4096..131072 bytes only: clamp.
-    unsigned long pdu = g_opt.maxPdu;
+    // DCMTK handles receive PDUs of 4096..131072 bytes only: clamp. 0 (DICOM's
+    // "no limit") becomes the largest size DCMTK accepts.
+    unsigned long pdu = g_opt.maxPdu == 0 ? ASC_MAXIMUMPDUSIZE : g_opt.maxPdu;
     if (pdu < ASC_MINIMUMPDUSIZE) pdu = ASC_MINIMUMPDUSIZE;
     if (pdu > ASC_MAXIMUMPDUSIZE) pdu = ASC_MAXIMUMPDUSIZE;
-    if (pdu != g_opt.maxPdu)
+    if (pdu != g_opt.maxPdu && g_opt.maxPdu != 0)
         fprintf(stderr, "ketanode-scp: warning: --max-pdu %lu clamped to %lu\n", g_opt.maxPdu, pdu);
     cfg.setMaxReceivePDULength(static_cast<Uint32>(pdu));
     // Used by DCMTK's own listen loop only; ours always polls every second.
@@ -631,12 +664,15 @@ int main(int argc, char** argv) {
                            UID_LittleEndianExplicitTransferSyntax}) {
         if (std::find(verif.begin(), verif.end(), ts) == verif.end()) verif.push_back(ts);
     }
-    for (const auto& kv : contexts) {
-        OFList<OFString> ts;
-        for (const std::string& t : kv.second) ts.push_back(t.c_str());
-        OFCondition c = cfg.addPresentationContext(kv.first.c_str(), ts);
-        if (c.bad()) usage("cannot add presentation context " + kv.first + ": " + c.text());
-    }
+    std::map<std::vector<std::string>, std::vector<std::string>> byTransferSyntaxes;
+    for (const auto& kv : contexts) byTransferSyntaxes[kv.second].push_back(kv.first);
+    for (const auto& kv : byTransferSyntaxes) g_contextGroups.emplace_back(kv.first, kv.second);
+    // The pool's configuration must hold a valid profile although our
+    // negotiateAssociation() does the work: give it Verification.
+    OFList<OFString> verificationTs;
+    for (const std::string& t : verif) verificationTs.push_back(t.c_str());
+    OFCondition c = cfg.addPresentationContext(UID_VerificationSOPClass, verificationTs);
+    if (c.bad()) usage(std::string("cannot add the Verification context: ") + c.text());
 
     OFCondition cond = pool.listen();
     fflush(stdout);

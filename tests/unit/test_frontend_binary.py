@@ -29,10 +29,11 @@ from tests.support import dcmtk_env, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 LINE_TIMEOUT = 20.0
+DEFAULT_CONTEXTS = f"{MR_IMAGE_STORAGE}\t{ExplicitVRLittleEndian},{ImplicitVRLittleEndian}\n"
 
 
 @pytest.fixture(scope="session")
@@ -116,13 +117,16 @@ class Scp:
 def start_scp(scp_binary: Path, tmp_path: Path) -> Iterator[Callable[..., Scp]]:
     started: list[Scp] = []
 
-    def start(*extra: str, max_associations: int = 4, bind: str = "127.0.0.1") -> Scp:
+    def start(
+        *extra: str,
+        max_associations: int = 4,
+        bind: str = "127.0.0.1",
+        contexts_text: str = DEFAULT_CONTEXTS,
+    ) -> Scp:
         incoming = tmp_path / f"incoming{len(started)}"
         incoming.mkdir()
-        contexts = tmp_path / "contexts.txt"
-        contexts.write_text(
-            f"{MR_IMAGE_STORAGE}\t{ExplicitVRLittleEndian},{ImplicitVRLittleEndian}\n"
-        )
+        contexts = tmp_path / f"contexts{len(started)}.txt"
+        contexts.write_text(contexts_text)
         port = free_port()
         cmd = [
             str(scp_binary),
@@ -221,7 +225,9 @@ def test_echo_is_answered(start_scp: Callable[..., Scp]) -> None:
 def test_calling_ae_not_on_allow_list_is_rejected(
     start_scp: Callable[..., Scp], tmp_path: Path
 ) -> None:
-    scp = start_scp("--allow", "STORESCU@127.0.0.1", "--allow", "OTHER@10.0.0.9")
+    scp = start_scp(
+        "--allow", "STORESCU@127.0.0.1", "--allow", "OTHER@10.0.0.9", "--allow", "ANY@*"
+    )  # fmt: skip
     make_mr(tmp_path / "a.dcm")
     denied = storescu(scp.port, [tmp_path / "a.dcm"], calling="OTHER")
     assert denied.returncode != 0
@@ -235,6 +241,12 @@ def test_calling_ae_not_on_allow_list_is_rejected(
     assert scp.next_line() == ["ACCEPT", serial]
     assert scp.next_line()[0] == "STORED"
     assert len(list(scp.incoming.glob("*.dcm"))) == 1
+
+    wildcard = storescu(scp.port, [tmp_path / "a.dcm"], calling="ANY")
+    assert wildcard.returncode == 0, wildcard.stderr
+    serial = scp.wait_for("REQUEST")[1]
+    assert scp.next_line() == ["ACCEPT", serial]
+    assert len(list(scp.incoming.glob("*.dcm"))) == 2
     assert scp.stop() == 0
 
 
@@ -355,4 +367,33 @@ def test_failed_rename_answers_failure_and_keeps_association(
     assert stored[4] == second.SOPInstanceUID
     assert scp.next_line() == ["END", "1", "released"]
     assert not list(scp.incoming.glob("*.part"))
+    assert scp.stop() == 0
+
+
+def test_contexts_file_groups_and_more_than_128_abstract_syntaxes(
+    start_scp: Callable[..., Scp], tmp_path: Path
+) -> None:
+    # 200 made-up SOP classes (DcmSCPConfig alone refuses more than 128 contexts), MR with
+    # Explicit VR Little Endian only, CT with Implicit VR Little Endian only.
+    lines = [f"1.2.826.0.1.3680043.8.498.999.{i}\t{ExplicitVRLittleEndian}\n" for i in range(200)]
+    lines.append(f"{MR_IMAGE_STORAGE}\t{ExplicitVRLittleEndian}\n")
+    lines.append(f"# comment\n\n{CT_IMAGE_STORAGE}\t{ImplicitVRLittleEndian}\n")
+    scp = start_scp(contexts_text="".join(lines))
+    mr = make_mr(tmp_path / "mr.dcm", seed=3)
+    ct = make_mr(tmp_path / "ct.dcm", seed=4)
+    ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+    ct.Modality = "CT"
+    ct.save_as(tmp_path / "ct.dcm", enforce_file_format=True)
+    result = storescu(scp.port, [tmp_path / "mr.dcm", tmp_path / "ct.dcm"])
+    assert result.returncode == 0, result.stderr
+    serial = scp.wait_for("ACCEPT")[1]
+    stored = [scp.next_line(), scp.next_line()]
+    assert [f[3:] for f in stored] == [
+        [MR_IMAGE_STORAGE, mr.SOPInstanceUID, ExplicitVRLittleEndian],
+        [CT_IMAGE_STORAGE, ct.SOPInstanceUID, ImplicitVRLittleEndian],
+    ]
+    assert scp.next_line() == ["END", serial, "released"]
+    got = pydicom.dcmread(scp.incoming / stored[1][2])
+    assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert got.PixelData == ct.PixelData
     assert scp.stop() == 0
