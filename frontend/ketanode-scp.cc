@@ -69,10 +69,33 @@ struct Options {
     unsigned long acseTimeout = 30;
     unsigned long dimseTimeout = 60;
     unsigned long maxPdu = 0;
-    std::set<std::pair<std::string, std::string>> allow;  // (calling AE, peer IP or "*")
+    std::set<std::pair<std::string, std::string>> allow;  // (calling AE, IP, "*" or CIDR)
 };
 
 Options g_opt;
+
+// Does the allow-list entry's address (an IPv4 address, "*" for any, or an IPv4 network
+// in CIDR form such as "10.1.2.0/24", as node.allowed_callers accepts) cover this peer?
+bool addressCovers(const std::string& allowed, const std::string& ip) {
+    if (allowed == "*" || allowed == ip) return true;
+    const size_t slash = allowed.find('/');
+    if (slash == std::string::npos) return false;
+    in_addr net{}, peer{};
+    if (inet_pton(AF_INET, allowed.substr(0, slash).c_str(), &net) != 1) return false;
+    if (inet_pton(AF_INET, ip.c_str(), &peer) != 1) return false;
+    char* end = nullptr;
+    const long bits = std::strtol(allowed.c_str() + slash + 1, &end, 10);
+    if (end == allowed.c_str() + slash + 1 || *end != '\0' || bits < 0 || bits > 32) return false;
+    const uint32_t mask = bits == 0 ? 0u : htonl(~0u << (32 - bits));
+    return (net.s_addr & mask) == (peer.s_addr & mask);
+}
+
+bool callerAllowed(const std::string& calling, const std::string& ip) {
+    if (g_opt.allow.empty()) return true;
+    for (const auto& [ae, address] : g_opt.allow)
+        if (ae == calling && addressCovers(address, ip)) return true;
+    return false;
+}
 
 // Accepted presentation contexts, grouped by transfer syntax list (in our
 // order of preference): each entry is (transfer syntaxes, abstract syntaxes).
@@ -186,6 +209,7 @@ class KetaSCP : public DcmThreadSCP {
         rejectPrinted_ = false;
         released_ = false;
         rejectWhy_ = NONE;
+        silent_ = false;
 
         // DcmSCP keeps its association private; negotiateAssociation() below
         // needs the (non-const) parameters of this very request.
@@ -194,15 +218,20 @@ class KetaSCP : public DcmThreadSCP {
         const std::string calling = trimmed(params.DULparams.callingAPTitle);
         const std::string called = trimmed(params.DULparams.calledAPTitle);
         const std::string ip = peerIp(params);
-        emit({"REQUEST", std::to_string(serial_), clean(calling), clean(called), clean(ip)});
+        // A connection closed before its A-ASSOCIATE-RQ reaches here with nothing in it (no
+        // AE titles, no presentation contexts): not a request; no line, as pynetdicom's
+        // listener records no association for it. DCMTK then refuses it.
+        silent_ = calling.empty() && called.empty() &&
+                  ASC_countPresentationContexts(const_cast<T_ASC_Parameters*>(&params)) == 0;
+        if (!silent_)
+            emit({"REQUEST", std::to_string(serial_), clean(calling), clean(called), clean(ip)});
 
         // Decide now; DcmSCP then asks checkCalledAETitleAccepted() and
         // checkCallingAETitleAccepted(), which refuse with the proper DICOM
         // reject reasons (called / calling AE title not recognized).
         if (called != g_opt.aet) {
             rejectWhy_ = CALLED_AE;
-        } else if (!g_opt.allow.empty() && g_opt.allow.count({calling, ip}) == 0 &&
-                   g_opt.allow.count({calling, "*"}) == 0) {
+        } else if (!callerAllowed(calling, ip)) {
             rejectWhy_ = CALLING_AE;
         }
     }
@@ -282,7 +311,7 @@ class KetaSCP : public DcmThreadSCP {
 
     void printReject(const std::string& reason) {
         rejectPrinted_ = true;
-        emit({"REJECT", std::to_string(serial_), cleanText(reason)});
+        if (!silent_) emit({"REJECT", std::to_string(serial_), cleanText(reason)});
     }
 
     void failed(Uint16 status, const std::string& reason) {
@@ -370,6 +399,7 @@ class KetaSCP : public DcmThreadSCP {
     unsigned long seq_ = 0;
     bool accepted_ = false;
     bool rejectPrinted_ = false;
+    bool silent_ = false;  // not a request: a connection closed before its A-ASSOCIATE-RQ
     bool released_ = false;
     RejectWhy rejectWhy_ = NONE;
 };

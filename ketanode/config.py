@@ -89,8 +89,27 @@ class NodeSettings(_Section):
     dimse_timeout_seconds: float = Field(default=60.0, gt=0)
     max_pdu_bytes: int = Field(default=262144, ge=0)
     tls: TLSSettings = Field(default_factory=TLSSettings)
+    # What answers C-STOREs. "pynetdicom": this process; the answer waits for the file and
+    # its row, and every check the node makes is answered with its DIMSE status. "dcmtk":
+    # the native front end (ketanode-scp, built by scripts/build-frontend.sh), about twice
+    # as fast: it answers once the file is durable, and this process indexes the file
+    # after (its row follows; checks that only the node makes become stored refusals of an
+    # instance already acknowledged). docs/architecture.md, "The native front end".
+    receiver: Literal["pynetdicom", "dcmtk"] = "pynetdicom"
+    # The front end's program: a name looked up on PATH, or a path.
+    receiver_program: str = "ketanode-scp"
+    # Threads that index the front end's files (their row transactions commit together).
+    receiver_indexers: int = Field(default=2, ge=1, le=16)
 
     _ae = field_validator("ae_title")(_check_ae)
+
+    @model_validator(mode="after")
+    def _receiver_supports(self) -> NodeSettings:
+        if self.receiver == "dcmtk" and self.tls.enabled:
+            raise ValueError(
+                "node.receiver = 'dcmtk' does not support node.tls: use 'pynetdicom' for TLS"
+            )
+        return self
 
 
 class SpoolSettings(_Section):

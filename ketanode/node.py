@@ -21,13 +21,14 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ketanode.admin.retention import sweep as retention_sweep
-from ketanode.config import Settings
+from ketanode.config import NodeSettings, Settings
 from ketanode.db.jobqueue import new_owner, recover, renew
 from ketanode.db.migrate import ensure_current
 from ketanode.db.session import make_engine, make_session_factory
 from ketanode.process.worker import WorkerPool
 from ketanode.receive.associations import AssociationLog
 from ketanode.receive.completion import CompletionTracker
+from ketanode.receive.frontend import FrontEnd
 from ketanode.receive.listener import Listener
 from ketanode.receive.store import StoreService
 from ketanode.scheduler import Timers
@@ -85,7 +86,7 @@ class Node:
             self.associations.row_id,
             on_series_stored=self._series_stored,
         )
-        self.listener = Listener(settings.node, self.store, self.associations)
+        self.listener = receiver(settings.node, self.store, self.associations, self.node_name)
         self.address: tuple[str, int] | None = None
         # the dashboard, /metrics and /health ([web] enabled); its bound (host, port)
         self.web: WebServer | None = None
@@ -235,7 +236,7 @@ class ListenerRole(Role):
             self.sessions, settings.node, self.node_name, tls=settings.node.tls.enabled
         )
         self.store = StoreService(self.sessions, self.spool, self.associations.row_id)
-        self.listener = Listener(settings.node, self.store, self.associations)
+        self.listener = receiver(settings.node, self.store, self.associations, self.node_name)
 
     def detail(self) -> dict[str, Any]:
         host, port = self.address or (self.settings.node.bind_address, self.settings.node.port)
@@ -259,6 +260,15 @@ class ListenerRole(Role):
     def stop(self) -> None:
         self.listener.stop()
         super().stop()
+
+
+def receiver(
+    settings: NodeSettings, store: StoreService, log: AssociationLog, name: str
+) -> Listener | FrontEnd:
+    """What answers C-STOREs (``node.receiver``): pynetdicom here, or the native front end."""
+    if settings.receiver == "dcmtk":
+        return FrontEnd(settings, store, log, name)
+    return Listener(settings, store, log)
 
 
 STALE_PART_SECONDS = 3600.0

@@ -188,6 +188,7 @@ class Spool:
         series_uid: str,
         sop_uid: str,
         digest: str | None = None,
+        source: Path | None = None,
     ) -> SpooledFile:
         """Make ``data`` durable at its final path; never overwrites a file already there.
 
@@ -196,16 +197,24 @@ class Spool:
         A crash in the middle leaves a partial file at the final path with no row: the node
         treats any file without a row as an orphan and replaces it when the instance comes
         again (``replace``); nothing reads a spool file before its row is committed.
-        ``digest`` is the SHA-256 of ``data`` when the caller has it already.
+        ``digest`` is the SHA-256 of ``data`` when the caller has it already. ``source``, a
+        durable file on the spool's file system holding ``data`` (the native front end's),
+        is linked at the final path instead of writing the bytes again.
         """
         final = self.path_for(study_uid, series_uid, sop_uid)
         digest = digest or hashlib.sha256(data).hexdigest()
 
         def write() -> bool:
-            try:
-                _write_new(final, data)  # a removed directory (FileNotFoundError): _into_dir
+            try:  # a removed directory (FileNotFoundError): _into_dir
+                if source is not None:
+                    os.link(source, final)
+                else:
+                    _write_new(final, data)
             except FileExistsError:
                 return False
+            except OSError as exc:
+                _raise_if_full(exc)
+                raise
             _fsync_dir(final.parent)
             return True
 

@@ -32,14 +32,14 @@ import pydicom
 
 import ketanode
 from ketanode.config import PipelineSettings
-from ketanode.report.content import ResultForReport
-from ketanode.imaging.atlas import region_names_of_default_atlas
-from ketanode.report.secondary_capture import build_report_image, write_png
-from ketanode.report.sr import build_sr
 from ketanode.imaging.analysis import step_measure, step_preprocess, step_qc, step_segment
-from ketanode.synthetic.phantom import PhantomSpec, make_phantom
+from ketanode.imaging.atlas import region_names_of_default_atlas
 from ketanode.model.classifier import predict
 from ketanode.model.files import DEMO_MODEL, load_model
+from ketanode.report.content import ResultForReport
+from ketanode.report.secondary_capture import build_report_image, write_png
+from ketanode.report.sr import build_sr
+from ketanode.synthetic.phantom import PhantomSpec, make_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"

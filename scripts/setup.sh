@@ -26,6 +26,10 @@ if ! command -v npm >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
 fi
 
+# The native front end (node.receiver = "dcmtk"): ketanode-scp, compiled against Debian's
+# DCMTK library (libdcmtk-dev, g++) into /usr/local/bin; rebuilt only when its source changed.
+./scripts/build-frontend.sh
+
 PYTHON=${PYTHON:-python3}
 # deepbet (brain extraction) runs on torch; the CPU build is all it needs. Installed first
 # and pinned, so the range in pyproject.toml installs nothing more (a plain 'torch' from PyPI

@@ -89,6 +89,7 @@ def serve(
 ) -> None:
     """Run the node: DICOM listener, series tracking, workers. Stops on SIGTERM or Ctrl-C."""
     from ketanode.node import Node
+    from ketanode.receive.frontend import FrontEndError
 
     if role is not None or ctx.obj.cluster.enabled:
         serve_role(ctx.obj, role)
@@ -96,7 +97,11 @@ def serve(
     settings = settings_of(ctx)
     setup_logging(settings.logging)
     stop = stop_on_signals()
-    node = Node(settings)
+    try:
+        node = Node(settings)
+    except FrontEndError as exc:  # node.receiver_program is not there
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     host, port = node.start()
     logger.info("ketanode %s ready on %s:%s (%s)", __version__, host, port, RESEARCH_USE_ONLY)
     run_until_stopped(node, stop)

@@ -111,7 +111,7 @@ class AssociationLog:
         self.node_name = node_name
         self.tls = tls
         self.on_ended = on_ended
-        self._ids: dict[int, int] = {}
+        self._ids: dict[object, int] = {}
         self._lock = threading.Lock()
 
     def row_id(self, assoc: object) -> int | None:
@@ -126,13 +126,31 @@ class AssociationLog:
         rq = event.assoc.requestor
         # The AE title the peer called (not ours): a wrong one is why a row was rejected.
         called = getattr(rq.primitive, "called_ae_title", None) or event.assoc.acceptor.ae_title
+        return self._insert_row(
+            str(rq.ae_title or ""),
+            str(called or ""),
+            str(rq.address),
+            int(rq.port or 0),
+            outcome,
+            reason,
+        )
+
+    def _insert_row(
+        self,
+        calling: str,
+        called: str,
+        address: str,
+        port: int,
+        outcome: AssociationOutcome,
+        reason: str | None,
+    ) -> int:
         with self.sessions.begin() as session:
             row = Association(
                 node_name=self.node_name,
-                calling_ae=safe(str(rq.ae_title or "").strip(), 16)[:16],
-                called_ae=safe(str(called or "").strip(), 16)[:16],
-                peer_address=str(rq.address)[:64],
-                peer_port=int(rq.port or 0),
+                calling_ae=safe(calling.strip(), 16)[:16],
+                called_ae=safe(called.strip(), 16)[:16],
+                peer_address=safe(address, 64)[:64],
+                peer_port=port,
                 tls=self.tls,
                 outcome=outcome,
                 reason=reason,
@@ -223,9 +241,44 @@ class AssociationLog:
         except Exception as exc:
             logger.error("could not record an accepted association: %s", exception_summary(exc))
 
-    def _end(self, event: Event, outcome: AssociationOutcome) -> None:
+    # The same records for associations that another program (the native front end,
+    # receive/frontend.py) accepted, rejected or ended: ``key`` names one of them.
+
+    def opened(self, key: object, calling: str, called: str, address: str, port: int) -> None:
+        """An association the front end accepted: its row, mapped from ``key``."""
+        try:
+            row_id = self._insert_row(calling, called, address, port, AssociationOutcome.OPEN, None)
+            with self._lock:
+                self._ids[key] = row_id
+            logger.info(
+                "association %s accepted from %s (%s)", row_id, safe(calling, 16), safe(address, 64)
+            )
+        except Exception as exc:
+            logger.error("could not record an accepted association: %s", exception_summary(exc))
+
+    def refused(self, calling: str, called: str, address: str, port: int, reason: str) -> None:
+        """An association the front end rejected."""
+        logger.warning("association rejected: %s", safe(reason, 300))
+        try:
+            self._insert_row(
+                calling, called, address, port, AssociationOutcome.REJECTED, safe(reason, 300)
+            )
+        except Exception as exc:
+            logger.error("could not record a rejected association: %s", exception_summary(exc))
+
+    def key_row_id(self, key: object) -> int | None:
         with self._lock:
-            row_id = self._ids.pop(id(event.assoc), None)
+            return self._ids.get(key)
+
+    def ended(self, key: object, aborted: bool) -> None:
+        self._end_key(key, AssociationOutcome.ABORTED if aborted else AssociationOutcome.RELEASED)
+
+    def _end(self, event: Event, outcome: AssociationOutcome) -> None:
+        self._end_key(id(event.assoc), outcome)
+
+    def _end_key(self, key: object, outcome: AssociationOutcome) -> None:
+        with self._lock:
+            row_id = self._ids.pop(key, None)
         if row_id is None:
             return
         try:

@@ -265,6 +265,65 @@ def handle_store(event: Event, service: StoreService) -> int:
         )
         _record_failure(service, assoc_id, failure, raw, sop_class, sop_uid)
         return failure.status
+    _notify(service, outcome)
+    return outcome.status
+
+
+class Retry(Exception):
+    """A file the front end acknowledged could not be indexed now (the database or the spool
+    is unavailable): it stays where it is and is indexed again later."""
+
+
+def index_file(
+    service: StoreService,
+    path: Path,
+    ts: str,
+    sop_class: str | None,
+    sop_uid: str | None,
+    assoc_id: int | None,
+) -> int:
+    """Index a file that the native front end made durable and acknowledged: the same
+    checks, spool layout and rows as :func:`handle_store` (the file is linked into the spool,
+    not written again), then the front end's file is removed. Returns the DIMSE status the
+    node's checks give it; a refusal is recorded (and the dataset kept in the spool's
+    rejected files) like a refused C-STORE, noting that the sender was told success. Raises
+    :class:`Retry` when it cannot be decided now; an unexpected fault keeps the file (renamed
+    ``.failed``) with a recorded refusal, so an acknowledged dataset is never lost."""
+    raw = b""
+    try:
+        raw = path.read_bytes()
+        outcome = _store(service, raw, ts, sop_class, sop_uid, assoc_id, source=path)
+    except Refused as refusal:
+        if refusal.status == OUT_OF_RESOURCES:
+            raise Retry(refusal.reason) from refusal
+        refusal.reason += " (after the front end had answered success)"
+        _record_failure(service, assoc_id, refusal, raw, sop_class, sop_uid)
+        path.unlink(missing_ok=True)
+        return refusal.status
+    except Exception as exc:
+        logger.error(
+            "indexing a received file failed unexpectedly (association %s, SOP %s): %s",
+            assoc_id,
+            safe(sop_uid),
+            exception_summary(exc),
+        )
+        kept = path.with_suffix(".failed")
+        with contextlib.suppress(OSError):
+            path.rename(kept)
+        failure = Refused(
+            PROCESSING_FAILURE,
+            f"internal error ({type(exc).__name__}) after the front end had answered success; "
+            f"the file is kept as {kept.name}",
+            safe(str(exc), 1000),
+        )
+        _record_failure(service, assoc_id, failure, b"", sop_class, sop_uid)
+        return failure.status
+    path.unlink(missing_ok=True)
+    _notify(service, outcome)
+    return outcome.status
+
+
+def _notify(service: StoreService, outcome: StoreOutcome) -> None:
     if outcome.series_id is not None and service.on_series_stored is not None:
         try:
             service.on_series_stored(outcome.series_id, outcome.expected_reached)
@@ -274,7 +333,6 @@ def handle_store(event: Event, service: StoreService) -> int:
                 outcome.series_id,
                 exception_summary(exc),
             )
-    return outcome.status
 
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -629,20 +687,26 @@ def _store(
     sop_class: str | None,
     sop_uid: str | None,
     assoc_id: int | None,
+    source: Path | None = None,
 ) -> StoreOutcome:
     try:
-        service.spool.check_space(len(raw))
+        service.spool.check_space(0 if source is not None else len(raw))
     except SpoolFull as exc:
         raise Refused(OUT_OF_RESOURCES, str(exc)) from exc
     ds = _parse(raw, ts)
     _check(ds, ts, sop_class, sop_uid)
     uid = str(ds.SOPInstanceUID)
     with service._lock_for(uid):
-        return _store_locked(service, raw, ts, ds, assoc_id)
+        return _store_locked(service, raw, ts, ds, assoc_id, source)
 
 
 def _store_locked(
-    service: StoreService, raw: bytes, ts: str, ds: Dataset, assoc_id: int | None
+    service: StoreService,
+    raw: bytes,
+    ts: str,
+    ds: Dataset,
+    assoc_id: int | None,
+    source: Path | None = None,
 ) -> StoreOutcome:
     uid = str(ds.SOPInstanceUID)
     study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
@@ -651,7 +715,7 @@ def _store_locked(
         # Never overwrites: a file already there is a duplicate, or an orphan of a crash
         # (its row was never committed). Either is told apart in the transaction below,
         # and a duplicate is answered from there without writing anything.
-        spooled = service.spool.store(raw, study_uid, series_uid, uid, digest)
+        spooled = service.spool.store(raw, study_uid, series_uid, uid, digest, source)
     except SpoolFull as exc:
         raise Refused(OUT_OF_RESOURCES, str(exc)) from exc
     except OSError as exc:

@@ -127,7 +127,10 @@ def spool_files(node: NodeProcess) -> list[Path]:
     return sorted(
         p
         for p in node.spool.rglob("*.dcm")
-        if p.is_file() and ".tmp" not in p.parts and "rejected" not in p.parts
+        if p.is_file()
+        and ".tmp" not in p.parts
+        and "rejected" not in p.parts
+        and "incoming" not in p.parts  # the native front end's files, before indexing
     )
 
 

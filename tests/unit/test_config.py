@@ -85,6 +85,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
             "required",
         ),
         ("[node.tls]\nenabled = true\n", "node.tls", "certificate is required"),
+        ('[node]\nreceiver = "storescp"\n', "node.receiver", "'pynetdicom' or 'dcmtk'"),
     ],
 )
 def test_bad_value_names_file_and_key(tmp_path: Path, body: str, key: str, expected: str) -> None:
@@ -139,3 +140,40 @@ def test_the_demonstration_model_is_off_unless_switched_on(tmp_path: Path) -> No
     assert Settings().model.demo_when_none_active is False
     assert load_settings(EXAMPLE, environ={}).model.demo_when_none_active is False
     assert demo_settings(tmp_path).model.demo_when_none_active is True
+
+
+def test_native_front_end_without_tls_is_refused_with_tls(tmp_path: Path) -> None:
+    """The native front end has no TLS: asking for both names the keys."""
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("x")
+    cfg = tmp_path / "fe.toml"
+    cfg.write_text(
+        '[node]\nreceiver = "dcmtk"\n[node.tls]\nenabled = true\n'
+        f'certificate = "{tmp_path / "cert.pem"}"\nprivate_key = "{tmp_path / "key.pem"}"\n'
+        "require_client_certificate = false\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    assert str(cfg) in str(info.value)
+    assert "node.receiver = 'dcmtk' does not support node.tls" in str(info.value)
+
+
+def test_serve_names_a_missing_front_end_program(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "fe.toml"
+    cfg.write_text(
+        f'[node]\nport = 0\nreceiver = "dcmtk"\nreceiver_program = "{tmp_path / "no-scp"}"\n'
+        f'[spool]\npath = "{tmp_path / "spool"}"\n'
+        f'[database]\nurl = "sqlite:///{tmp_path / "k.db"}"\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "ketanode", "--config", str(cfg), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "node.receiver_program" in proc.stderr and "no-scp" in proc.stderr
+    assert "build-frontend.sh" in proc.stderr

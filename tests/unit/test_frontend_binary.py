@@ -222,11 +222,30 @@ def test_echo_is_answered(start_scp: Callable[..., Scp]) -> None:
     assert scp.stop() == 0
 
 
+def test_connection_closed_before_its_request_is_not_an_association(
+    start_scp: Callable[..., Scp], tmp_path: Path
+) -> None:
+    """A port probe (connect, close) prints no line: it was never a request."""
+    import socket
+
+    scp = start_scp()
+    for _ in range(3):
+        socket.create_connection(("127.0.0.1", scp.port), timeout=5).close()
+    make_mr(tmp_path / "a.dcm")
+    sent = storescu(scp.port, [tmp_path / "a.dcm"])
+    assert sent.returncode == 0, sent.stderr
+    first = scp.next_line()
+    assert first[0] == "REQUEST" and first[2] == "STORESCU", first
+    assert scp.next_line() == ["ACCEPT", first[1]]
+    assert scp.stop() == 0
+
+
 def test_calling_ae_not_on_allow_list_is_rejected(
     start_scp: Callable[..., Scp], tmp_path: Path
 ) -> None:
     scp = start_scp(
-        "--allow", "STORESCU@127.0.0.1", "--allow", "OTHER@10.0.0.9", "--allow", "ANY@*"
+        "--allow", "STORESCU@127.0.0.1", "--allow", "OTHER@10.0.0.9", "--allow", "ANY@*",
+        "--allow", "NET@127.0.0.0/8", "--allow", "FARNET@10.0.0.0/8",
     )  # fmt: skip
     make_mr(tmp_path / "a.dcm")
     denied = storescu(scp.port, [tmp_path / "a.dcm"], calling="OTHER")
@@ -247,6 +266,16 @@ def test_calling_ae_not_on_allow_list_is_rejected(
     serial = scp.wait_for("REQUEST")[1]
     assert scp.next_line() == ["ACCEPT", serial]
     assert len(list(scp.incoming.glob("*.dcm"))) == 2
+
+    # a network in CIDR form (node.allowed_callers accepts one) covers the peer or not
+    network = storescu(scp.port, [tmp_path / "a.dcm"], calling="NET")
+    assert network.returncode == 0, network.stderr
+    serial = scp.wait_for("REQUEST")[1]
+    assert scp.next_line() == ["ACCEPT", serial]
+    elsewhere = storescu(scp.port, [tmp_path / "a.dcm"], calling="FARNET")
+    assert elsewhere.returncode != 0
+    serial = scp.wait_for("REQUEST")[1]
+    assert scp.next_line() == ["REJECT", serial, "calling AE not allowed"]
     assert scp.stop() == 0
 
 
