@@ -33,6 +33,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <ctime>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -108,6 +109,22 @@ volatile sig_atomic_t g_stop = 0;
 // Process-wide association serial (1, 2, ...), shared by the listener (pool
 // rejections) and the workers (everything else).
 std::atomic<unsigned long> g_assocSerial{0};
+
+// What every file name of this run starts with: the process id and the start time in
+// nanoseconds. Unique across restarts, also where process ids repeat (a container's
+// processes get the same ids each time), so a new run never takes the name of a file that
+// an earlier run acknowledged and the node has not indexed yet.
+std::string g_runPrefix;
+
+// rename() that never replaces an existing file (EEXIST instead): renameat2 with
+// RENAME_NOREPLACE, or link + unlink where the file system does not support it.
+int renameNoReplace(const std::string& from, const std::string& to) {
+    if (renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0) return 0;
+    if (errno != EINVAL && errno != ENOSYS) return -1;
+    if (link(from.c_str(), to.c_str()) != 0) return -1;
+    unlink(from.c_str());
+    return 0;
+}
 
 std::mutex g_outMutex;
 
@@ -323,8 +340,8 @@ class KetaSCP : public DcmThreadSCP {
     OFCondition handleStore(T_DIMSE_C_StoreRQ& req, const DcmPresentationContextInfo& presInfo) {
         const T_ASC_PresentationContextID presID = presInfo.presentationContextID;
         ++seq_;
-        const std::string stem = std::to_string(static_cast<long>(getpid())) + "-" +
-                                 std::to_string(serial_) + "-" + std::to_string(seq_);
+        const std::string stem =
+            g_runPrefix + "-" + std::to_string(serial_) + "-" + std::to_string(seq_);
         const std::string part = g_opt.incoming + "/" + stem + ".part";
         const std::string base = stem + ".dcm";
         const std::string final = g_opt.incoming + "/" + base;
@@ -365,7 +382,7 @@ class KetaSCP : public DcmThreadSCP {
         }
         bool renamed = false;
         if (err == 0) {
-            if (rename(part.c_str(), final.c_str()) != 0) {
+            if (renameNoReplace(part, final) != 0) {
                 err = errno;
                 step = "rename";
             } else {
@@ -482,7 +499,7 @@ class KetaPool : public DcmSCPPool<KetaSCP> {
         }
 
         const int port = net->acceptorPort ? net->acceptorPort : static_cast<int>(cfg.getPort());
-        emit({"READY", std::to_string(port)});
+        emit({"READY", std::to_string(port), g_runPrefix});
 
         // Shared by all workers (presentation contexts, timeouts, AE title).
         DcmSharedSCPConfig shared(cfg);
@@ -632,6 +649,12 @@ std::map<std::string, std::vector<std::string>> readContexts(const std::string& 
 
 int main(int argc, char** argv) {
     parseArgs(argc, argv);
+    {
+        timespec now{};
+        clock_gettime(CLOCK_REALTIME, &now);
+        g_runPrefix = std::to_string(static_cast<long>(getpid())) + "-" +
+                      std::to_string(static_cast<long long>(now.tv_sec) * 1000000000LL + now.tv_nsec);
+    }
 
     // DCMTK's logger: WARN and above, to stderr (never dataset contents).
     OFLog::configure(OFLogger::WARN_LOG_LEVEL);

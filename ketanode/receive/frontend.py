@@ -45,7 +45,6 @@ _READY_SECONDS = 15.0
 _STOP_SECONDS = 15.0
 _RETRY_SECONDS = 2.0
 _PR_SET_PDEATHSIG = 1
-_NAME_RE = re.compile(r"^[0-9]+-[0-9]+-[0-9]+\.dcm$")
 
 
 class FrontEndError(RuntimeError):

@@ -84,6 +84,7 @@ class Scp:
         self.proc = proc
         self.port = port
         self.incoming = incoming
+        self.prefix = ""  # from the READY line
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[list[str]] = []
         assert proc.stdout is not None
@@ -146,7 +147,10 @@ def start_scp(scp_binary: Path, tmp_path: Path) -> Iterator[Callable[..., Scp]]:
         )
         scp = Scp(proc, port, incoming)
         started.append(scp)
-        assert scp.next_line() == ["READY", str(port)]
+        ready = scp.next_line()
+        assert ready[:2] == ["READY", str(port)], ready
+        scp.prefix = ready[2]  # <pid>-<start time in ns>: every file name starts with it
+        assert ready[2].startswith(f"{scp.proc.pid}-"), ready
         return scp
 
     try:
@@ -189,10 +193,9 @@ def test_store_is_durable_byte_identical_and_reported(
     stored = [scp.next_line() for _ in sent]
     assert scp.next_line() == ["END", serial, "released"]
 
-    pid = scp.proc.pid
     for seq, (fields, ds) in enumerate(zip(stored, sent, strict=True), start=1):
         assert fields[0] == "STORED" and fields[1] == serial
-        assert fields[2] == f"{pid}-{serial}-{seq}.dcm"
+        assert fields[2] == f"{scp.prefix}-{serial}-{seq}.dcm"
         assert fields[3:] == [MR_IMAGE_STORAGE, ds.SOPInstanceUID, ExplicitVRLittleEndian]
         got = pydicom.dcmread(scp.incoming / fields[2])
         assert got.SOPInstanceUID == ds.SOPInstanceUID
@@ -373,7 +376,7 @@ def test_failed_rename_answers_failure_and_keeps_association(
     scp = start_scp()
     # The first association is serial 1 and its first C-STORE is seq 1: put a directory
     # where that file must go, so rename() fails (EISDIR) after the data was received.
-    blocker = scp.incoming / f"{scp.proc.pid}-1-1.dcm"
+    blocker = scp.incoming / f"{scp.prefix}-1-1.dcm"
     (blocker / "occupied").mkdir(parents=True)
     first = make_mr(tmp_path / "a.dcm", seed=1)
     second = make_mr(tmp_path / "b.dcm", seed=2)
@@ -392,7 +395,7 @@ def test_failed_rename_answers_failure_and_keeps_association(
     assert failed[:3] == ["FAILED", "1", "C000"]
     assert failed[3].startswith("rename: ")
     stored = scp.next_line()
-    assert stored[:4] == ["STORED", "1", f"{scp.proc.pid}-1-2.dcm", MR_IMAGE_STORAGE]
+    assert stored[:4] == ["STORED", "1", f"{scp.prefix}-1-2.dcm", MR_IMAGE_STORAGE]
     assert stored[4] == second.SOPInstanceUID
     assert scp.next_line() == ["END", "1", "released"]
     assert not list(scp.incoming.glob("*.part"))
@@ -425,4 +428,21 @@ def test_contexts_file_groups_and_more_than_128_abstract_syntaxes(
     got = pydicom.dcmread(scp.incoming / stored[1][2])
     assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
     assert got.PixelData == ct.PixelData
+    assert scp.stop() == 0
+
+
+def test_a_file_already_at_the_name_is_never_replaced(
+    start_scp: Callable[..., Scp], tmp_path: Path
+) -> None:
+    """The rename into place never replaces a file (RENAME_NOREPLACE): a file another run
+    acknowledged stays as it was, and this C-STORE is answered with a failure instead."""
+    scp = start_scp()
+    earlier = scp.incoming / f"{scp.prefix}-1-1.dcm"
+    earlier.write_bytes(b"acknowledged by an earlier run")
+    make_mr(tmp_path / "a.dcm")
+    storescu(scp.port, [tmp_path / "a.dcm"])
+    failed = scp.wait_for("FAILED")
+    assert failed[:3] == ["FAILED", "1", "C000"] and "rename" in failed[3], failed
+    assert earlier.read_bytes() == b"acknowledged by an earlier run"
+    assert not list(scp.incoming.glob("*.part"))
     assert scp.stop() == 0
