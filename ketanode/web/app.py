@@ -166,7 +166,7 @@ def create_app(
     )
     reader = cluster.make_reader(settings, sessions)
     app.state.ketanode = WebContext(settings, sessions, timers, make_templates(), tls, reader)
-    app.state.metrics_registry = metrics.make_registry(sessions, reader)
+    app.state.metrics_registry = metrics.make_registry(sessions, reader, settings.spool.path)
     app.state.login_throttle = auth.LoginThrottle()
     secret = web.session_secret or secrets.token_urlsafe(32)
     app.add_middleware(

@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -353,13 +354,52 @@ class ClusterCollector(Collector):
             yield consumers
 
 
+class FrontEndCollector(Collector):
+    """The native front end's files (``node.receiver = "dcmtk"``): acknowledged and durable,
+    not indexed yet (a backlog that grows says indexing cannot keep up or the database is
+    away), and those whose indexing failed (kept as ``.failed``, a refusal recorded)."""
+
+    def __init__(self, spool_root: Path) -> None:
+        self.incoming = spool_root / "incoming"
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        waiting = failed = 0
+        try:
+            for path in self.incoming.glob("*/*"):
+                if path.suffix == ".dcm":
+                    waiting += 1
+                elif path.suffix == ".failed":
+                    failed += 1
+        except OSError as exc:
+            logger.warning("metrics: the front end's directory unreadable (%s)", exc.strerror)
+        pending = GaugeMetricFamily(
+            "ketanode_received_not_indexed",
+            "Files the native front end acknowledged that the node has not indexed yet",
+        )
+        pending.add_metric([], waiting)
+        kept = GaugeMetricFamily(
+            "ketanode_received_index_failed",
+            "Acknowledged files whose indexing failed, kept as .failed (see ketanode failures)",
+        )
+        kept.add_metric([], failed)
+        return [pending, kept]
+
+
 def make_registry(
-    sessions: sessionmaker[Session], cluster: ClusterReader | None = None
+    sessions: sessionmaker[Session],
+    cluster: ClusterReader | None = None,
+    spool_root: Path | None = None,
 ) -> CollectorRegistry:
     """A registry of its own (not the global one): one per app, several apps per process in
-    tests. ``cluster``: the cluster's metrics too (cluster mode)."""
+    tests. ``cluster``: the cluster's metrics too (cluster mode); ``spool_root``: the native
+    front end's backlog."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(sessions))
+    if spool_root is not None:
+        registry.register(FrontEndCollector(spool_root))
     if cluster is not None:
         registry.register(ClusterCollector(cluster))
     return registry

@@ -132,3 +132,22 @@ def test_unhealthy_without_database_or_scheduler(
         server.stop()
         timers.stop()
         engine.dispose()
+
+
+def test_metrics_show_the_front_ends_backlog(served: Served) -> None:
+    """Files the native front end acknowledged and the node has not indexed, and those
+    whose indexing failed, read from its directory at scrape time."""
+    listener = served.settings.spool.path / "incoming" / "host_KETANODE_11112"
+    listener.mkdir(parents=True)
+    try:
+        m = samples(httpx.get(served.url + "/metrics").text)
+        assert m[("ketanode_received_not_indexed", ())] == 0
+        for name in ("1-2-1-1.dcm", "1-2-1-2.dcm", "1-2-1-3.failed", "1-2-1-4.part"):
+            (listener / name).write_bytes(b"x")
+        m = samples(httpx.get(served.url + "/metrics").text)
+        assert m[("ketanode_received_not_indexed", ())] == 2
+        assert m[("ketanode_received_index_failed", ())] == 1
+    finally:
+        for path in listener.iterdir():
+            path.unlink()
+        listener.rmdir()
