@@ -30,6 +30,7 @@ from tests.e2e.conftest import (
     wait_series_final,
 )
 from tests.e2e.test_crash_recovery import assert_intact, instance_rows, spooled_file
+from tests.realhead import uih_files
 from tests.support import NodeProcess, storescu, wait_for
 
 N_INSTANCES = 200
@@ -173,4 +174,30 @@ def test_sigkill_while_four_associations_store_through_the_front_end(
     assert_intact(by_uid, series, node.spool)
     assert incoming_files(node) == []
     assert {str(p) for p in spool_files(node)} == {str(spooled_file(node.spool, r)) for r in rows}
+    assert node.stop() == 0
+
+
+def test_the_real_head_through_the_front_end(
+    sqlite_url: str, tmp_path: Path, node_process: list[NodeProcess]
+) -> None:
+    """The UIH head of ../shared through the native front end: every instance indexed,
+    nothing refused, the series selected as a structural 3D T1 and converted."""
+    files = uih_files()
+    node = NodeProcess(tmp_path / "node", sqlite_url, overrides=DCMTK)
+    node_process.append(node)
+    node.start()
+    storescu(node.port, files)
+    db = Db(sqlite_url)
+    try:
+        done = wait_series_final(node, db, 1, timeout=300)
+        assert len(done) == 1 and done[0]["state"] == "done", done
+        assert done[0]["n_instances"] == len(files) == 160
+        assert db.scalar("SELECT count(*) FROM store_failure") == 0
+        jobs = cli_json(node, "jobs", "list")
+        assert [j["state"] for j in jobs] == ["done"], jobs
+        shape = jobs[0]["steps"][0]["detail"]["shape"]
+        assert len(shape) == 3 and 160 in shape, shape  # 160 sagittal slices
+    finally:
+        db.close()
+    assert incoming_files(node) == []
     assert node.stop() == 0
