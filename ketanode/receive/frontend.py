@@ -127,7 +127,18 @@ class FrontEnd:
         if left:
             logger.warning("indexing %d received files left by the last run", len(left))
         port = self.settings.port or _free_port(self.settings.bind_address)
-        self._launch(program, port)
+        # Launched, read and launched again by one thread that lives as long as the front
+        # end runs: PR_SET_PDEATHSIG is tied to the thread that started the child, so a
+        # thread that ended after starting it would kill it.
+        started: queue.Queue[BaseException | None] = queue.Queue()
+        self._reader = threading.Thread(
+            target=self._supervise, args=(program, port, started), name="ketanode-scp", daemon=True
+        )
+        self._reader.start()
+        failure = started.get()
+        if failure is not None:
+            self._stopping.set()
+            raise failure
         logger.info(
             "listening as %s on %s:%s (native front end %s)",
             self.settings.ae_title,
@@ -182,9 +193,9 @@ class FrontEnd:
                 args += ["--allow", f"{caller.ae_title}@{caller.address or '*'}"]
         return args
 
-    def _launch(self, program: Path, port: int) -> None:
+    def _launch(self, program: Path, port: int) -> subprocess.Popen[str]:
+        """Start the front end and wait for its READY line (FrontEndError otherwise)."""
         env = dict(os.environ, TCP_NODELAY="1")
-        self._generation += 1
         process = subprocess.Popen(
             self._arguments(program, port),
             stdout=subprocess.PIPE,
@@ -205,17 +216,37 @@ class FrontEnd:
             raise FrontEndError(
                 f"{program.name} did not start (port {port}): {safe(err.strip()[-500:], 500)}"
             )
+        self._generation += 1
         self.process = process
         threading.Thread(
             target=self._log_stderr, args=(process.stderr,), name="ketanode-scp-err", daemon=True
         ).start()
-        self._reader = threading.Thread(
-            target=self._read_events,
-            args=(process, program, port, self._generation),
-            name="ketanode-scp-events",
-            daemon=True,
-        )
-        self._reader.start()
+        return process
+
+    def _supervise(
+        self, program: Path, port: int, started: queue.Queue[BaseException | None]
+    ) -> None:
+        try:
+            process = self._launch(program, port)
+        except (FrontEndError, OSError) as exc:
+            started.put(exc)
+            return
+        started.put(None)
+        while True:
+            code = self._read_events(process, self._generation)
+            if self._stopping.is_set():
+                logger.info("front end stopped (exit status %s)", code)
+                return
+            logger.error("the front end exited with status %s; starting it again", code)
+            while True:
+                try:
+                    process = self._launch(program, port)
+                    logger.info("front end started again on port %s", port)
+                    break
+                except (FrontEndError, OSError) as exc:
+                    logger.error("could not start the front end again: %s", safe(str(exc), 500))
+                    if self._stopping.wait(_RETRY_SECONDS):
+                        return
 
     def stop(self) -> None:
         self._stopping.set()
@@ -242,9 +273,8 @@ class FrontEnd:
 
     # -- the front end's lines ----------------------------------------------------
 
-    def _read_events(
-        self, process: subprocess.Popen[str], program: Path, port: int, generation: int
-    ) -> None:
+    def _read_events(self, process: subprocess.Popen[str], generation: int) -> int:
+        """Its lines until it exits; returns its exit status."""
         assert process.stdout is not None
         for line in process.stdout:
             try:
@@ -256,17 +286,7 @@ class FrontEnd:
             left_open = [key for key in self._open if key[0] == generation]
         for key in left_open:  # it died with these open
             self._end(key, aborted=True)
-        if self._stopping.is_set():
-            logger.info("front end stopped (exit status %s)", code)
-            return
-        logger.error("the front end exited with status %s; starting it again", code)
-        while not self._stopping.is_set():
-            try:
-                self._launch(program, port)
-                return
-            except (FrontEndError, OSError) as exc:
-                logger.error("could not start the front end again: %s", safe(str(exc), 500))
-                self._stopping.wait(_RETRY_SECONDS)
+        return code
 
     def _event(self, generation: int, fields: list[str]) -> None:
         kind = fields[0]

@@ -201,3 +201,45 @@ def test_the_real_head_through_the_front_end(
         db.close()
     assert incoming_files(node) == []
     assert node.stop() == 0
+
+
+def _front_end_pids(node: NodeProcess) -> list[int]:
+    """The node's ketanode-scp children (from /proc: their parent is the node)."""
+    assert node.proc is not None
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            name = fields[0].split("(", 1)[1]
+            ppid = int(fields[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if name == "ketanode-scp" and ppid == node.proc.pid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_a_front_end_that_dies_is_started_again(
+    db_url: str, db_reader: Db, tmp_path: Path, node_process: list[NodeProcess], series: list[Path]
+) -> None:
+    """SIGKILL of the front end alone: the node logs it, starts it again on the same port,
+    and what either run acknowledged is indexed."""
+    import os
+    import signal
+
+    node = NodeProcess(tmp_path / "node", db_url, overrides=DCMTK)
+    node_process.append(node)
+    node.start()
+    storescu(node.port, series[:50])
+    (first,) = _front_end_pids(node)
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: "starting it again" in node.log_text(), 30, what="the restart logged")
+    wait_for(lambda: len(_front_end_pids(node)) == 1 and _front_end_pids(node) != [first], 30)
+    wait_for(lambda: node._listening(), 30, what="the port open again")
+    storescu(node.port, series[50:])
+    done = wait_series_final(node, db_reader, 1, timeout=120)
+    assert len(done) == 1 and done[0]["n_instances"] == N_INSTANCES, done
+    assert db_reader.scalar("SELECT count(*) FROM instance") == N_INSTANCES
+    assert incoming_files(node) == []
+    assert node.stop() == 0
+    assert _front_end_pids(node) == []
