@@ -115,8 +115,7 @@ class AssociationLog:
         self._lock = threading.Lock()
 
     def row_id(self, assoc: object) -> int | None:
-        with self._lock:
-            return self._ids.get(id(assoc))
+        return self.key_row_id(id(assoc))
 
     def open_count(self) -> int:
         with self._lock:

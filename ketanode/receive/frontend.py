@@ -27,8 +27,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -67,13 +65,26 @@ def incoming_dir(spool_root: Path, listener_name: str) -> Path:
     return spool_root / "incoming" / re.sub(r"[^A-Za-z0-9_.-]", "_", listener_name)
 
 
+# an association of the front end: (its run's generation, its serial)
+_Key = tuple[int, str]
+
+
 @dataclass(frozen=True)
 class _Stored:
-    key: object  # the association's key in the AssociationLog (None: from an earlier run)
+    key: _Key | None  # the association's key in the AssociationLog (None: an earlier run's)
     path: Path
     sop_class: str
     sop_uid: str
     ts: str
+
+
+@dataclass
+class _Live:
+    """An association the front end accepted: its files not indexed yet, and how it ended
+    (None while open). Its row ends once both are settled."""
+
+    pending: int = 0
+    aborted: bool | None = None
 
 
 def _die_with_parent() -> None:  # pragma: no cover (runs in the child before exec)
@@ -103,12 +114,8 @@ class FrontEnd:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._requests: dict[str, tuple[str, str, str]] = {}
-        # files of an association not yet indexed, and associations whose end waits for them
-        self._pending: defaultdict[object, int] = defaultdict(int)
-        self._ended: dict[object, bool] = {}
-        self._open: set[tuple[int, str]] = set()
+        self._live: dict[_Key, _Live] = {}
         self._generation = 0
-        self.indexed = 0
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -283,29 +290,35 @@ class FrontEnd:
                 logger.error("front end line not understood: %s", exception_summary(exc))
         code = process.wait()
         with self._lock:
-            left_open = [key for key in self._open if key[0] == generation]
+            left_open = [
+                key
+                for key, live in self._live.items()
+                if key[0] == generation and live.aborted is None
+            ]
         for key in left_open:  # it died with these open
             self._end(key, aborted=True)
         return code
 
     def _event(self, generation: int, fields: list[str]) -> None:
-        kind = fields[0]
-        key = (generation, fields[1]) if len(fields) > 1 else None
+        """One line: its kind, the association's serial, then the kind's fields (a short
+        line raises, and the caller logs it as not understood)."""
+        kind, serial = fields[0], fields[1]
+        key = (generation, serial)
         if kind == "REQUEST":
             with self._lock:
-                self._requests[fields[1]] = (fields[2], fields[3], fields[4])
+                self._requests[serial] = (fields[2], fields[3], fields[4])
         elif kind == "ACCEPT":
             with self._lock:
-                calling, called, peer = self._requests.pop(fields[1], ("", "", ""))
-                self._open.add((generation, fields[1]))
+                calling, called, peer = self._requests.pop(serial, ("", "", ""))
+                self._live[key] = _Live()
             self.log.opened(key, calling, called, peer, 0)
         elif kind == "REJECT":
             with self._lock:
-                calling, called, peer = self._requests.pop(fields[1], ("", "", ""))
+                calling, called, peer = self._requests.pop(serial, ("", "", ""))
             self.log.refused(calling, called, peer, 0, fields[2] if len(fields) > 2 else "")
         elif kind == "STORED":
             with self._lock:
-                self._pending[key] += 1
+                self._live[key].pending += 1
             self._work.put(_Stored(key, self.incoming / fields[2], fields[3], fields[4], fields[5]))
         elif kind == "FAILED":
             logger.warning(
@@ -316,18 +329,22 @@ class FrontEnd:
         elif kind == "END":
             self._end(key, aborted=len(fields) > 2 and fields[2] == "aborted")
 
-    def _end(self, key: object, aborted: bool) -> None:
+    def _end(self, key: _Key, aborted: bool) -> None:
         """The association's row ends once every file it brought is indexed."""
         with self._lock:
-            if key not in self._open:
+            live = self._live.get(key)
+            if live is None or live.aborted is not None:
                 return
-            self._open.discard(key)
-            if self._pending.get(key, 0) > 0:
-                self._ended[key] = aborted
+            live.aborted = aborted
+        self._settle(key)
+
+    def _settle(self, key: _Key) -> None:
+        with self._lock:
+            live = self._live.get(key)
+            if live is None or live.pending > 0 or live.aborted is None:
                 return
-            self._pending.pop(key, None)
-            self._ended.pop(key, None)
-        self.log.ended(key, aborted)
+            del self._live[key]
+        self.log.ended(key, live.aborted)
 
     # -- indexing -------------------------------------------------------------------
 
@@ -354,23 +371,10 @@ class FrontEnd:
                 except Exception as exc:  # index_file records its own faults
                     logger.error("indexer: %s", exception_summary(exc))
                     break
-            self.indexed += 1
-            self._indexed(item.key)
-
-    def _indexed(self, key: object) -> None:
-        if key is None:
-            return
-        with self._lock:
-            self._pending[key] -= 1
-            if self._pending[key] > 0 or key not in self._ended:
-                return
-            aborted = self._ended.pop(key)
-            del self._pending[key]
-        self.log.ended(key, aborted)
-
-    def backlog(self) -> int:
-        """Files acknowledged and not yet indexed."""
-        return self._work.qsize()
+            if item.key is not None:
+                with self._lock:
+                    self._live[item.key].pending -= 1
+                self._settle(item.key)
 
 
 def _read_line(stream: IO[str], timeout: float) -> str:
@@ -385,13 +389,3 @@ def _free_port(address: str) -> int:
     with socket.socket() as sock:
         sock.bind((address, 0))
         return int(sock.getsockname()[1])
-
-
-def wait_indexed(front_end: FrontEnd, timeout: float) -> bool:
-    """True once the front end's files queued so far are indexed (for tests and tools)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if front_end.backlog() == 0 and not any(front_end._pending.values()):
-            return True
-        time.sleep(0.01)
-    return False
