@@ -133,26 +133,22 @@ extern "C" void onStopSignal(int) { g_stop = 1; }
 // ---------------------------------------------------------------------------
 // stdout line protocol helpers.
 
-// Fields that come from the network: every byte outside 0x21..0x7E becomes
-// '?', so tabs, newlines and spaces can never break the line protocol.
-std::string clean(const std::string& s) {
+// Every byte outside lowest..0x7E becomes '?', so tabs and newlines can never break the
+// line protocol.
+std::string printable(const std::string& s, unsigned char lowest) {
     std::string out(s);
     for (char& c : out) {
         const unsigned char u = static_cast<unsigned char>(c);
-        if (u < 0x21 || u > 0x7E) c = '?';
+        if (u < lowest || u > 0x7E) c = '?';
     }
     return out;
 }
 
-// Free text written by us (reasons): keep spaces, replace tabs/control bytes.
-std::string cleanText(const std::string& s) {
-    std::string out(s);
-    for (char& c : out) {
-        const unsigned char u = static_cast<unsigned char>(c);
-        if (u < 0x20 || u > 0x7E) c = '?';
-    }
-    return out;
-}
+// Fields that come from the network: no spaces either.
+std::string clean(const std::string& s) { return printable(s, 0x21); }
+
+// Free text written by us (reasons): spaces kept.
+std::string cleanText(const std::string& s) { return printable(s, 0x20); }
 
 // Write one event line atomically (threads share stdout) and flush it.
 void emit(const std::vector<std::string>& fields) {
