@@ -85,6 +85,16 @@ def _write_new(path: Path, data: bytes) -> None:
         raise
 
 
+def _link_new(source: Path, path: Path) -> None:
+    """``source`` (durable already) linked at ``path`` (FileExistsError when one is there);
+    a full disk is SpoolFull."""
+    try:
+        os.link(source, path)
+    except OSError as exc:
+        _raise_if_full(exc)
+        raise
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -207,14 +217,11 @@ class Spool:
         def write() -> bool:
             try:  # a removed directory (FileNotFoundError): _into_dir
                 if source is not None:
-                    os.link(source, final)
+                    _link_new(source, final)
                 else:
                     _write_new(final, data)
             except FileExistsError:
                 return False
-            except OSError as exc:
-                _raise_if_full(exc)
-                raise
             _fsync_dir(final.parent)
             return True
 
