@@ -221,3 +221,36 @@ def storescu_processes() -> Iterator[list[StoreSCUProcess]]:
 def nifti_arrays_equal(a: np.ndarray, b: np.ndarray) -> bool:
     dtype = np.result_type(a.dtype, b.dtype)
     return bool(a.shape == b.shape and np.array_equal(a.astype(dtype), b.astype(dtype)))
+
+
+def kill_while_four_associations_store(
+    node: NodeProcess,
+    files: list[Path],
+    logs: Path,
+    started: list[StoreSCUProcess],
+    kill_after: int,
+) -> list[Path]:
+    """Four storescu processes at once, a quarter of ``files`` each; SIGKILL of the node once
+    ``kill_after`` C-STOREs were acknowledged in all. Checks that the four really ran
+    together and in order; returns the files some sender saw acknowledged."""
+    quarter = -(-len(files) // 4)
+    parts = [files[i : i + quarter] for i in range(0, len(files), quarter)]
+    scus = [
+        start_storescu(node.port, part, logs / f"storescu-{i}.log") for i, part in enumerate(parts)
+    ]
+    started.extend(scus)
+    wait_for(
+        lambda: sum(len(scu.acknowledged()) for scu in scus) >= kill_after,
+        60,
+        interval=0.01,
+        what=f"{kill_after} acknowledged C-STOREs over four associations",
+    )
+    node.kill()
+    for scu in scus:
+        scu.wait(30)
+    acked = [f for scu in scus for f in scu.acknowledged()]
+    assert kill_after <= len(acked) < len(files), len(acked)
+    assert sum(1 for scu in scus if scu.acknowledged()) >= 2, "not concurrent"
+    for scu, part in zip(scus, parts, strict=True):
+        assert scu.acknowledged() == part[: len(scu.acknowledged())]  # in order, one at a time
+    return acked

@@ -30,6 +30,7 @@ from tests.e2e.conftest import (
     cli_json,
     ge_files,
     generated_series,
+    kill_while_four_associations_store,
     part_files,
     pixel_sha256,
     sha256_file,
@@ -181,27 +182,9 @@ def test_sigkill_while_four_associations_store(
     node = NodeProcess(tmp_path / "node", db_url)
     node_process.append(node)
     node.start()
-    quarter = -(-N_INSTANCES // 4)
-    parts = [big_series[i : i + quarter] for i in range(0, N_INSTANCES, quarter)]
-    scus = [
-        start_storescu(node.port, part, tmp_path / f"storescu-{i}.log")
-        for i, part in enumerate(parts)
-    ]
-    storescu_processes.extend(scus)
-    wait_for(
-        lambda: sum(len(scu.acknowledged()) for scu in scus) >= KILL_AFTER_ACKS,
-        60,
-        interval=0.01,
-        what=f"{KILL_AFTER_ACKS} acknowledged C-STOREs over four associations",
+    acked = kill_while_four_associations_store(
+        node, big_series, tmp_path, storescu_processes, KILL_AFTER_ACKS
     )
-    node.kill()
-    for scu in scus:
-        scu.wait(30)
-    acked = [f for scu in scus for f in scu.acknowledged()]
-    assert KILL_AFTER_ACKS <= len(acked) < N_INSTANCES, len(acked)
-    assert sum(1 for scu in scus if scu.acknowledged()) >= 2, "not concurrent"
-    for scu, part in zip(scus, parts, strict=True):
-        assert scu.acknowledged() == part[: len(scu.acknowledged())]  # in order, one at a time
 
     rows = instance_rows(db_reader)
     by_uid = {str(r["sop_instance_uid"]): r for r in rows}

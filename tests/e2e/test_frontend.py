@@ -23,10 +23,10 @@ from tests.e2e.conftest import (
     StoreSCUProcess,
     cli_json,
     generated_series,
+    kill_while_four_associations_store,
     part_files,
     sha256_file,
     spool_files,
-    start_storescu,
     wait_series_final,
 )
 from tests.e2e.test_crash_recovery import assert_intact, instance_rows, spooled_file
@@ -120,27 +120,9 @@ def test_sigkill_while_four_associations_store_through_the_front_end(
     node = NodeProcess(tmp_path / "node", db_url, overrides=DCMTK)
     node_process.append(node)
     node.start()
-    quarter = -(-N_INSTANCES // 4)
-    parts = [series[i : i + quarter] for i in range(0, N_INSTANCES, quarter)]
-    scus = [
-        start_storescu(node.port, part, tmp_path / f"storescu-{i}.log")
-        for i, part in enumerate(parts)
-    ]
-    storescu_processes.extend(scus)
-    wait_for(
-        lambda: sum(len(scu.acknowledged()) for scu in scus) >= KILL_AFTER_ACKS,
-        60,
-        interval=0.01,
-        what=f"{KILL_AFTER_ACKS} acknowledged C-STOREs over four associations",
-    )
-    node.kill()  # the front end dies with it (PR_SET_PDEATHSIG)
-    for scu in scus:
-        scu.wait(30)
-    acked = [f for scu in scus for f in scu.acknowledged()]
-    assert KILL_AFTER_ACKS <= len(acked) < N_INSTANCES, len(acked)
-    assert sum(1 for scu in scus if scu.acknowledged()) >= 2, "not concurrent"
-    for scu, part in zip(scus, parts, strict=True):
-        assert scu.acknowledged() == part[: len(scu.acknowledged())]
+    acked = kill_while_four_associations_store(
+        node, series, tmp_path, storescu_processes, KILL_AFTER_ACKS
+    )  # the front end dies with it (PR_SET_PDEATHSIG)
 
     # Every row there is agrees with its file; what is acknowledged but has no row yet is a
     # durable file in the front end's directory.

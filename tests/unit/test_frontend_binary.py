@@ -178,6 +178,16 @@ def storescu(
     )
 
 
+def echoscu(port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [ECHOSCU, "-aet", "ECHOSCU", "-aec", "KETANODE", "127.0.0.1", str(port)],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_store_is_durable_byte_identical_and_reported(
     start_scp: Callable[..., Scp], tmp_path: Path
 ) -> None:
@@ -211,13 +221,7 @@ def test_store_is_durable_byte_identical_and_reported(
 
 def test_echo_is_answered(start_scp: Callable[..., Scp]) -> None:
     scp = start_scp()
-    result = subprocess.run(
-        [ECHOSCU, "-aet", "ECHOSCU", "-aec", "KETANODE", "127.0.0.1", str(scp.port)],
-        env=dcmtk_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = echoscu(scp.port)
     assert result.returncode == 0, result.stderr
     serial = scp.wait_for("REQUEST")[1]
     assert scp.next_line() == ["ACCEPT", serial]
@@ -316,13 +320,7 @@ def test_association_limit_rejects_with_reason(start_scp: Callable[..., Scp]) ->
     try:
         assert held.is_established
         first = scp.wait_for("ACCEPT")[1]
-        result = subprocess.run(
-            [ECHOSCU, "-aet", "ECHOSCU", "-aec", "KETANODE", "127.0.0.1", str(scp.port)],
-            env=dcmtk_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = echoscu(scp.port)
         assert result.returncode != 0
         request = scp.wait_for("REQUEST")
         assert request[2] == "ECHOSCU"
